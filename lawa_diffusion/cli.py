@@ -1,0 +1,65 @@
+"""``lawa-diffusion`` command line: a thin argparse front over the library.
+
+Each feature module that has a command defines ``register_cli(subparsers)``, which adds its
+subcommand(s) and sets ``func`` (called with the parsed args; returns an exit code or None).
+User errors (ValueError, FileNotFoundError, FileExistsError) become one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "lawa_diffusion.inception",
+    "lawa_diffusion.fid",
+    "lawa_diffusion.train",
+    "lawa_diffusion.report",
+    "lawa_diffusion.posthoc",
+    "lawa_diffusion.patch",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lawa-diffusion",
+        description="Latest Weight Averaging over the EMA weights of diffusers training, measured with FID.",
+    )
+    from lawa_diffusion import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # feature not present in this build
+                continue
+            raise
+        register = getattr(module, "register_cli", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        print(f"lawa-diffusion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lawa-diffusion {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
