@@ -1,0 +1,142 @@
+"""accelerate integration: LAWA state inside ``save_state`` / ``load_state`` checkpoints.
+
+Files in a checkpoint folder, per engine ``name``:
+  lawa_state_<name>.safetensors   snapshot rows ("snapshots") + the JSON state in the metadata
+  lawa_snapshots_<name>/          disk storage only: hard links to the snapshot files (no bytes
+                                  copied; pruning the originals later leaves these valid)
+Also: ``save_checkpoint`` writes a whole ``save_state`` folder atomically and ``latest_checkpoint``
+finds the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from lawa_diffusion.files import atomic_save_safetensors
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def state_file(folder: str, name: str) -> str:
+    return os.path.join(folder, f"lawa_state_{name}.safetensors")
+
+
+def save_engine_state(lawa: Any, folder: str) -> None:
+    """Write ``lawa``'s state into ``folder`` (call on the process that holds the snapshots)."""
+    state = lawa.state_dict()
+    tensors = {}
+    snapshots = state.pop("snapshots", None)
+    if snapshots is not None and snapshots.numel() > 0:
+        tensors["snapshots"] = snapshots
+    if "files" in state:
+        link_dir = os.path.join(folder, f"lawa_snapshots_{lawa.name}")
+        os.makedirs(link_dir, exist_ok=True)
+        from lawa_diffusion.lawa import _link_or_copy_atomic
+
+        names = []
+        for path in state["files"]:
+            _link_or_copy_atomic(path, os.path.join(link_dir, os.path.basename(path)))
+            names.append(os.path.basename(path))
+        state["files"] = [os.path.join(f"lawa_snapshots_{lawa.name}", n) for n in names]
+    if not tensors:
+        tensors["empty"] = torch.zeros(0)
+    atomic_save_safetensors(state_file(folder, lawa.name), tensors, metadata={"lawa_state": json.dumps(state)})
+
+
+def load_engine_state(lawa: Any, folder: str) -> bool:
+    """Load ``lawa``'s state from ``folder``; False (with a warning) when the folder has none."""
+    path = state_file(folder, lawa.name)
+    if not os.path.isfile(path):
+        warnings.warn(f"lawa: checkpoint {folder!r} holds no LAWA state for {lawa.name!r}; starting an empty window")
+        return False
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        state = json.loads(f.metadata()["lawa_state"])
+        if "snapshots" in f.keys():
+            state["snapshots"] = f.get_tensor("snapshots")
+        elif "layout" in state and "files" not in state:
+            state["snapshots"] = torch.empty(0)
+    if "files" in state:
+        state["files"] = [os.path.join(folder, p) for p in state["files"]]
+    lawa.load_state_dict(state)
+    return True
+
+
+def attach(accelerator: Any, lawa: Any) -> Any:
+    """Register save/load pre-hooks so ``accelerator.save_state`` / ``load_state`` carry ``lawa``.
+
+    Works when ``save_state`` is called on the main process only (as diffusers scripts do): the
+    state is written by whichever process holds the snapshots and is the main one.
+    """
+    engines = accelerator.__dict__.setdefault("_lawa_engines", {})
+    if lawa.name in engines and engines[lawa.name] is not lawa:
+        raise ValueError(f"lawa engine name {lawa.name!r} is already attached to this accelerator; "
+                         "give each LAWA a distinct name=")
+    if lawa.name in engines:
+        return lawa
+    engines[lawa.name] = lawa
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process and lawa.holds_snapshots:
+            save_engine_state(lawa, output_dir)
+
+    def load_hook(models, input_dir):
+        load_engine_state(lawa, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    return lawa
+
+
+def save_checkpoint(accelerator: Any, output_dir: str) -> str:
+    """``accelerator.save_state`` into a temp folder, then one rename: a crash never leaves a
+    folder that looks complete. Call on every process."""
+    output_dir = os.path.abspath(output_dir)
+    tmp = os.path.join(os.path.dirname(output_dir), "." + os.path.basename(output_dir) + ".tmp")
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+        fd = os.open(os.path.dirname(output_dir), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """Complete ``checkpoint-<step>`` folders in ``run_dir``, oldest first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = CHECKPOINT_RE.match(name)
+        if m and os.path.isdir(os.path.join(run_dir, name)):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (and stale temp folders)."""
+    found = list_checkpoints(run_dir)
+    for _, path in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""``LAWAEMAModel``: diffusers' ``EMAModel`` that also keeps a LAWA window over its shadow weights."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from diffusers.training_utils import EMAModel
+
+from lawa_diffusion.config import LAWAConfig, check
+from lawa_diffusion.lawa import LAWA
+
+WEIGHT_CHOICES = ("ema", "lawa")
+
+
+class LAWAEMAModel(EMAModel):
+    """Drop-in ``EMAModel`` with ``lawa=LAWAConfig(...)``: ``step`` also feeds the LAWA engine.
+
+    ``save_pretrained`` writes the EMA folder exactly as diffusers does; ``state_dict`` adds the
+    LAWA state under ``"lawa"`` and ``load_state_dict`` takes it back (plain EMA dicts load too).
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], *args: Any,
+                 lawa: LAWAConfig | dict | None = None, lawa_name: str = "lawa", **kwargs: Any):
+        super().__init__(parameters, *args, **kwargs)
+        self.lawa = LAWA(self, lawa, name=lawa_name)
+        self.lawa.defer_source_wait = True
+
+    @classmethod
+    def from_pretrained(cls, path, model_cls, foreach: bool = False, lawa: LAWAConfig | dict | None = None) -> "LAWAEMAModel":
+        ema = super().from_pretrained(path, model_cls, foreach=foreach)
+        if lawa is not None:
+            ema.lawa = LAWA(ema, lawa, name=ema.lawa.name)
+            ema.lawa.defer_source_wait = True
+        return ema
+
+    @torch.no_grad()
+    def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        self.lawa.before_source_update()
+        super().step(parameters)
+        self.lawa.step(self.optimization_step)
+
+    def copy_to(self, parameters: Iterable[torch.nn.Parameter], weights: str = "ema") -> None:
+        check(weights in WEIGHT_CHOICES, f"copy_to weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+        if weights == "ema":
+            super().copy_to(parameters)
+        else:
+            self.lawa.copy_to(list(parameters))
+
+    def ema_state_dict(self) -> dict:
+        """The state diffusers' EMAModel has (no LAWA entries)."""
+        return super().state_dict()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["lawa"] = self.lawa.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        lawa_state: Optional[dict] = state_dict.pop("lawa", None)
+        super().load_state_dict(state_dict)
+        if lawa_state is not None:
+            self.lawa.load_state_dict(lawa_state)
+
+    def save_pretrained(self, path) -> None:
+        # diffusers writes ``state_dict()`` minus shadow_params into config.json: keep LAWA out of it.
+        state_dict = self.state_dict
+        self.state_dict = self.ema_state_dict  # type: ignore[method-assign]
+        try:
+            super().save_pretrained(path)
+        finally:
+            del self.state_dict
+
+    def save_lawa_pretrained(self, path) -> None:
+        """Write the LAWA weights as a diffusers model folder."""
+        self.lawa.save_pretrained(path)

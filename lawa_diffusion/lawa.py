@@ -1,0 +1,391 @@
+"""The LAWA engine: keeps the latest k snapshots of a source's tensors and averages them exactly."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import warnings
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from lawa_diffusion.averaging import (
+    DTYPE_NAMES,
+    accumulation_dtype,
+    all_finite,
+    dtype_from_name,
+    flat_views,
+    foreach_copy,
+)
+from lawa_diffusion.config import LAWAConfig, check
+from lawa_diffusion.sources import TensorSource, as_source
+from lawa_diffusion.storage import DiskRing, HostRing, Ring, disk_files, make_ring
+
+STATE_FORMAT = 1
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".lawa-write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(
+            f"lawa snapshot_dir {folder!r} is not writable ({e.strerror or e}); choose a folder you can write to"
+        ) from None
+
+
+class LAWA:
+    """Latest Weight Averaging over a source's tensors (see ``LAWAConfig`` for the options).
+
+    Call ``step()`` after every ``ema.step(...)``. Storage is allocated at the first snapshot.
+    """
+
+    def __init__(self, source: Any, config: LAWAConfig | dict | None = None, *, name: str = "lawa"):
+        if isinstance(config, dict):
+            config = LAWAConfig.from_dict(config)
+        self.config: LAWAConfig = config if config is not None else LAWAConfig()
+        self.source: TensorSource = as_source(source)
+        self.name = name
+        self.defer_source_wait = False  # set by LAWAEMAModel, which waits just before the next EMA update
+        self._ring: Optional[Ring] = None
+        self._order: List[Tuple[int, int]] = []  # (step, slot), oldest first
+        self._calls = 0
+        self._avg: Optional[torch.Tensor] = None
+        self._since_exact = 0
+        self.skipped_steps: List[int] = []
+        if self.config.storage == "disk":
+            _check_writable(self.config.snapshot_dir)
+
+    # ----------------------------------------------------------------- state
+    @property
+    def snapshot_steps(self) -> List[int]:
+        return [s for s, _ in self._order]
+
+    @property
+    def num_snapshots(self) -> int:
+        return len(self._order)
+
+    @property
+    def ready(self) -> bool:
+        return self.num_snapshots >= self.config.min_snapshots
+
+    @property
+    def holds_snapshots(self) -> bool:
+        """False on non-main processes when ``snapshot_ranks == "main"``."""
+        return self.config.snapshot_ranks == "all" or _rank() == 0
+
+    def due(self, step: int) -> bool:
+        c = self.config
+        return step >= c.start_step and (step - c.start_step) % c.every_n_steps == 0
+
+    # ------------------------------------------------------------------ step
+    def step(self, step: Optional[int] = None) -> bool:
+        """Snapshot the source if ``step`` is due; returns True when a snapshot was taken."""
+        if step is None:
+            step = self.source.current_step()
+            if step is None:
+                self._calls += 1
+                step = self._calls
+        step = int(step)
+        if self._order and step <= self._order[-1][0]:
+            check(step == self._order[-1][0],
+                  f"lawa step went backwards: got step {step} after a snapshot at step {self._order[-1][0]}; "
+                  "load the matching LAWA state when you resume training")
+            return False
+        if not self.due(step):
+            return False
+        tensors = self.source.tensors()
+        if not self._finite_or_skip(step, tensors):
+            return False
+        if not self.holds_snapshots:
+            self._order = (self._order + [(step, -1)])[-self.config.k:]
+            return True
+        self._ensure_ring(tensors)
+        self._write(step, tensors)
+        return True
+
+    def _finite_or_skip(self, step: int, tensors: Sequence[torch.Tensor]) -> bool:
+        if all_finite(tensors):
+            return True
+        if self.config.on_nonfinite == "raise":
+            raise ValueError(
+                f"lawa snapshot at step {step}: the EMA weights hold NaN or Inf; fix the divergence, "
+                "or set on_nonfinite='skip' to leave such snapshots out"
+            )
+        self.skipped_steps.append(step)
+        warnings.warn(f"lawa: skipped the snapshot at step {step} because the EMA weights hold NaN or Inf")
+        return False
+
+    def _next_slot(self) -> Tuple[int, Optional[int]]:
+        """(slot to write, slot evicted or None)."""
+        if len(self._order) < self.config.k:
+            used = {slot for _, slot in self._order}
+            return next(i for i in range(self.config.k) if i not in used), None
+        slot = self._order[0][1]
+        return slot, slot
+
+    def _write(self, step: int, tensors: Sequence[torch.Tensor]) -> None:
+        slot, evicted = self._next_slot()
+        old_row = None
+        if self.config.keep_average and evicted is not None and self._avg is not None:
+            old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True)
+        self._ring.write(slot, step, tensors)
+        if isinstance(self._ring, HostRing) and not self.defer_source_wait and self._ring.cuda:
+            self._ring.wait_on(torch.cuda.current_stream(self._ring.source_device))
+        self._order = [o for o in self._order if o[1] != slot] + [(step, slot)]
+        if self.config.keep_average:
+            self._update_running_average(tensors, old_row)
+
+    def before_source_update(self) -> None:
+        """Order the next in-place update of the source after any pending snapshot copy (GPU-side wait)."""
+        if isinstance(self._ring, HostRing) and self._ring.cuda:
+            self._ring.wait_on(torch.cuda.current_stream(self._ring.source_device))
+
+    def _update_running_average(self, tensors: Sequence[torch.Tensor], old_row: Optional[torch.Tensor]) -> None:
+        n, k = self.num_snapshots, self.config.k
+        self._since_exact += 1
+        if self._avg is None or self._since_exact >= k:
+            self._avg = self._exact_average()
+            self._since_exact = 0
+            return
+        new = torch.cat([t.detach().reshape(-1).to(self._avg.dtype) for t in tensors]).to(self._avg.device)
+        if old_row is None:  # window still filling: running mean over n
+            self._avg.add_(new.sub_(self._avg), alpha=1.0 / n)
+        else:
+            self._avg.add_(new.sub_(old_row), alpha=1.0 / k)
+
+    # ---------------------------------------------------------------- layout
+    def _layout_of(self, tensors: Sequence[torch.Tensor]) -> Tuple[int, torch.dtype, List[torch.Size]]:
+        check(len(tensors) > 0, "lawa source holds no tensors; pass the EMA of a model with parameters")
+        dtypes = {t.dtype for t in tensors}
+        source_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        dtype = dtype_from_name(self.config.dtype, source_dtype)
+        return sum(t.numel() for t in tensors), dtype, [t.shape for t in tensors]
+
+    def _check_layout(self, shapes: Sequence[torch.Size], what: str) -> None:
+        mine = self._ring.shapes
+        check(len(shapes) == len(mine),
+              f"lawa {what} has {len(shapes)} tensors but the LAWA state has {len(mine)}; "
+              "use the same model (and EMA) as the run that saved the state")
+        for i, (a, b) in enumerate(zip(shapes, mine)):
+            check(torch.Size(a) == b,
+                  f"lawa {what} tensor {i} has shape {tuple(a)} but the LAWA state has {tuple(b)}; "
+                  "use the same model configuration as the run that saved the state")
+
+    def _compute_device(self) -> torch.device:
+        return self.source.tensors()[0].device
+
+    def _ensure_ring(self, tensors: Sequence[torch.Tensor]) -> None:
+        numel, dtype, shapes = self._layout_of(tensors)
+        if self._ring is None:
+            self._ring = make_ring(self.config.storage, self.config.k, numel, dtype, shapes,
+                                   tensors[0].device, self.config.snapshot_dir, self.name)
+            return
+        self._check_layout(shapes, "source")
+        ring = self._ring
+        if getattr(ring, "buffer", None) is not None and self.config.storage == "device" and ring.buffer.device != tensors[0].device:
+            ring.buffer = ring.buffer.to(tensors[0].device)
+
+    # --------------------------------------------------------------- average
+    def _require_ready(self) -> None:
+        check(self.ready,
+              f"lawa holds {self.num_snapshots} snapshot(s) but min_snapshots is {self.config.min_snapshots}; "
+              f"train until step {self._next_due_hint()} or lower min_snapshots")
+
+    def _next_due_hint(self) -> int:
+        c = self.config
+        need = c.min_snapshots - self.num_snapshots
+        last = self._order[-1][0] if self._order else c.start_step - c.every_n_steps
+        return last + need * c.every_n_steps
+
+    def _exact_average(self) -> torch.Tensor:
+        device = self._compute_device()
+        out = torch.empty(self._ring.numel, dtype=accumulation_dtype(self._ring.dtype), device=device)
+        return self._ring.mean_into(out, [slot for _, slot in self._order])
+
+    def average_flat(self, sync_ranks: bool = False) -> torch.Tensor:
+        """The mean of the held snapshots as one flat fp32 (or fp64) tensor on the EMA's device."""
+        self._require_ready()
+        holds = self.holds_snapshots and self._ring is not None
+        if sync_ranks and self.config.snapshot_ranks == "main" and torch.distributed.is_initialized():
+            return self._broadcast_average(holds)
+        check(holds, f"lawa process rank {_rank()} holds no snapshots because snapshot_ranks='main'; "
+                     "average on the main process, pass sync_ranks=True, or set snapshot_ranks='all'")
+        if self.config.keep_average and self._avg is not None:
+            return self._avg
+        return self._exact_average()
+
+    def _broadcast_average(self, holds: bool) -> torch.Tensor:
+        tensors = self.source.tensors()
+        numel, dtype, _ = self._layout_of(tensors)
+        if holds:
+            flat = self._avg if (self.config.keep_average and self._avg is not None) else self._exact_average()
+            flat = flat.clone()
+        else:
+            flat = torch.empty(numel, dtype=accumulation_dtype(dtype), device=tensors[0].device)
+        torch.distributed.broadcast(flat, src=0)
+        return flat
+
+    def average_into(self, tensors: Sequence[torch.Tensor], sync_ranks: bool = False) -> None:
+        """Write the LAWA mean into ``tensors`` (same order and shapes as the source's tensors)."""
+        targets = list(tensors)
+        flat = self.average_flat(sync_ranks=sync_ranks)
+        shapes = [t.shape for t in self.source.tensors()]
+        check(len(targets) == len(shapes),
+              f"lawa average_into got {len(targets)} tensors but the source has {len(shapes)}; "
+              "pass the parameters of the model the EMA tracks")
+        views = flat_views(flat, targets)
+        foreach_copy(targets, views)
+
+    def copy_to(self, module_or_params: Any, sync_ranks: bool = False) -> None:
+        """Copy the LAWA weights into a module (or a list of its parameters)."""
+        with torch.no_grad():
+            self.average_into(self.source.targets_of(module_or_params), sync_ranks=sync_ranks)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module, sync_ranks: bool = False) -> Iterator[nn.Module]:
+        """Temporarily load the LAWA weights into ``module``; the original weights come back on exit."""
+        targets = self.source.targets_of(module)
+        with torch.no_grad():
+            saved = [t.detach().clone() for t in targets]
+            try:
+                self.average_into(targets, sync_ranks=sync_ranks)
+                yield module
+            finally:
+                foreach_copy(targets, saved)
+
+    def metadata(self) -> dict:
+        return {"k": self.config.k, "every_n_steps": self.config.every_n_steps,
+                "start_step": self.config.start_step, "snapshot_steps": self.snapshot_steps}
+
+    def save_pretrained(self, path: str | os.PathLike, model: Optional[nn.Module] = None) -> None:
+        """Write the LAWA weights as a diffusers model folder (metadata under ``lawa`` in config.json)."""
+        from lawa_diffusion.files import atomic_dir
+
+        model = self._template_model(model)
+        self.copy_to(model)
+        if hasattr(model, "register_to_config"):
+            model.register_to_config(lawa=self.metadata())
+        check(hasattr(model, "save_pretrained"),
+              f"lawa save_pretrained needs a diffusers model, got {type(model).__name__}; pass model=<a diffusers model>")
+        with atomic_dir(path, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+
+    def _template_model(self, model: Optional[nn.Module]) -> nn.Module:
+        if model is not None:
+            return copy.deepcopy(model)
+        model_cls, model_config = self.source.model_template()
+        check(model_cls is not None and model_config is not None,
+              "lawa save_pretrained needs the model class and config: create the EMAModel with model_cls= and "
+              "model_config=, or pass model=<a module of the right architecture>")
+        return model_cls.from_config(model_config)
+
+    # ------------------------------------------------------------ state dict
+    def state_dict(self) -> dict:
+        """Everything needed to continue the window exactly (snapshot rows on CPU, or disk file paths)."""
+        state = {"format": STATE_FORMAT, "name": self.name, "config": self.config.to_dict(),
+                 "snapshot_steps": self.snapshot_steps, "calls": self._calls, "skipped_steps": list(self.skipped_steps)}
+        if self._ring is None or not self.holds_snapshots:
+            return state
+        state["layout"] = {"numel": self._ring.numel, "dtype": _dtype_name(self._ring.dtype),
+                           "shapes": [list(s) for s in self._ring.shapes]}
+        if isinstance(self._ring, DiskRing):
+            self._ring.sync()
+            state["files"] = [self._ring.path(step) for step, _ in self._order]
+        else:
+            rows = [self._ring.read(slot).detach().cpu() for _, slot in self._order]
+            state["snapshots"] = torch.stack(rows) if rows else torch.empty(0)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        check(isinstance(state, dict) and state.get("format") == STATE_FORMAT,
+              "lawa state is not a LAWA state dict of this version; pass what LAWA.state_dict() returned")
+        steps = [int(s) for s in state["snapshot_steps"]][-self.config.k:]
+        self._calls = int(state.get("calls", 0))
+        self.skipped_steps = list(state.get("skipped_steps", []))
+        self._avg, self._since_exact = None, 0
+        if "layout" not in state or not self.holds_snapshots:
+            self._order = [(s, -1) for s in steps] if not self.holds_snapshots else []
+            return
+        self._load_rows(state, steps)
+        if self.config.keep_average and self._order:
+            self._avg = self._exact_average()
+
+    def _load_rows(self, state: dict, steps: List[int]) -> None:
+        layout = state["layout"]
+        tensors = self.source.tensors()
+        self._ensure_ring(tensors)
+        self._check_layout([torch.Size(s) for s in layout["shapes"]], "saved state")
+        check(DTYPE_NAMES.get(layout["dtype"]) == self._ring.dtype,
+              f"lawa saved state stores {layout['dtype']} but this LAWA stores {_dtype_name(self._ring.dtype)}; "
+              "set lawa dtype to match the run that saved the state")
+        self._order = []
+        if isinstance(self._ring, DiskRing):
+            self._adopt_files(list(state["files"])[-len(steps):], steps)
+            return
+        rows = state["snapshots"][-len(steps):] if steps else []
+        for slot, (step, row) in enumerate(zip(steps, rows)):
+            self._ring.load(slot, step, row)
+            self._order.append((step, slot))
+
+    def _adopt_files(self, files: List[str], steps: List[int]) -> None:
+        ring: DiskRing = self._ring
+        ring.sync()
+        for slot, (step, src) in enumerate(zip(steps, files)):
+            check(os.path.isfile(src), f"lawa snapshot file {src!r} named by the saved state is missing; "
+                                        "resume from a complete checkpoint")
+            dst = ring.path(step)
+            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+                _link_or_copy_atomic(src, dst)
+            ring.adopt(slot, step)
+            self._order.append((step, slot))
+        keep = set(steps)
+        for step, path in disk_files(ring.folder, self.name).items():
+            if step not in keep:  # written after the checkpoint we resume from
+                os.unlink(path)
+
+    def close(self) -> None:
+        """Flush pending writes (disk storage) and stop the writer thread."""
+        if self._ring is not None:
+            self._ring.close()
+
+    def attach(self, accelerator: Any) -> "LAWA":
+        """Make ``accelerator.save_state`` / ``load_state`` carry this engine's state."""
+        from lawa_diffusion.accelerate_hooks import attach
+
+        attach(accelerator, self)
+        return self
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"LAWA(k={c.k}, every_n_steps={c.every_n_steps}, storage={c.storage!r}, "
+                f"snapshots={self.snapshot_steps}, source={self.source.kind})")
+
+
+def _link_or_copy_atomic(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (no bytes copied), falling back to an atomic copy across file systems."""
+    from lawa_diffusion.files import atomic_write
+
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.tmp")
+    try:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        atomic_write(dst, lambda t: shutil.copyfile(src, t))
