@@ -163,7 +163,9 @@ class LAWA:
             self._avg = self._exact_average()
             self._since_exact = 0
             return
-        new = torch.cat([t.detach().reshape(-1).to(self._avg.dtype) for t in tensors]).to(self._avg.device)
+        # the row exactly as stored (rounded to the storage dtype), in the accumulation dtype
+        stored = self._ring.dtype
+        new = torch.cat([t.detach().reshape(-1).to(stored).to(self._avg.dtype) for t in tensors]).to(self._avg.device)
         if old_row is None:  # window still filling: running mean over n
             self._avg.add_(new.sub_(self._avg), alpha=1.0 / n)
         else:
@@ -177,14 +179,14 @@ class LAWA:
         dtype = dtype_from_name(self.config.dtype, source_dtype)
         return sum(t.numel() for t in tensors), dtype, [t.shape for t in tensors]
 
-    def _check_layout(self, shapes: Sequence[torch.Size], what: str) -> None:
-        mine = self._ring.shapes
-        check(len(shapes) == len(mine),
-              f"lawa {what} has {len(shapes)} tensors but the LAWA state has {len(mine)}; "
+    @staticmethod
+    def _check_layout(source: Sequence[torch.Size], state: Sequence[torch.Size], what: str) -> None:
+        check(len(source) == len(state),
+              f"lawa source has {len(source)} tensors but the {what} has {len(state)}; "
               "use the same model (and EMA) as the run that saved the state")
-        for i, (a, b) in enumerate(zip(shapes, mine)):
-            check(torch.Size(a) == b,
-                  f"lawa {what} tensor {i} has shape {tuple(a)} but the LAWA state has {tuple(b)}; "
+        for i, (a, b) in enumerate(zip(source, state)):
+            check(torch.Size(a) == torch.Size(b),
+                  f"lawa source tensor {i} has shape {tuple(a)} but the {what} has {tuple(b)}; "
                   "use the same model configuration as the run that saved the state")
 
     def _compute_device(self) -> torch.device:
@@ -196,7 +198,7 @@ class LAWA:
             self._ring = make_ring(self.config.storage, self.config.k, numel, dtype, shapes,
                                    tensors[0].device, self.config.snapshot_dir, self.name)
             return
-        self._check_layout(shapes, "source")
+        self._check_layout(shapes, self._ring.shapes, "LAWA state")
         ring = self._ring
         if getattr(ring, "buffer", None) is not None and self.config.storage == "device" and ring.buffer.device != tensors[0].device:
             ring.buffer = ring.buffer.to(tensors[0].device)
@@ -330,7 +332,7 @@ class LAWA:
         layout = state["layout"]
         tensors = self.source.tensors()
         self._ensure_ring(tensors)
-        self._check_layout([torch.Size(s) for s in layout["shapes"]], "saved state")
+        self._check_layout([t.shape for t in tensors], [torch.Size(s) for s in layout["shapes"]], "saved LAWA state")
         check(DTYPE_NAMES.get(layout["dtype"]) == self._ring.dtype,
               f"lawa saved state stores {layout['dtype']} but this LAWA stores {_dtype_name(self._ring.dtype)}; "
               "set lawa dtype to match the run that saved the state")

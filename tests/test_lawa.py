@@ -1,0 +1,230 @@
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lawa_diffusion import LAWA, LAWAConfig
+from lawa_diffusion.averaging import DTYPE_NAMES
+
+SHAPES = [(3, 4), (7,), (2, 2, 2)]
+
+
+def make_source(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in SHAPES], g
+
+
+def drive(lawa, tensors, g, num_steps):
+    """Random-walk the source; return float64 copies taken at the steps LAWA is expected to snapshot."""
+    c = lawa.config
+    expected = {}
+    for step in range(1, num_steps + 1):
+        for t in tensors:
+            t.add_(torch.randn(t.shape, generator=g))
+        lawa.step(step)
+        if step >= c.start_step and (step - c.start_step) % c.every_n_steps == 0:
+            dtype = DTYPE_NAMES[c.dtype] if c.dtype else torch.float32
+            expected[step] = [t.to(dtype).double() for t in tensors]
+    return expected
+
+
+def naive_mean(expected, k):
+    steps = sorted(expected)[-k:]
+    return steps, [sum(expected[s][i] for s in steps) / len(steps) for i in range(len(SHAPES))]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    k=st.integers(1, 6), every=st.integers(1, 4), start=st.integers(0, 5),
+    dtype=st.sampled_from([None, "float32", "bfloat16", "float16"]),
+    storage=st.sampled_from(["device", "cpu", "disk"]), num_steps=st.integers(1, 30),
+    keep_average=st.booleans(),
+)
+def test_average_equals_float64_naive_mean(tmp_path_factory, k, every, start, dtype, storage, num_steps, keep_average):
+    folder = str(tmp_path_factory.mktemp("snap"))
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=k, every_n_steps=every, start_step=start, dtype=dtype, storage=storage,
+                                    snapshot_dir=folder, keep_average=keep_average))
+    expected = drive(lawa, tensors, g, num_steps)
+    steps, ref = naive_mean(expected, k) if expected else ([], None)
+    assert lawa.snapshot_steps == steps
+    if not steps:
+        with pytest.raises(ValueError, match="min_snapshots"):
+            lawa.average_into([torch.empty(s) for s in SHAPES])
+        return
+    out = [torch.empty(s) for s in SHAPES]
+    lawa.average_into(out)
+    err = max((o.double() - r).abs().max().item() for o, r in zip(out, ref))
+    assert err <= 1e-6
+    if storage == "disk":
+        lawa.close()
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+        assert names == [f"lawa-step{s:09d}.safetensors" for s in steps]
+
+
+def test_step_defaults_to_call_count_and_is_idempotent():
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=2))
+    taken = [lawa.step() for _ in range(5)]
+    assert taken == [False, True, False, True, False]
+    assert lawa.snapshot_steps == [2, 4]
+    assert lawa.step(4) is False  # already snapshotted
+    with pytest.raises(ValueError, match="went backwards"):
+        lawa.step(3)
+
+
+def test_nonfinite_raise_and_skip():
+    tensors, _ = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
+    lawa.step(1)
+    tensors[1][0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf.*on_nonfinite='skip'"):
+        lawa.step(2)
+    skip = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1, on_nonfinite="skip"))
+    with pytest.warns(UserWarning, match="skipped"):
+        assert skip.step(1) is False
+    assert skip.snapshot_steps == [] and skip.skipped_steps == [1]
+
+
+def test_min_snapshots_error_says_when():
+    tensors, _ = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=4, every_n_steps=10, min_snapshots=3))
+    lawa.step(10)
+    assert not lawa.ready
+    with pytest.raises(ValueError, match="holds 1 snapshot.*until step 30"):
+        lawa.average_flat()
+
+
+def test_keep_average_drift_over_10k_snapshots():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(4096, generator=g)
+    lawa = LAWA([t], LAWAConfig(k=7, every_n_steps=1, storage="device", keep_average=True))
+    for step in range(1, 10_001):
+        t.copy_(torch.randn(4096, generator=g) + step * 1e-4)  # weight-like magnitudes (|w| ≲ 5)
+        lawa.step(step)
+    exact = LAWA([t], LAWAConfig(k=7, every_n_steps=1, storage="device"))
+    exact.load_state_dict(lawa.state_dict())
+    drift = (lawa.average_flat().double() - exact.average_flat().double()).abs().max().item()
+    assert drift <= 1e-6
+    # the maintained mean also matches a float64 mean of the rows it holds
+    rows = lawa.state_dict()["snapshots"].double()
+    assert (lawa.average_flat().double() - rows.mean(0)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_state_dict_roundtrip_bitwise(tmp_path, storage):
+    tensors, g = make_source()
+    cfg = LAWAConfig(k=3, every_n_steps=2, storage=storage, snapshot_dir=str(tmp_path / "a"))
+    lawa = LAWA(tensors, cfg)
+    drive(lawa, tensors, g, 11)
+    state = lawa.state_dict()
+    other_cfg = LAWAConfig(k=3, every_n_steps=2, storage=storage, snapshot_dir=str(tmp_path / "b"))
+    other = LAWA([t.clone() for t in tensors], other_cfg)
+    other.load_state_dict(state)
+    assert other.snapshot_steps == lawa.snapshot_steps == [6, 8, 10]
+    assert torch.equal(other.average_flat(), lawa.average_flat())
+
+
+def test_load_rejects_other_layout():
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
+    drive(lawa, tensors, g, 3)
+    fewer = LAWA(tensors[:2], LAWAConfig(k=2, every_n_steps=1))
+    with pytest.raises(ValueError, match="source has 2 tensors but the saved LAWA state has 3"):
+        fewer.load_state_dict(lawa.state_dict())
+    reshaped = LAWA([tensors[0].reshape(4, 3)] + tensors[1:], LAWAConfig(k=2, every_n_steps=1))
+    with pytest.raises(ValueError, match=r"shape \(4, 3\).*\(3, 4\)"):
+        reshaped.load_state_dict(lawa.state_dict())
+
+
+def test_disk_resume_drops_snapshots_written_after_the_checkpoint(tmp_path):
+    tensors, g = make_source()
+    cfg = LAWAConfig(k=2, every_n_steps=1, storage="disk", snapshot_dir=str(tmp_path))
+    lawa = LAWA(tensors, cfg)
+    drive(lawa, tensors, g, 3)
+    state = lawa.state_dict()
+    keep = {p: open(p, "rb").read() for p in state["files"]}
+    # the checkpoint must survive pruning of its files by later snapshots: keep copies aside
+    saved = tmp_path / "ckpt"
+    saved.mkdir()
+    for p, data in keep.items():
+        (saved / os.path.basename(p)).write_bytes(data)
+    state["files"] = [str(saved / os.path.basename(p)) for p in state["files"]]
+    drive(lawa, tensors, g, 0)
+    for step in (4, 5):
+        lawa.step(step)
+    lawa.close()
+    resumed = LAWA([t.clone() for t in tensors], cfg)
+    resumed.load_state_dict(state)
+    assert resumed.snapshot_steps == [2, 3]
+    assert sorted(os.listdir(tmp_path / "ckpt")) and sorted(
+        n for n in os.listdir(tmp_path) if n.startswith("lawa-step")) == ["lawa-step000000002.safetensors", "lawa-step000000003.safetensors"]
+
+
+def test_swapped_into_restores_on_exception():
+    from tests.helpers import tiny_unet
+
+    unet = tiny_unet()
+    before = [p.detach().clone() for p in unet.parameters()]
+    lawa = LAWA(unet, LAWAConfig(k=2, every_n_steps=1))
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    lawa.step(1)
+    with torch.no_grad():
+        for p, b in zip(unet.parameters(), before):
+            p.copy_(b)
+    with pytest.raises(RuntimeError, match="boom"):
+        with lawa.swapped_into(unet):
+            assert torch.allclose(next(unet.parameters()), before[0] + 1.0)
+            raise RuntimeError("boom")
+    assert all(torch.equal(p, b) for p, b in zip(unet.parameters(), before))
+
+
+def test_averaged_model_source():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    net = torch.nn.Linear(4, 3)
+    avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    lawa = LAWA(avg, LAWAConfig(k=2, every_n_steps=2))
+    copies = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        avg.update_parameters(net)
+        if lawa.step():
+            copies.append([p.detach().double().clone() for p in avg.module.parameters()])
+    assert lawa.snapshot_steps == [4, 6]  # step = n_averaged
+    target = torch.nn.Linear(4, 3)
+    lawa.copy_to(target)
+    for p, a, b in zip(target.parameters(), *copies[-2:]):
+        assert (p.double() - (a + b) / 2).abs().max() <= 1e-6
+
+
+def test_save_pretrained_loads_and_equals_average(tmp_path):
+    from diffusers import UNet2DModel
+    from tests.helpers import perturb_, tiny_unet
+
+    unet = tiny_unet()
+    lawa = LAWA(unet, LAWAConfig(k=3, every_n_steps=1))
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 5):
+        perturb_(unet.parameters(), g)
+        lawa.step(step)
+    lawa.save_pretrained(tmp_path / "lawa")
+    loaded = UNet2DModel.from_pretrained(tmp_path / "lawa")
+    expected = [torch.empty_like(p) for p in unet.parameters()]
+    lawa.average_into(expected)
+    assert all(torch.equal(p, e) for p, e in zip(loaded.parameters(), expected))
+    config = json.loads((tmp_path / "lawa" / "config.json").read_text())
+    assert config["lawa"]["snapshot_steps"] == [2, 3, 4] and config["lawa"]["k"] == 3
+
+
+def test_bad_source_type():
+    with pytest.raises(ValueError, match="LAWA source must be"):
+        LAWA("weights.bin", LAWAConfig())
