@@ -125,3 +125,329 @@ class LAWAConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """Defaults of ``lawa-diffusion report``: the metric read from metrics.jsonl and the CI level."""
+
+    metric: str = "fid"
+    confidence: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class PosthocConfig:
+    """Defaults of ``lawa-diffusion average`` and ``sweep``.
+
+    k / every: latest k checkpoints, every N-th counted back from the newest (average).
+    subfolder: model folder inside each checkpoint-<step>/ (the EMA weights).
+    sweep_k / sweep_every: the grid of window sizes and ν multiples (sweep).
+    sweep_steps: "eval" (the steps in metrics.jsonl), "final" (the last snapshot) or a comma list.
+    """
+
+    k: int = 5
+    every: int = 1
+    subfolder: str = "unet_ema"
+    sweep_k: tuple = (1, 2, 4, 8)
+    sweep_every: tuple = (1, 2, 4)
+    sweep_steps: str = "eval"
+    sweep_dir: str = "sweep"
+
+
+@dataclasses.dataclass
+class LaunchConfig:
+    """Options of the launch plugin besides ``LAWAConfig`` (``--lawa_<name>`` / ``LAWA_<NAME>``).
+
+    fid_every_n_steps: evaluate FID of the first EMA's EMA and LAWA weights every this many
+        optimizer steps (0: never); unconditional UNets only.
+    fid_reference: what FID compares against (as for ``lawa-diffusion fid``); needed when
+        fid_every_n_steps > 0.
+    fid_num_samples / fid_batch_size / fid_num_inference_steps: images per variant, batch size and
+        sampler steps (null: the ``FIDConfig`` defaults).
+    fid_inception_weights: FID Inception weights file (null: the resolved default).
+    metrics_file: JSON-lines file for the FID rows; null: metrics.jsonl in the script's --output_dir
+        (or the working folder).
+    """
+
+    fid_every_n_steps: int = 0
+    fid_reference: Optional[str] = None
+    fid_num_samples: Optional[int] = None
+    fid_batch_size: Optional[int] = None
+    fid_num_inference_steps: Optional[int] = None
+    fid_inception_weights: Optional[str] = None
+    metrics_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("fid_every_n_steps", 0), ("fid_num_samples", 2), ("fid_batch_size", 1),
+                          ("fid_num_inference_steps", 1)):
+            value = getattr(self, name)
+            if value is None and name != "fid_every_n_steps":
+                continue
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                  f"lawa {name} must be an integer >= {low}, got {value!r}")
+        check(self.fid_every_n_steps == 0 or bool(self.fid_reference),
+              "lawa fid_every_n_steps > 0 needs fid_reference; pass --lawa_fid_reference with the FID reference")
+
+
+FID_SCHEDULERS = ("ddim", "ddpm", "dpm", "euler")
+FID_RESIZE_MODES = ("pad", "resize")
+
+
+@dataclasses.dataclass
+class FIDConfig:
+    """FID/KID evaluation (``lawa-diffusion fid``, ``ref-stats`` and ``lawa_diffusion.fid``).
+
+    reference: what generated images are compared with: "fashion-mnist[:train|:test]", an image
+        folder, a .npy/.npz image array or a stats .npz written by ``ref-stats``.
+    num_samples: generated images per weight variant (FID is biased below 2048; KID is the better
+        guide there).
+    batch_size: images per sampling and feature-extraction batch.
+    scheduler: sampler used for evaluation: "ddim", "ddpm", "dpm" (DPM-Solver++) or "euler".
+    num_inference_steps: sampler steps per image.
+    eta: DDIM eta (0: deterministic DDIM).
+    seed: base seed; sample i always starts from the same noise, whatever the batch or process split.
+    kid: also compute KID (torch-fidelity, polynomial kernel).
+    kid_subsets / kid_subset_size: KID subsets and their size (capped at the number of images).
+    reference_features_max: reference features kept for KID (seeded random subset beyond this).
+    resize_mode: how reference images reach the model resolution: "pad" (zero-pad/centre-crop) or
+        "resize" (resize the shorter side, then centre-crop).
+    warn_below: warn when num_samples is below this.
+    """
+
+    reference: str = "fashion-mnist"
+    num_samples: int = 2048
+    batch_size: int = 64
+    scheduler: str = "ddim"
+    num_inference_steps: int = 50
+    eta: float = 0.0
+    seed: int = 0
+    kid: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    reference_features_max: int = 10000
+    resize_mode: str = "pad"
+    warn_below: int = 2048
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.num_samples, int) and self.num_samples >= 2,
+              f"num_samples must be an integer >= 2 (FID needs a covariance), got {self.num_samples!r}")
+        check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
+        check(self.scheduler in FID_SCHEDULERS,
+              f"scheduler must be one of {', '.join(FID_SCHEDULERS)}, got {self.scheduler!r}")
+        check(isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1,
+              f"num_inference_steps (--steps) must be >= 1, got {self.num_inference_steps!r}")
+        check(isinstance(self.seed, int) and 0 <= self.seed < 2**31, f"seed must be in [0, 2**31), got {self.seed!r}")
+        check(self.kid_subsets >= 1 and self.kid_subset_size >= 2,
+              f"kid_subsets must be >= 1 and kid_subset_size >= 2, got {self.kid_subsets} and {self.kid_subset_size}")
+        check(self.reference_features_max >= 2, f"reference_features_max must be >= 2, got {self.reference_features_max}")
+        check(self.resize_mode in FID_RESIZE_MODES,
+              f"resize_mode must be one of {', '.join(FID_RESIZE_MODES)}, got {self.resize_mode!r}")
+
+
+# ----------------------------------------------------------------------------- training
+EVAL_VARIANTS = ("raw", "ema", "lawa")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _default_unet() -> dict:
+    return {
+        "sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 2,
+        "block_out_channels": [64, 128, 128], "norm_num_groups": 32,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    }
+
+
+def _check_int(where: str, name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+          f"{where} {name} must be an integer >= {minimum}{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _as_number(where: str, name: str, value: Any, minimum: float = 0.0) -> float:
+    """``value`` as a float >= ``minimum``; strings such as "1e-3" (which YAML leaves as text) are accepted."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum,
+          f"{where} {name} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Training images.
+
+    dataset: "fashion-mnist" ("fashion-mnist:test" for the test split), an image folder or a .npy/.npz file.
+    root: folder with the Fashion-MNIST IDX files (null: $LAWA_DATA, then the Debian package's folder).
+    num_images: use only the first N images (null: all).
+    random_flip: flip images left-right at random.
+    resize_mode: how images reach the model resolution: "pad" (zero-pad/centre-crop) or "resize".
+    """
+
+    dataset: str = "fashion-mnist"
+    root: Optional[str] = None
+    num_images: Optional[int] = None
+    random_flip: bool = False
+    resize_mode: str = "pad"
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.dataset, str) and bool(self.dataset),
+              f"data dataset must be 'fashion-mnist' or an image folder path, got {self.dataset!r}")
+        _check_int("data", "num_images", self.num_images, 1, allow_none=True)
+        check(isinstance(self.random_flip, bool), f"data random_flip must be true or false, got {self.random_flip!r}")
+        check(self.resize_mode in FID_RESIZE_MODES,
+              f"data resize_mode must be one of {', '.join(FID_RESIZE_MODES)}, got {self.resize_mode!r}")
+
+
+@dataclasses.dataclass
+class NoiseConfig:
+    """The DDPM forward process (diffusers ``DDPMScheduler`` arguments); sampling reuses it."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        _check_int("noise", "num_train_timesteps", self.num_train_timesteps, 1)
+        check(self.prediction_type in PREDICTION_TYPES,
+              f"noise prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with a learning-rate schedule (diffusers ``get_scheduler`` names) and gradient clipping."""
+
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.95
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-6
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"):
+            setattr(self, name, _as_number("optim", name, getattr(self, name)))
+        _check_int("optim", "lr_warmup_steps", self.lr_warmup_steps, 0)
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = _as_number("optim", "max_grad_norm", self.max_grad_norm)
+
+
+@dataclasses.dataclass
+class EMASettings:
+    """diffusers ``EMAModel`` options; with ``use_ema_warmup`` the decay is 1 - (1 + step/inv_gamma)^-power, capped at ``decay``."""
+
+    decay: float = 0.9999
+    use_ema_warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75
+    update_after_step: int = 0
+
+    def __post_init__(self) -> None:
+        self.decay = _as_number("ema", "decay", self.decay)
+        check(self.decay <= 1.0, f"ema decay must be between 0 and 1, got {self.decay!r}")
+        check(isinstance(self.use_ema_warmup, bool), f"ema use_ema_warmup must be true or false, got {self.use_ema_warmup!r}")
+        self.inv_gamma = _as_number("ema", "inv_gamma", self.inv_gamma)
+        self.power = _as_number("ema", "power", self.power)
+        _check_int("ema", "update_after_step", self.update_after_step, 0)
+
+
+@dataclasses.dataclass
+class EvalConfig(FIDConfig):
+    """FID/KID tracking during training: the ``FIDConfig`` options plus when and what to evaluate.
+
+    Every variant is sampled from the same noise (``seed``) at every evaluation.
+    every_n_steps: evaluate every N optimizer steps (0: not during training).
+    at_end: also evaluate after the last step.
+    variants: the weights to evaluate, from raw, ema, lawa (lawa once it holds min_snapshots).
+    reference_num_images: use only this many reference images for the statistics (null: all).
+    inception_weights: FID Inception weights file (null: the resolved default, see ``lawa-diffusion inception info``).
+    """
+
+    every_n_steps: int = 1000
+    at_end: bool = True
+    variants: list = dataclasses.field(default_factory=lambda: ["ema", "lawa"])
+    reference_num_images: Optional[int] = None
+    inception_weights: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("eval", "every_n_steps", self.every_n_steps, 0)
+        _check_int("eval", "reference_num_images", self.reference_num_images, 2, allow_none=True)
+        check(isinstance(self.at_end, bool), f"eval at_end must be true or false, got {self.at_end!r}")
+        check(isinstance(self.variants, (list, tuple)) and bool(self.variants)
+              and all(v in EVAL_VARIANTS for v in self.variants),
+              f"eval variants must be a non-empty list drawn from {', '.join(EVAL_VARIANTS)}, got {self.variants!r}")
+        self.variants = [v for v in EVAL_VARIANTS if v in self.variants]
+
+
+TRAIN_SECTIONS = {"data": DataConfig, "noise": NoiseConfig, "optim": OptimConfig, "ema": EMASettings,
+                  "lawa": LAWAConfig, "eval": EvalConfig}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """``lawa-diffusion train``: a diffusers UNet2DModel trained with EMA and LAWA over it.
+
+    model: UNet2DModel keyword arguments (the whole mapping; diffusers' defaults fill what is left out).
+    max_train_steps: optimizer steps; train_batch_size: images per process per micro-step.
+    gradient_accumulation_steps / mixed_precision ("no", "fp16", "bf16"): passed to accelerate.
+    checkpointing_steps: save_state every N steps (0: only at the end); checkpoints_total_limit: keep
+        the newest N (null: all).
+    save_ema_snapshots: also write the EMA weights (fp16 safetensors) at every LAWA snapshot step.
+    log_with: accelerate tracker ("tensorboard") or null; log_every_n_steps: loss logging period.
+    report: write the speed-up report at the end.
+    """
+
+    output_dir: str = "runs/lawa"
+    seed: int = 0
+    max_train_steps: int = 10000
+    train_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: Optional[int] = 2
+    save_ema_snapshots: bool = False
+    log_with: Optional[str] = "tensorboard"
+    log_every_n_steps: int = 10
+    report: bool = True
+    model: dict = dataclasses.field(default_factory=_default_unet)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    ema: EMASettings = dataclasses.field(default_factory=EMASettings)
+    lawa: LAWAConfig = dataclasses.field(default_factory=LAWAConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in TRAIN_SECTIONS.items():
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, cls())
+            elif not isinstance(value, cls):
+                setattr(self, name, from_mapping(cls, value, f"train config section {name!r}"))
+        check(isinstance(self.model, Mapping), f"train config model must be a mapping of UNet2DModel arguments, got {self.model!r}")
+        self.model = dict(self.model)
+        check(isinstance(self.output_dir, str) and bool(self.output_dir), f"output_dir must be a folder path, got {self.output_dir!r}")
+        _check_int("train config", "seed", self.seed, 0)
+        for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
+            _check_int("train config", name, getattr(self, name), 1)
+        _check_int("train config", "checkpointing_steps", self.checkpointing_steps, 0)
+        _check_int("train config", "checkpoints_total_limit", self.checkpoints_total_limit, 1, allow_none=True)
+        check(self.mixed_precision in MIXED_PRECISION,
+              f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        check(self.log_with in (None, "tensorboard"), f"log_with must be 'tensorboard' or null, got {self.log_with!r}")
+        check(isinstance(self.save_ema_snapshots, bool), f"save_ema_snapshots must be true or false, got {self.save_ema_snapshots!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        return from_mapping(cls, values, "train config")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
