@@ -1,0 +1,352 @@
+"""Report of a run (or several seeds): metric-vs-step curves, steps-to-FID speed-up with a CI, PNG + JSON.
+
+The speed-up at a LAWA evaluation point (step s, value f) is the step at which EMA first reaches a
+value <= f (linear interpolation between EMA evaluation points) divided by s; it is "never reached"
+when no EMA point is that good. With several runs the per-step speed-ups, and LAWA's step to reach
+EMA's final value, get a mean and a Student-t confidence interval across runs (seeds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+
+from lawa_diffusion.config import ReportConfig, check
+from lawa_diffusion.files import atomic_write, atomic_write_json, read_jsonl
+
+REPORT_FORMAT = "lawa-diffusion-report/1"
+METRICS = ("fid", "kid_mean")
+VARIANTS = ("raw", "ema", "lawa")
+JSON_NAME = "report.json"
+
+
+class Curve(NamedTuple):
+    """Evaluation points of one variant: ascending ``steps`` and the metric ``values`` there."""
+
+    steps: List[float]
+    values: List[float]
+
+
+@dataclasses.dataclass
+class Run:
+    """The curves of one run folder (variant name -> Curve)."""
+
+    path: str
+    curves: Dict[str, Curve]
+
+
+# ----------------------------------------------------------------------------- statistics
+def _t_central_prob(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer ``df`` (closed form, Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c, s = math.cos(theta), math.sin(theta)
+    if df % 2 == 1:
+        term = total = c
+        for j in range(1, (df - 3) // 2 + 1):
+            term *= c * c * (2 * j) / (2 * j + 1)
+            total += term
+        return 2.0 / math.pi * (theta + (s * total if df > 1 else 0.0))
+    term = total = 1.0
+    for j in range(1, (df - 2) // 2 + 1):
+        term *= c * c * (2 * j - 1) / (2 * j)
+        total += term
+    return s * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t with integer ``df`` >= 1, by bisection."""
+    check(0.5 < p < 1.0, f"t quantile needs 0.5 < p < 1, got {p}")
+    check(int(df) == df and df >= 1, f"t quantile needs an integer df >= 1, got {df}")
+    central = 2.0 * p - 1.0
+    lo, hi = 0.0, 1.0
+    while _t_central_prob(hi, int(df)) < central:
+        lo, hi = hi, hi * 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _t_central_prob(mid, int(df)) < central:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values: Iterable[float], confidence: float = ReportConfig.confidence) -> dict:
+    """Mean and two-sided Student-t confidence interval of ``values`` (no interval for n < 2)."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    out = {"n": n, "mean": None, "ci_low": None, "ci_high": None, "half_width": None}
+    if n == 0:
+        return out
+    mean = sum(xs) / n
+    out["mean"] = mean
+    if n >= 2:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+        half = t_quantile(0.5 + confidence / 2.0, n - 1) * sd / math.sqrt(n)
+        out.update(ci_low=mean - half, ci_high=mean + half, half_width=half)
+    return out
+
+
+# ----------------------------------------------------------------------------- speed-up
+def steps_to_reach(steps: Sequence[float], values: Sequence[float], target: float) -> Optional[float]:
+    """First step at which the curve reaches ``value <= target``, linearly interpolated; None if never.
+
+    When the first point already reaches the target, its step is returned (nothing is known before it).
+    """
+    check(len(steps) == len(values), f"steps and values differ in length ({len(steps)} vs {len(values)})")
+    for i, (step, value) in enumerate(zip(steps, values)):
+        if value <= target:
+            if i == 0:
+                return float(step)
+            s0, v0 = steps[i - 1], values[i - 1]
+            return float(s0 + (v0 - target) * (step - s0) / (v0 - value))
+    return None
+
+
+def speedups(ema_curve: Curve, lawa_curve: Curve) -> List[dict]:
+    """For each LAWA point: EMA's (interpolated) step to reach LAWA's value, and that step / LAWA's step."""
+    rows = []
+    for step, value in zip(lawa_curve.steps, lawa_curve.values):
+        ema_step = steps_to_reach(ema_curve.steps, ema_curve.values, value)
+        ratio = ema_step / step if ema_step is not None and step > 0 else None
+        rows.append({"step": step, "lawa": value, "ema_step": ema_step, "speedup": ratio,
+                     "reached": ema_step is not None})
+    return rows
+
+
+def reach_final(ema_curve: Curve, lawa_curve: Curve) -> dict:
+    """The step at which LAWA reaches EMA's final value, and its fraction of EMA's final step."""
+    target, final_step = ema_curve.values[-1], ema_curve.steps[-1]
+    step = steps_to_reach(lawa_curve.steps, lawa_curve.values, target)
+    fraction = step / final_step if step is not None and final_step > 0 else None
+    return {"target": target, "ema_final_step": final_step, "lawa_step": step, "fraction": fraction}
+
+
+# ----------------------------------------------------------------------------- loading
+def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
+    """Curves of ``metric`` per variant from ``path``/metrics.jsonl (the last row wins for a repeated step)."""
+    path = os.fspath(path)
+    check(metric in METRICS, f"report --metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"run folder {path!r} does not exist; pass a folder written by lawa-diffusion train")
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise FileNotFoundError(f"run folder {path!r} has no metrics.jsonl; pass a run folder that has been "
+                                "evaluated at least once (train with eval_every_n_steps set)")
+    points: Dict[str, Dict[float, float]] = {}
+    for row in read_jsonl(metrics):
+        value = row.get(metric)
+        if value is None or "step" not in row or "variant" not in row:
+            continue
+        points.setdefault(str(row["variant"]), {})[row["step"]] = float(value)
+    check(bool(points), f"run folder {path!r} has no {metric} values in metrics.jsonl; "
+                        "wait for the first evaluation or choose another --metric")
+    curves = {v: Curve(sorted(p), [p[s] for s in sorted(p)]) for v, p in points.items()}
+    return Run(path=path, curves=curves)
+
+
+def _need_speedup_curves(run: Run) -> None:
+    for variant in ("ema", "lawa"):
+        check(variant in run.curves, f"run folder {run.path!r} has no {variant!r} evaluations in metrics.jsonl; "
+                                     "the speed-up needs both EMA and LAWA (train with LAWA enabled)")
+
+
+# ----------------------------------------------------------------------------- summary
+def _run_summary(run: Run) -> dict:
+    rows = speedups(run.curves["ema"], run.curves["lawa"])
+    reached = [r["speedup"] for r in rows if r["speedup"] is not None]
+    return {"path": run.path, "curves": {v: c._asdict() for v, c in sorted(run.curves.items())},
+            "speedups": rows, "mean_speedup": sum(reached) / len(reached) if reached else None,
+            "reach_final": reach_final(run.curves["ema"], run.curves["lawa"])}
+
+
+def _per_step(per_run: List[dict], confidence: float) -> List[dict]:
+    by_step: Dict[float, List[dict]] = {}
+    for summary in per_run:
+        for row in summary["speedups"]:
+            by_step.setdefault(row["step"], []).append(row)
+    out = []
+    for step in sorted(by_step):
+        rows = by_step[step]
+        values = [r["speedup"] for r in rows if r["speedup"] is not None]
+        out.append({"step": step, "n_runs": len(rows), "n_never": sum(not r["reached"] for r in rows),
+                    "lawa": mean_ci([r["lawa"] for r in rows], confidence),
+                    "ema_step": mean_ci([r["ema_step"] for r in rows if r["reached"]], confidence),
+                    "speedup": mean_ci(values, confidence)})
+    return out
+
+
+def _mean_curves(runs: Sequence[Run], confidence: float) -> Dict[str, dict]:
+    out = {}
+    for variant in sorted({v for run in runs for v in run.curves}):
+        by_step: Dict[float, List[float]] = {}
+        for run in runs:
+            curve = run.curves.get(variant, Curve([], []))
+            for step, value in zip(curve.steps, curve.values):
+                by_step.setdefault(step, []).append(value)
+        stats = [mean_ci(by_step[s], confidence) for s in sorted(by_step)]
+        out[variant] = {"steps": sorted(by_step), **{k: [st[k] for st in stats] for k in ("n", "mean", "ci_low", "ci_high")}}
+    return out
+
+
+def summarize(runs: Sequence[Run], metric: str = ReportConfig.metric,
+              confidence: float = ReportConfig.confidence) -> dict:
+    """Everything the report shows, as a JSON-ready dict (per run, per step across runs, headline numbers)."""
+    check(len(runs) >= 1, "report needs at least one run folder")
+    check(0.0 < confidence < 1.0, f"report confidence must be between 0 and 1, got {confidence}")
+    for run in runs:
+        _need_speedup_curves(run)
+    per_run = [_run_summary(run) for run in runs]
+    finals = [s["reach_final"] for s in per_run]
+    reached = [f for f in finals if f["lawa_step"] is not None]
+    return {
+        "format": REPORT_FORMAT, "metric": metric, "confidence": confidence, "num_runs": len(runs),
+        "runs": per_run, "per_step": _per_step(per_run, confidence), "curves": _mean_curves(runs, confidence),
+        "mean_speedup": mean_ci([s["mean_speedup"] for s in per_run if s["mean_speedup"] is not None], confidence),
+        "reach_final": {"n_never": len(finals) - len(reached),
+                        "lawa_step": mean_ci([f["lawa_step"] for f in reached], confidence),
+                        "fraction": mean_ci([f["fraction"] for f in reached], confidence),
+                        "ema_final_step": mean_ci([f["ema_final_step"] for f in finals], confidence)},
+    }
+
+
+# ----------------------------------------------------------------------------- text
+def _num(value: Optional[float], fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def _with_ci(stats: dict, fmt: str = "{:.2f}", none: str = "-") -> str:
+    if stats["mean"] is None:
+        return none
+    text = fmt.format(stats["mean"])
+    if stats["ci_low"] is not None:
+        text += f" [{fmt.format(stats['ci_low'])}, {fmt.format(stats['ci_high'])}]"
+    return text
+
+
+def _curve_value(curves: dict, variant: str, step: float) -> Optional[float]:
+    curve = curves.get(variant)
+    if curve is None or step not in curve["steps"]:
+        return None
+    return curve["mean"][curve["steps"].index(step)]
+
+
+def format_table(summary: dict) -> str:
+    """The printed report: one row per LAWA evaluation step, then the headline lines."""
+    metric, pct = summary["metric"], round(100 * summary["confidence"])
+    ci_note = f", mean [{pct}% CI] over runs" if summary["num_runs"] > 1 else ""
+    lines = [f"{summary['num_runs']} run(s), metric {metric}{ci_note}",
+             f"{'step':>8} {'raw':>9} {'ema':>9} {'lawa':>9} {'EMA step to match':>18}  speed-up (EMA step / LAWA step)"]
+    for row in summary["per_step"]:
+        step = row["step"]
+        values = [_num(_curve_value(summary["curves"], v, step), "{:.3f}") for v in VARIANTS]
+        never = f" ({row['n_never']} never reached)" if row["n_never"] and row["speedup"]["n"] else ""
+        ema_step = _num(row["ema_step"]["mean"], "{:.0f}", "never")
+        lines.append(f"{step:>8} {values[0]:>9} {values[1]:>9} {values[2]:>9} {ema_step:>18}  "
+                     f"{_with_ci(row['speedup'], none='never reached')}{never}")
+    final = summary["reach_final"]
+    target = _curve_value(summary["curves"], "ema", summary["curves"]["ema"]["steps"][-1])
+    if final["lawa_step"]["n"]:
+        never = f"; never in {final['n_never']} run(s)" if final["n_never"] else ""
+        lines.append(f"LAWA reaches EMA's final {metric} ({target:.3f}) at step {_with_ci(final['lawa_step'], '{:.0f}')} "
+                     f"({_with_ci({k: _scale(v, 100) for k, v in final['fraction'].items()}, '{:.0f}')}% of the steps){never}")
+    else:
+        lines.append(f"LAWA never reaches EMA's final {metric} ({target:.3f})")
+    lines.append(f"mean speed-up over LAWA evaluation points: {_with_ci(summary['mean_speedup'], none='n/a')}")
+    return "\n".join(lines)
+
+
+def _scale(value, factor: float):
+    return value * factor if isinstance(value, float) else value
+
+
+# ----------------------------------------------------------------------------- files
+def _plot(summary: dict, path: str) -> None:
+    """Two panels: metric vs step per variant (CI band over runs) and speed-up vs step."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(11, 4.2), constrained_layout=True)
+    ax_curve, ax_speed = fig.subplots(1, 2)
+    for variant, curve in summary["curves"].items():
+        ax_curve.plot(curve["steps"], curve["mean"], marker="o", ms=3, label=variant)
+        if summary["num_runs"] > 1 and any(c is not None for c in curve["ci_low"]):
+            low = [c if c is not None else m for c, m in zip(curve["ci_low"], curve["mean"])]
+            high = [c if c is not None else m for c, m in zip(curve["ci_high"], curve["mean"])]
+            ax_curve.fill_between(curve["steps"], low, high, alpha=0.2)
+    ax_curve.set(xlabel="optimizer step", ylabel=summary["metric"], title=f"{summary['metric']} vs step")
+    ax_curve.legend()
+    rows = [r for r in summary["per_step"] if r["speedup"]["mean"] is not None]
+    err = [[_half(r["speedup"], "ci_low") for r in rows], [_half(r["speedup"], "ci_high") for r in rows]]
+    ax_speed.errorbar([r["step"] for r in rows], [r["speedup"]["mean"] for r in rows], yerr=err, marker="o", capsize=3)
+    ax_speed.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax_speed.set(xlabel="LAWA step", ylabel="EMA step / LAWA step", title="speed-up of LAWA over EMA")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def _half(stats: dict, bound: str) -> float:
+    return 0.0 if stats[bound] is None else abs(stats[bound] - stats["mean"])
+
+
+def default_out_dir(run_dirs: Sequence[str]) -> str:
+    """RUN/report for one run; the runs' common parent folder/report for several."""
+    paths = [os.path.abspath(os.fspath(p)) for p in run_dirs]
+    if len(paths) == 1:
+        return os.path.join(paths[0], "report")
+    return os.path.join(os.path.commonpath([os.path.dirname(p) for p in paths]), "report")
+
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+    existing = os.path.join(out_dir, JSON_NAME)
+    if overwrite or not os.path.exists(existing):
+        return
+    try:
+        with open(existing, encoding="utf-8") as f:
+            ours = json.load(f).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"report output {existing!r} exists and is not a report; choose another -o or pass --overwrite")
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: Optional[str] = None,
+                 metric: str = ReportConfig.metric, confidence: float = ReportConfig.confidence,
+                 overwrite: bool = False) -> dict:
+    """Load the runs, summarise, write report.json and report-<metric>.png; return the summary.
+
+    A previous report in ``out_dir`` is replaced; any other report.json there needs ``overwrite``.
+    """
+    check(len(run_dirs) >= 1, "report needs at least one RUN_DIR")
+    runs = [load_run(p, metric) for p in run_dirs]
+    summary = summarize(runs, metric, confidence)
+    out_dir = os.path.abspath(out_dir or default_out_dir([r.path for r in runs]))
+    _check_out_dir(out_dir, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, f"report-{metric}.png")
+    _plot(summary, png)
+    summary["files"] = {"json": os.path.join(out_dir, JSON_NAME), "png": png}
+    atomic_write_json(summary["files"]["json"], summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cli(args) -> int:
+    summary = write_report(args.run_dirs, args.out, args.metric, args.confidence, args.overwrite)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(format_table(summary))
+        print(f"report: {summary['files']['json']}  plot: {summary['files']['png']}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("report", help="curves, speed-up of LAWA over EMA with a CI over runs, PNG + JSON",
+                              description="Report FID-vs-step curves and the steps LAWA saves over EMA.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl (several = seeds)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/report, or the runs' parent/report)")
+    p.add_argument("--metric", default=ReportConfig.metric, help=f"one of {', '.join(METRICS)}")
+    p.add_argument("--confidence", type=float, default=ReportConfig.confidence, help="confidence level of the intervals")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
+    p.add_argument("--overwrite", action="store_true", help="replace a report.json that this command did not write")
+    p.set_defaults(func=_cli)

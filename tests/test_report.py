@@ -1,0 +1,198 @@
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lawa_diffusion import cli
+from lawa_diffusion.report import Curve, load_run, mean_ci, reach_final, speedups, steps_to_reach, summarize, t_quantile
+
+
+@pytest.fixture(autouse=True)
+def _only_this_command(monkeypatch):
+    # The CLI under test is this module's subcommand(s) alone, whatever state the other commands are in.
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("lawa_diffusion.report",))
+
+
+# ----------------------------------------------------------------------------- hand-computed curves
+def test_steps_to_reach_interpolates_between_points():
+    steps, values = [100, 200, 300], [50.0, 30.0, 20.0]
+    assert steps_to_reach(steps, values, 40.0) == pytest.approx(150.0)  # halfway from 50 to 30
+    assert steps_to_reach(steps, values, 30.0) == pytest.approx(200.0)  # exactly a point
+    assert steps_to_reach(steps, values, 22.0) == pytest.approx(280.0)  # 200 + 8/10 of 100
+
+
+def test_steps_to_reach_first_point_and_never():
+    steps, values = [100, 200, 300], [50.0, 30.0, 20.0]
+    assert steps_to_reach(steps, values, 60.0) == 100.0
+    assert steps_to_reach(steps, values, 19.9) is None
+
+
+def test_steps_to_reach_takes_the_first_crossing_of_a_noisy_curve():
+    # 50 -> 30 crosses 32 at 100 + 18/20 * 100 = 190, before the later dip below 32 at step 400.
+    assert steps_to_reach([100, 200, 300, 400], [50.0, 30.0, 35.0, 20.0], 32.0) == pytest.approx(190.0)
+
+
+def test_speedups_against_hand_computed_values():
+    ema = Curve([1000, 2000, 3000, 4000], [100.0, 60.0, 40.0, 30.0])
+    lawa = Curve([1000, 2000, 3000, 4000], [70.0, 45.0, 28.0, 25.0])
+    rows = speedups(ema, lawa)
+    # 70: EMA goes 100 -> 60 over 1000..2000, reaches 70 at 1750; 45: 60 -> 40 over 2000..3000, at 2750.
+    assert [r["ema_step"] for r in rows[:2]] == [pytest.approx(1750.0), pytest.approx(2750.0)]
+    assert [r["speedup"] for r in rows[:2]] == [pytest.approx(1.75), pytest.approx(2750 / 2000)]
+    # EMA's best is 30: LAWA's 28 and 25 are never reached by EMA.
+    assert [(r["reached"], r["speedup"], r["ema_step"]) for r in rows[2:]] == [(False, None, None)] * 2
+    final = reach_final(ema, lawa)
+    # LAWA goes 45 -> 28 over 2000..3000 and reaches EMA's final 30 at 2000 + 15/17 * 1000.
+    assert final["lawa_step"] == pytest.approx(2000 + 15 / 17 * 1000)
+    assert final["fraction"] == pytest.approx((2000 + 15 / 17 * 1000) / 4000)
+
+
+def test_lawa_that_never_reaches_ema_final_value():
+    final = reach_final(Curve([1, 2], [10.0, 5.0]), Curve([1, 2], [9.0, 6.0]))
+    assert final["lawa_step"] is None and final["fraction"] is None
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 7, 10, 29, 30, 31, 100, 1000])
+@pytest.mark.parametrize("p", [0.9, 0.975, 0.995])
+def test_t_quantile_matches_scipy(df, p):
+    assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9)
+
+
+def test_mean_ci_matches_scipy_interval():
+    xs = [1.3, 1.9, 1.1, 1.6]
+    got = mean_ci(xs, 0.95)
+    low, high = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+    assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx((np.mean(xs), low, high), rel=1e-9)
+    assert mean_ci([2.0])["ci_low"] is None and mean_ci([])["mean"] is None
+
+
+# ----------------------------------------------------------------------------- run folders
+def _write_run(folder, curves, extra_lines=()):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for variant, (steps, values) in curves.items():
+            for step, value in zip(steps, values):
+                f.write(json.dumps({"step": step, "variant": variant, "fid": value, "kid_mean": value / 1000,
+                                    "kid_std": 0.001, "num_samples": 16, "inception_sha256": "x", "lawa_k": 3,
+                                    "lawa_every_n_steps": 10, "lawa_num_snapshots": 3}) + "\n")
+        for line in extra_lines:
+            f.write(line)
+    return str(folder)
+
+
+def _random_run(rng, steps):
+    base = 200.0 * np.exp(-np.asarray(steps) / 300.0) + 20.0
+    ema = base + rng.normal(0, 2.0, len(steps))
+    lawa = base * rng.uniform(0.7, 0.95) + rng.normal(0, 2.0, len(steps))
+    raw = base + 15 + rng.normal(0, 2.0, len(steps))
+    return {"raw": (steps, raw.tolist()), "ema": (steps, ema.tolist()), "lawa": (steps, lawa.tolist())}
+
+
+def _naive_ema_step(ema_steps, ema_values, target):
+    """Independent reference: scan segments, solve the line through each crossing segment."""
+    ema_steps, ema_values = np.asarray(ema_steps, float), np.asarray(ema_values, float)
+    below = np.nonzero(ema_values <= target)[0]
+    if below.size == 0:
+        return None
+    i = below[0]
+    if i == 0:
+        return ema_steps[0]
+    return float(np.interp(target, ema_values[i - 1:i + 1][::-1], ema_steps[i - 1:i + 1][::-1]))
+
+
+def test_report_of_several_runs_matches_independent_statistics(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    steps = [100, 200, 300, 400, 500, 600]
+    runs = [_random_run(rng, steps) for _ in range(3)]
+    dirs = [_write_run(tmp_path / "runs" / f"seed{i}", r) for i, r in enumerate(runs)]
+    assert cli.main(["report", *dirs]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "runs" / "report" / "report.json").read_text())
+    assert (tmp_path / "runs" / "report" / "report-fid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in report["per_step"]:
+        ratios = []
+        for r in runs:
+            lawa_value = r["lawa"][1][steps.index(row["step"])]
+            ema_step = _naive_ema_step(*r["ema"], lawa_value)
+            if ema_step is not None:
+                ratios.append(ema_step / row["step"])
+        assert row["n_never"] == 3 - len(ratios)
+        assert row["speedup"]["n"] == len(ratios)
+        if len(ratios) >= 2:
+            low, high = stats.t.interval(0.95, len(ratios) - 1, loc=np.mean(ratios), scale=stats.sem(ratios))
+            assert (row["speedup"]["mean"], row["speedup"]["ci_low"], row["speedup"]["ci_high"]) == pytest.approx(
+                (np.mean(ratios), low, high), rel=1e-9)
+    finals = [_naive_lawa_final(r) for r in runs]
+    reached = [f for f in finals if f is not None]
+    assert report["reach_final"]["n_never"] == 3 - len(reached)
+    if reached:
+        assert report["reach_final"]["lawa_step"]["mean"] == pytest.approx(np.mean(reached))
+        assert report["reach_final"]["fraction"]["mean"] == pytest.approx(np.mean(reached) / steps[-1])
+    assert "LAWA reaches EMA's final fid" in out or "LAWA never reaches" in out
+    assert str(tmp_path / "runs" / "report" / "report.json") in out
+    ema_means = [np.mean([r["ema"][1][i] for r in runs]) for i in range(len(steps))]
+    assert report["curves"]["ema"]["mean"] == pytest.approx(ema_means)
+
+
+def _naive_lawa_final(run):
+    steps, lawa = run["lawa"]
+    return _naive_ema_step(steps, lawa, run["ema"][1][-1])
+
+
+def test_repeated_step_keeps_last_row_and_torn_line_is_skipped(tmp_path):
+    folder = _write_run(tmp_path / "run", {"ema": ([1, 2], [9.0, 5.0]), "lawa": ([1, 2, 1], [8.0, 4.0, 7.0])},
+                        extra_lines=['{"step": 3, "variant": "ema", "fi'])
+    run = load_run(folder)
+    assert run.curves["lawa"] == Curve([1, 2], [7.0, 4.0])
+    assert run.curves["ema"] == Curve([1, 2], [9.0, 5.0])
+
+
+def test_kid_metric_and_json_output(tmp_path, capsys):
+    folder = _write_run(tmp_path / "run", {"ema": ([10, 20], [9.0, 5.0]), "lawa": ([10, 20], [6.0, 4.0])})
+    assert cli.main(["report", folder, "--metric", "kid_mean", "--json", "-o", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metric"] == "kid_mean"
+    # kid 0.006 at step 10: EMA goes 0.009 -> 0.005 over 10..20 and reaches it at 17.5.
+    assert printed["per_step"][0]["speedup"]["mean"] == pytest.approx(1.75)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["per_step"] == printed["per_step"]
+
+
+def _error(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    return err
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no metrics.jsonl" in _error(capsys, ["report", str(empty)])
+    assert "does not exist" in _error(capsys, ["report", str(tmp_path / "missing")])
+    (empty / "metrics.jsonl").write_text("")
+    assert "no fid values" in _error(capsys, ["report", str(empty)])
+    good = _write_run(tmp_path / "good", {"ema": ([1, 2], [9.0, 5.0]), "lawa": ([1, 2], [8.0, 4.0])})
+    assert "--metric must be one of" in _error(capsys, ["report", good, "--metric", "is"])
+    only_ema = _write_run(tmp_path / "only_ema", {"ema": ([1, 2], [9.0, 5.0])})
+    assert "no 'lawa' evaluations" in _error(capsys, ["report", only_ema])
+
+
+def test_foreign_report_json_needs_overwrite(tmp_path, capsys):
+    good = _write_run(tmp_path / "good", {"ema": ([1, 2], [9.0, 5.0]), "lawa": ([1, 2], [8.0, 4.0])})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text('{"mine": true}')
+    assert "--overwrite" in _error(capsys, ["report", good, "-o", str(out)])
+    assert json.loads((out / "report.json").read_text()) == {"mine": True}
+    assert cli.main(["report", good, "-o", str(out), "--overwrite"]) == 0
+    assert cli.main(["report", good, "-o", str(out)]) == 0  # a previous report is simply refreshed
+
+
+def test_summarize_single_run_has_no_interval(tmp_path):
+    run = load_run(_write_run(tmp_path / "r", {"ema": ([1, 2], [9.0, 5.0]), "lawa": ([1, 2], [8.0, 4.0])}))
+    summary = summarize([run])
+    assert summary["per_step"][0]["speedup"]["ci_low"] is None
+    assert math.isclose(summary["per_step"][0]["speedup"]["mean"], 1.25)  # 9 -> 5 over 1..2 reaches 8 at 1.25
