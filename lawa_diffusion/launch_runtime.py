@@ -1,0 +1,367 @@
+"""The patches the launch plugin applies while a training script runs (see ``lawa_diffusion.launch``).
+
+``Plugin.install`` swaps diffusers' ``EMAModel`` for a ``LAWAEMAModel`` subclass everywhere it is
+importable from, wraps ``ModelMixin.save_pretrained`` (LAWA sibling of a model saved with the EMA
+weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints);
+``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps`` it also records the script's
+Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first EMA's EMA and LAWA weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Iterator, List, Optional
+
+from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state, state_file
+
+FIRST_NAME = "lawa"  # engine name of the first EMA: the name LAWAEMAModel and attach() use
+
+
+def lawa_folder_for(path: str | os.PathLike) -> str:
+    """Where the LAWA twin of a weights folder goes: ``unet_ema`` -> ``unet_lawa``, ``unet`` -> ``unet_lawa``."""
+    path = os.path.normpath(os.fspath(path))
+    parent, name = os.path.split(path)
+    for old, new in (("_ema", "_lawa"), ("-ema", "-lawa")):
+        if name.endswith(old):
+            return os.path.join(parent, name[: -len(old)] + new)
+    for old, new in (("ema_", "lawa_"), ("ema-", "lawa-")):
+        if name.startswith(old):
+            return os.path.join(parent, new + name[len(old):])
+    if name == "ema":
+        return os.path.join(parent, "lawa")
+    return os.path.join(parent, name + "_lawa")
+
+
+def _is_main_process() -> bool:
+    from lawa_diffusion.launch import is_main_process
+
+    return is_main_process()
+
+
+class Plugin:
+    """Runtime state of one plugin run: the EMAs the script made and what was written for them."""
+
+    def __init__(self, options: Any):
+        self.options = options
+        self.emas: List[Any] = []          # EMAs that train (named, in creation order)
+        self.written: List[str] = []       # LAWA folders written
+        self.skipped: List[str] = []       # EMA folders saved before the window held a snapshot
+        self.loaded_from: Optional[str] = None
+        self.patched: List[str] = []
+        self._undo: List[Callable[[], None]] = []
+        self._temporary_depth = 0
+        self.ema_class: Optional[type] = None
+        self.fid: Optional[FIDMonitor] = None
+        self.script_args: List[str] = []
+
+    # ------------------------------------------------------------------ install
+    def install(self) -> None:
+        import accelerate
+        import diffusers
+        import diffusers.training_utils as training_utils
+        from diffusers.models.modeling_utils import ModelMixin
+
+        original = training_utils.EMAModel
+        getattr(diffusers, "EMAModel", None)  # resolve the lazy export so the scan below sees it
+        self.ema_class = make_ema_class(self, original)
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] == "lawa_diffusion":  # LAWAEMAModel keeps subclassing the original
+                continue
+            if module is not None and getattr(module, "__dict__", {}).get("EMAModel") is original:
+                self._set(module, "EMAModel", self.ema_class)
+                self.patched.append(f"{name}.EMAModel")
+        self._wrap(ModelMixin, "save_pretrained", self._model_save_wrapper)
+        self._wrap(accelerate.Accelerator, "save_state", self._state_wrapper)
+        self._wrap(accelerate.Accelerator, "load_state", self._state_wrapper)
+        self.patched += ["ModelMixin.save_pretrained", "Accelerator.save_state/load_state"]
+        if self.options.launch.fid_every_n_steps:
+            self.fid = FIDMonitor(self)
+            self._wrap(accelerate.Accelerator, "__init__", self.fid.accelerator_init_wrapper)
+            from diffusers.configuration_utils import ConfigMixin
+
+            self._wrap(ConfigMixin, "register_to_config", self.fid.scheduler_config_wrapper)
+            self.patched.append("Accelerator.__init__ and ConfigMixin.register_to_config (for FID)")
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def _set(self, owner: Any, name: str, value: Any) -> None:
+        had, old = name in vars(owner), vars(owner).get(name)
+        setattr(owner, name, value)
+        self._undo.append(lambda: setattr(owner, name, old) if had else delattr(owner, name))
+
+    def _wrap(self, owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+        original = getattr(owner, name)
+        wrapped = make(original)
+        wrapped.__wrapped__ = original
+        wrapped.__name__ = name
+        self._set(owner, name, wrapped)
+
+    # ------------------------------------------------------------------ EMAs
+    @contextlib.contextmanager
+    def temporary(self) -> Iterator[None]:
+        """EMAs made inside (``EMAModel.from_pretrained`` in load hooks) are not training EMAs."""
+        self._temporary_depth += 1
+        try:
+            yield
+        finally:
+            self._temporary_depth -= 1
+
+    def lawa_config(self):
+        return dataclasses.replace(self.options.lawa)
+
+    def adopt(self, ema: Any) -> None:
+        """Register a training EMA: name its engine and, after a resume, give it the loaded window."""
+        ema.lawa.name = FIRST_NAME if not self.emas else f"{FIRST_NAME}_{len(self.emas) + 1}"
+        ema._lawa_temporary = False
+        self.emas.append(ema)
+
+    def adopt_late(self, ema: Any) -> None:
+        """An EMA made by ``from_pretrained`` that turns out to train (first ``step``)."""
+        self.adopt(ema)
+        if self.loaded_from and os.path.isfile(state_file(self.loaded_from, ema.lawa.name)):
+            load_engine_state(ema.lawa, self.loaded_from)
+
+    def after_step(self, ema: Any) -> None:
+        if self.fid is not None and self.emas and ema is self.emas[0]:
+            self.fid.maybe_evaluate(ema)
+
+    # ------------------------------------------------------------------ LAWA folders
+    def write_lawa(self, ema: Any, folder: str, template: Any = None) -> None:
+        """Write the LAWA weights of ``ema`` to ``folder`` (main process; once the window is ready)."""
+        lawa = ema.lawa
+        if not (_is_main_process() and lawa.holds_snapshots):
+            return
+        if not lawa.ready:
+            self.skipped.append(folder)
+            return
+        model_cls, model_config = lawa.source.model_template()
+        lawa.save_pretrained(folder, model=None if model_cls is not None and model_config is not None else template)
+        self.written.append(folder)
+
+    def _model_save_wrapper(self, original: Callable) -> Callable:
+        plugin = self
+
+        def save_pretrained(model, save_directory, *args, **kwargs):
+            result = original(model, save_directory, *args, **kwargs)
+            ids = {id(p) for p in model.parameters()}
+            for ema in plugin.emas:
+                if ema._lawa_swapped_ids and ema._lawa_swapped_ids == ids:
+                    plugin.write_lawa(ema, lawa_folder_for(save_directory), template=model)
+            return result
+
+        return save_pretrained
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state_wrapper(self, original: Callable) -> Callable:
+        plugin = self
+
+        def state_method(accelerator, *args, **kwargs):
+            plugin.hooks_last(accelerator)
+            return original(accelerator, *args, **kwargs)
+
+        return state_method
+
+    def hooks_last(self, accelerator: Any) -> None:
+        """(Re-)register the LAWA save/load pre-hooks so they run after the script's own hooks."""
+        for handle in accelerator.__dict__.pop("_lawa_launch_handles", ()):
+            handle.remove()
+        plugin = self
+
+        def save_hook(models, weights, output_dir):
+            if accelerator.is_main_process:
+                for ema in plugin.emas:
+                    if ema.lawa.holds_snapshots:
+                        save_engine_state(ema.lawa, output_dir)
+
+        def load_hook(models, input_dir):
+            plugin.loaded_from = input_dir
+            for ema in plugin.emas:
+                load_engine_state(ema.lawa, input_dir)
+
+        accelerator.__dict__["_lawa_launch_handles"] = (
+            accelerator.register_save_state_pre_hook(save_hook),
+            accelerator.register_load_state_pre_hook(load_hook),
+        )
+
+    # ------------------------------------------------------------------ messages
+    def describe(self, script: str) -> str:
+        c = self.options.lawa
+        return (f"LAWA k={c.k} every_n_steps={c.every_n_steps} start_step={c.start_step} storage={c.storage} "
+                f"on every diffusers EMAModel of {script} (patched {', '.join(self.patched)})")
+
+    def finish(self) -> None:
+        for ema in self.emas:
+            ema.lawa.close()
+
+    def summary(self, script: str) -> str:
+        if not self.emas:
+            return (f"{script} never created a diffusers EMAModel, so LAWA had nothing to average; "
+                    "turn the script's EMA on (e.g. --use_ema)")
+        steps = "; ".join(f"LAWA {e.lawa.name!r} holds the snapshots of steps {e.lawa.snapshot_steps}" for e in self.emas)
+        where = f", the latest {self.written[-1]}" if self.written else ""
+        early = (f"; {len(self.skipped)} folder(s) of EMA weights saved before the first snapshot have no LAWA twin"
+                 if self.skipped else "")
+        return f"{steps}; wrote {len(self.written)} LAWA folder(s){where}{early}"
+
+
+class FIDMonitor:
+    """FID of the first EMA's EMA and LAWA weights every ``fid_every_n_steps`` steps (all processes take part).
+
+    Samples with a fresh copy of the EMA's model (``model_cls`` / ``model_config``) and the FID module's
+    sampler built from the script's first noise scheduler; rows go to metrics.jsonl and ``accelerator.log``.
+    """
+
+    def __init__(self, plugin: Plugin):
+        self.plugin, self.cfg = plugin, plugin.options.launch
+        self.accelerator = None
+        self.scheduler = None
+        self.unet = None
+        self.reference = None
+        self.extractor = None
+        self.disabled: Optional[str] = None
+
+    def accelerator_init_wrapper(self, original: Callable) -> Callable:
+        def __init__(accelerator, *args, **kwargs):
+            original(accelerator, *args, **kwargs)
+            self.accelerator = accelerator
+
+        return __init__
+
+    def scheduler_config_wrapper(self, original: Callable) -> Callable:
+        def register_to_config(obj, **kwargs):
+            original(obj, **kwargs)
+            if self.scheduler is None and hasattr(obj, "add_noise") and hasattr(obj, "set_timesteps"):
+                self.scheduler = obj
+
+        return register_to_config
+
+    def maybe_evaluate(self, ema: Any) -> None:
+        step = int(ema.optimization_step)
+        if self.disabled is None and step % self.cfg.fid_every_n_steps == 0:
+            if self.unet is None and not self._prepare(ema):
+                from lawa_diffusion.launch import say
+
+                say(f"FID during training is off: {self.disabled}")
+                return
+            self.evaluate(ema, step)
+
+    def _prepare(self, ema: Any) -> bool:
+        import inspect
+
+        from lawa_diffusion import fid, inception
+
+        model_cls, model_config = getattr(ema, "model_cls", None), getattr(ema, "model_config", None)
+        if model_cls is None or model_config is None:
+            self.disabled = "the EMAModel was made without model_cls= and model_config="
+            return False
+        unet = model_cls.from_config(model_config).to(ema.shadow_params[0].device)
+        forward = inspect.signature(unet.forward).parameters
+        if "encoder_hidden_states" in forward and forward["encoder_hidden_states"].default is inspect.Parameter.empty:
+            self.disabled = f"{model_cls.__name__} needs conditioning; only unconditional UNets are sampled"
+            return False
+        self.unet = unet.requires_grad_(False)
+        self.extractor = inception.load_extractor(self.cfg.fid_inception_weights, device=self.unet.device)
+        size = self.unet.config.sample_size
+        self.reference = fid.reference_stats(self.cfg.fid_reference, image_size=size if isinstance(size, int) else None,
+                                             weights=self.extractor, accelerator=self.accelerator,
+                                             progress=_is_main_process())
+        return True
+
+    def _options(self) -> dict:
+        names = {"num_samples": self.cfg.fid_num_samples, "batch_size": self.cfg.fid_batch_size,
+                 "num_inference_steps": self.cfg.fid_num_inference_steps}
+        options = {k: v for k, v in names.items() if v is not None}
+        if self.scheduler is not None:
+            options["scheduler_config"] = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+        return options
+
+    def evaluate(self, ema: Any, step: int) -> list:
+        import json
+
+        from lawa_diffusion import fid, tracking
+        from lawa_diffusion.files import append_line
+        from lawa_diffusion.launch import say
+
+        variants = tracking.weight_variants(["ema", "lawa"], self.unet, ema)
+        results = fid.evaluate_variants(variants, self.reference, weights=self.extractor, accelerator=self.accelerator,
+                                        progress=_is_main_process(), **self._options())
+        rows = [tracking.metric_row(step, name, results[name], ema.lawa) for name in variants]
+        if _is_main_process():
+            path = self.metrics_path()
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            for row in rows:
+                append_line(path, json.dumps(row, sort_keys=True))
+            say(tracking.format_line(step, rows, ema.lawa))
+        if self.accelerator is not None:
+            self.accelerator.log({f"fid/{r['variant']}": r["fid"] for r in rows}, step=step)
+        return rows
+
+    def metrics_path(self) -> str:
+        if self.cfg.metrics_file:
+            return self.cfg.metrics_file
+        args = self.plugin.script_args
+        for i, arg in enumerate(args):
+            if arg == "--output_dir" and i + 1 < len(args):
+                return os.path.join(args[i + 1], "metrics.jsonl")
+            if arg.startswith("--output_dir="):
+                return os.path.join(arg.split("=", 1)[1], "metrics.jsonl")
+        return "metrics.jsonl"
+
+
+def make_ema_class(plugin: Plugin, original: type) -> type:
+    """A ``LAWAEMAModel`` subclass standing in for diffusers' ``EMAModel`` while the plugin is installed."""
+    from lawa_diffusion.ema import LAWAEMAModel
+
+    class EMAModel(LAWAEMAModel):
+        __doc__ = original.__doc__
+        __module__ = original.__module__
+        __qualname__ = original.__qualname__
+
+        def __init__(self, parameters, *args, **kwargs):
+            super().__init__(parameters, *args, lawa=plugin.lawa_config(), **kwargs)
+            self._lawa_swapped_ids: Optional[set] = None
+            self._lawa_saving = False
+            self._lawa_temporary = True
+            if not plugin._temporary_depth:
+                plugin.adopt(self)
+
+        @classmethod
+        def from_pretrained(cls, path, model_cls, foreach=False, **kwargs):
+            with plugin.temporary():
+                return super().from_pretrained(path, model_cls, foreach=foreach, **kwargs)
+
+        def state_dict(self) -> dict:
+            # A temporary EMA holds no window: its state must not empty the real EMA's on load_state_dict.
+            return self.ema_state_dict() if self._lawa_temporary else super().state_dict()
+
+        def step(self, parameters):
+            if self._lawa_temporary:
+                plugin.adopt_late(self)
+            self._lawa_swapped_ids = None
+            super().step(parameters)
+            plugin.after_step(self)
+
+        def copy_to(self, parameters, weights: str = "ema") -> None:
+            parameters = list(parameters)
+            super().copy_to(parameters, weights)
+            if weights == "ema" and not self._lawa_saving:
+                self._lawa_swapped_ids = {id(p) for p in parameters}
+
+        def restore(self, parameters) -> None:
+            self._lawa_swapped_ids = None
+            super().restore(parameters)
+
+        def save_pretrained(self, path) -> None:
+            self._lawa_saving = True
+            try:
+                super().save_pretrained(path)
+            finally:
+                self._lawa_saving = False
+            if not self._lawa_temporary:
+                plugin.write_lawa(self, lawa_folder_for(path))
+
+    return EMAModel
