@@ -136,7 +136,19 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints (and stale temp folders)."""
+    """Delete all but the newest ``keep`` complete checkpoints, and temp folders of interrupted saves.
+
+    A folder is renamed out of the ``checkpoint-<step>`` pattern before it is deleted, so a crash
+    mid-delete never leaves a partial folder that looks complete.
+    """
     found = list_checkpoints(run_dir)
-    for _, path in found[: max(0, len(found) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
+    doomed = [path for _, path in found[: max(0, len(found) - keep)]]
+    newest = found[-1][0] if found else None
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        m = re.match(r"^\.checkpoint-(\d+)\.(tmp|deleting)$", name)
+        if m and (m.group(2) == "deleting" or newest is None or int(m.group(1)) < newest):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    for path in doomed:
+        trash = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".deleting")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)

@@ -53,11 +53,18 @@ def foreach_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_b
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or Inf (one reduction per tensor, one host sync)."""
+    """True when no tensor holds NaN or Inf: one fused norm pass and one host sync.
+
+    A norm can overflow (float16) while every element is finite, so a non-finite norm is
+    confirmed element-wise before the answer is False.
+    """
     if not tensors:
         return True
-    norms = torch._foreach_norm([t.float() if not t.is_floating_point() else t for t in tensors], ord=1)
-    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    floats = [t if t.is_floating_point() else t.float() for t in tensors]
+    norms = torch._foreach_norm(floats, ord=2)
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in floats)
 
 
 def mean_of_rows(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

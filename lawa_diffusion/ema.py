@@ -51,8 +51,15 @@ class LAWAEMAModel(EMAModel):
         return super().state_dict()
 
     def state_dict(self) -> dict:
+        """diffusers' EMA state plus ``"lawa"`` once the window holds snapshots.
+
+        An EMA that never snapshotted (e.g. the temporary one diffusers' load hooks build with
+        ``from_pretrained``) adds nothing, so ``ema.load_state_dict(tmp.state_dict())`` keeps the
+        real EMA's window.
+        """
         state = super().state_dict()
-        state["lawa"] = self.lawa.state_dict()
+        if self.lawa.num_snapshots > 0:
+            state["lawa"] = self.lawa.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

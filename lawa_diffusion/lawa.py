@@ -218,7 +218,7 @@ class LAWA:
     def _exact_average(self) -> torch.Tensor:
         device = self._compute_device()
         out = torch.empty(self._ring.numel, dtype=accumulation_dtype(self._ring.dtype), device=device)
-        return self._ring.mean_into(out, [slot for _, slot in self._order])
+        return self._ring.mean_into(out, sorted(slot for _, slot in self._order))
 
     def average_flat(self, sync_ranks: bool = False) -> torch.Tensor:
         """The mean of the held snapshots as one flat fp32 (or fp64) tensor on the EMA's device."""
@@ -312,6 +312,7 @@ class LAWA:
         else:
             rows = [self._ring.read(slot).detach().cpu() for _, slot in self._order]
             state["snapshots"] = torch.stack(rows) if rows else torch.empty(0)
+        state["slots"] = [slot for _, slot in self._order]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -337,18 +338,26 @@ class LAWA:
               f"lawa saved state stores {layout['dtype']} but this LAWA stores {_dtype_name(self._ring.dtype)}; "
               "set lawa dtype to match the run that saved the state")
         self._order = []
+        slots = self._saved_slots(state, steps)
         if isinstance(self._ring, DiskRing):
-            self._adopt_files(list(state["files"])[-len(steps):], steps)
+            self._adopt_files(list(state["files"])[-len(steps):], steps, slots)
             return
         rows = state["snapshots"][-len(steps):] if steps else []
-        for slot, (step, row) in enumerate(zip(steps, rows)):
+        for slot, step, row in zip(slots, steps, rows):
             self._ring.load(slot, step, row)
             self._order.append((step, slot))
 
-    def _adopt_files(self, files: List[str], steps: List[int]) -> None:
+    def _saved_slots(self, state: dict, steps: List[int]) -> List[int]:
+        """The ring slots the saved snapshots occupied (so sums run in the same order), else 0..n-1."""
+        slots = list(state.get("slots", []))[-len(steps):] if steps else []
+        if len(slots) != len(steps) or sorted(slots) != list(range(len(steps))):
+            slots = list(range(len(steps)))
+        return slots
+
+    def _adopt_files(self, files: List[str], steps: List[int], slots: List[int]) -> None:
         ring: DiskRing = self._ring
         ring.sync()
-        for slot, (step, src) in enumerate(zip(steps, files)):
+        for slot, step, src in zip(slots, steps, files):
             check(os.path.isfile(src), f"lawa snapshot file {src!r} named by the saved state is missing; "
                                         "resume from a complete checkpoint")
             dst = ring.path(step)

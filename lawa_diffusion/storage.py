@@ -43,6 +43,15 @@ class Ring:
     def views(self, flat: torch.Tensor) -> List[torch.Tensor]:
         return flat_views(flat, [torch.empty(s, device="meta") for s in self.shapes])
 
+    def slot_views(self, slot: int) -> List[torch.Tensor]:
+        """Views of ``buffer[slot]`` shaped like the source tensors (built once per buffer)."""
+        buffer = self.buffer
+        cache = getattr(self, "_views", None)
+        if cache is None or cache[0] is not buffer:
+            cache = (buffer, [self.views(buffer[s]) for s in range(self.k)])
+            self._views = cache
+        return cache[1][slot]
+
     def sync(self) -> None:
         """Wait for pending asynchronous writes."""
 
@@ -65,7 +74,7 @@ class DeviceRing(Ring):
         return self.buffer.device
 
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
-        foreach_copy(self.views(self.buffer[slot]), tensors)
+        foreach_copy(self.slot_views(slot), tensors)
 
     def read(self, slot: int) -> torch.Tensor:
         return self.buffer[slot]
@@ -95,7 +104,7 @@ class HostRing(Ring):
 
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
         self.sync()  # the slot may still be read by a pending copy of the previous cycle
-        dst = self.views(self.buffer[slot])
+        dst = self.slot_views(slot)
         if not self.cuda:
             foreach_copy(dst, [t.detach().cpu() if t.device.type != "cpu" else t for t in tensors])
             return

@@ -228,3 +228,29 @@ def test_save_pretrained_loads_and_equals_average(tmp_path):
 def test_bad_source_type():
     with pytest.raises(ValueError, match="LAWA source must be"):
         LAWA("weights.bin", LAWAConfig())
+
+
+def test_large_float16_source_is_not_mistaken_for_nonfinite():
+    # 1e6 finite fp16 values of 0.1: every element is finite, but their L1 norm (1e5) overflows fp16
+    tensors = [torch.full((1_000_000,), 0.1, dtype=torch.float16)]
+    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
+    assert lawa.step(1)
+    tensors[0][0] = float("nan")
+    lawa_skip = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1, on_nonfinite="skip"))
+    with pytest.warns(UserWarning):
+        assert not lawa_skip.step(1)
+    assert lawa_skip.skipped_steps == [1]
+
+
+def test_wrapped_window_sums_rows_in_ring_order_and_resume_keeps_slots():
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=3, every_n_steps=1, storage="device"))
+    expected = drive(lawa, tensors, g, 7)  # wrapped twice: slots no longer follow step order
+    state = lawa.state_dict()
+    assert sorted(state["slots"]) == [0, 1, 2] and state["slots"] != [0, 1, 2]
+    resumed = LAWA([t.clone() for t in tensors], LAWAConfig(k=3, every_n_steps=1, storage="device"))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.average_flat(), lawa.average_flat())
+    _, ref = naive_mean(expected, 3)
+    flat = torch.cat([r.reshape(-1) for r in ref])
+    assert (lawa.average_flat().double() - flat).abs().max().item() <= 1e-6
