@@ -440,6 +440,8 @@ class TrainConfig:
             _check_int("train config", name, getattr(self, name), 1)
         _check_int("train config", "checkpointing_steps", self.checkpointing_steps, 0)
         _check_int("train config", "checkpoints_total_limit", self.checkpoints_total_limit, 1, allow_none=True)
+        if self.mixed_precision is False:  # YAML reads an unquoted ``no`` as false
+            self.mixed_precision = "no"
         check(self.mixed_precision in MIXED_PRECISION,
               f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(self.log_with in (None, "tensorboard"), f"log_with must be 'tensorboard' or null, got {self.log_with!r}")

@@ -1,0 +1,280 @@
+"""The trainer: run-folder format, exact resume, config and data errors, deterministic batches.
+
+FID here uses the FID module's small stand-in feature extractor, so the numbers are distances of
+the same kind as FID but not FID; what is checked is the trainer's bookkeeping and weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lawa_diffusion import cli, tracking
+from lawa_diffusion import train as train_mod
+from lawa_diffusion.config import TrainConfig
+from lawa_diffusion.files import read_jsonl
+from lawa_diffusion.inception import stand_in_extractor
+
+TINY_MODEL = {"sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+              "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4}
+
+
+def tiny_config(output_dir, **changes) -> dict:
+    cfg = {
+        "output_dir": str(output_dir), "max_train_steps": 8, "train_batch_size": 4, "checkpointing_steps": 4,
+        "checkpoints_total_limit": None, "save_ema_snapshots": True, "log_with": None, "report": False,
+        "model": TINY_MODEL,
+        "data": {"dataset": "fashion-mnist:test", "num_images": 48, "resize_mode": "resize", "random_flip": True},
+        "optim": {"learning_rate": 2e-3, "lr_warmup_steps": 2, "lr_scheduler": "cosine"},
+        "ema": {"decay": 0.999},
+        "lawa": {"k": 3, "every_n_steps": 2},
+        "eval": {"every_n_steps": 2, "num_samples": 4, "batch_size": 4, "num_inference_steps": 2,
+                 "reference": "fashion-mnist:test", "reference_num_images": 16, "kid_subsets": 2,
+                 "kid_subset_size": 4, "variants": ["raw", "ema", "lawa"]},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run(cfg: dict, **kwargs) -> str:
+    return train_mod.train(TrainConfig.from_dict(cfg), fid_weights=stand_in_extractor(), **kwargs)
+
+
+def unet_weights(folder: str) -> dict:
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, _one_thread):
+    """One uninterrupted 8-step run, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    with pytest.MonkeyPatch.context() as mp:  # module scope: set the cache folder the autouse fixture sets later
+        mp.setenv("LAWA_CACHE_DIR", os.environ.get("LAWA_TEST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lawa-cache")))
+        run(tiny_config(out))
+    return str(out)
+
+
+# ----------------------------------------------------------------------------- run-folder format
+def test_run_folder_has_config_metrics_checkpoints_and_snapshots(full_run):
+    cfg = yaml.safe_load(open(os.path.join(full_run, "config.yaml")))
+    ema_config = json.load(open(os.path.join(full_run, "checkpoint-8", "unet_ema", "config.json")))
+    assert {k: v for k, v in ema_config.items() if k in cfg["model"]} == cfg["model"]
+    assert cfg["lawa"]["k"] == 3 and cfg["eval"]["num_samples"] == 4 and cfg["seed"] == 0
+    TrainConfig.from_dict(cfg)  # the resolved config is itself a valid config
+
+    rows = read_jsonl(os.path.join(full_run, "metrics.jsonl"))
+    assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in (2, 4, 6, 8) for v in ("raw", "ema", "lawa")]
+    assert [r["lawa_num_snapshots"] for r in rows[2::3]] == [1, 2, 3, 3]
+    for r in rows:
+        assert set(r) == {"step", "variant", "fid", "kid_mean", "kid_std", "num_samples", "inception_sha256",
+                          "lawa_k", "lawa_every_n_steps", "lawa_num_snapshots"}
+        assert r["fid"] >= 0 and r["num_samples"] == 4 and (r["lawa_k"], r["lawa_every_n_steps"]) == (3, 2)
+        assert r["inception_sha256"] == stand_in_extractor().sha256
+
+    for step in (4, 8):
+        assert os.path.isdir(os.path.join(full_run, f"checkpoint-{step}", "unet_ema"))
+        assert os.path.isdir(os.path.join(full_run, f"checkpoint-{step}", "unet_lawa"))
+    assert [s for s, _ in tracking.list_ema_snapshots(full_run)] == [2, 4, 6, 8]
+
+
+def test_ema_snapshot_holds_the_checkpointed_ema_weights(full_run):
+    path = tracking.snapshot_path(full_run, 8)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        snap = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["step"] == "8" and json.loads(meta["model_config"])["block_out_channels"] == [8, 16]
+    ema = unet_weights(os.path.join(full_run, "checkpoint-8", "unet_ema"))
+    assert set(snap) == set(ema)
+    for name, tensor in snap.items():
+        assert tensor.dtype == torch.float16
+        assert torch.equal(tensor, ema[name].half())
+
+
+def test_lawa_weights_are_the_mean_of_the_latest_ema_checkpoints(tmp_path):
+    out = tmp_path / "every2"
+    run(tiny_config(out, checkpointing_steps=2, eval={"every_n_steps": 0, "at_end": False}))
+    emas = [unet_weights(os.path.join(out, f"checkpoint-{s}", "unet_ema")) for s in (4, 6, 8)]
+    lawa = unet_weights(os.path.join(out, "checkpoint-8", "unet_lawa"))
+    for name, tensor in lawa.items():
+        expected = sum(e[name].double() for e in emas) / 3
+        torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6)
+    assert not os.path.exists(out / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------- resume
+class Crash(Exception):
+    pass
+
+
+def test_resume_mid_run_continues_metrics_and_weights_exactly(full_run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real_step = train_mod.train_step
+
+    def crash_at_7(parts, step):
+        if step == 7:
+            raise Crash()
+        return real_step(parts, step)
+
+    monkeypatch.setattr(train_mod, "train_step", crash_at_7)
+    with pytest.raises(Crash):
+        run(tiny_config(out))
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 6  # evaluated past checkpoint-4
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    run(tiny_config(out), resume="latest")
+
+    full_rows, rows = read_jsonl(os.path.join(full_run, "metrics.jsonl")), read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["variant"]) for r in rows] == [(r["step"], r["variant"]) for r in full_rows]
+    for a, b in zip(rows, full_rows):
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-6, abs=1e-9)
+        assert a["lawa_num_snapshots"] == b["lawa_num_snapshots"]
+    for sub in ("unet_ema", "unet_lawa"):
+        got, want = unet_weights(out / "checkpoint-8" / sub), unet_weights(os.path.join(full_run, "checkpoint-8", sub))
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7)
+    assert [s for s, _ in tracking.list_ema_snapshots(str(out))] == [2, 4, 6, 8]
+
+
+def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "variant": "ema"}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "va')
+    tracking.truncate_metrics(str(path), 4)
+    assert [r["step"] for r in read_jsonl(path)] == [2, 4]
+    assert path.read_text().endswith("\n")
+
+
+# ----------------------------------------------------------------------------- errors
+def write_yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "out")
+    cfg["learning_rate"] = 1e-3
+    code = cli.main(["train", "--config", write_yaml(tmp_path / "c.yaml", cfg)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "unknown key(s) learning_rate" in err and "max_train_steps" in err and "optim" in err
+
+
+def test_unknown_nested_and_model_keys_are_refused(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "out"))
+    with pytest.raises(ValueError, match="section 'optim' has unknown key.*lr;.*learning_rate"):
+        train_mod.load_train_config(path, ["optim.lr=1e-3"])
+    cfg = train_mod.load_train_config(path, ["model.channels=3"])
+    with pytest.raises(ValueError, match="model has unknown key.*channels;.*block_out_channels"):
+        train_mod.build_unet(cfg.model)
+
+
+def test_overrides_are_typed_and_merged(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "out"))
+    cfg = train_mod.load_train_config(path, ["optim.learning_rate=1e-3", "lawa.k=7", "eval.variants=[ema]",
+                                             "model.sample_size=16", "mixed_precision=no"],
+                                       output_dir=str(tmp_path / "x"))
+    assert cfg.optim.learning_rate == 1e-3 and cfg.lawa.k == 7 and cfg.eval.variants == ["ema"]
+    assert cfg.model["sample_size"] == 16 and cfg.model["block_out_channels"] == [8, 16]
+    assert cfg.output_dir == str(tmp_path / "x") and cfg.optim.lr_warmup_steps == 2
+    assert cfg.mixed_precision == "no"  # YAML reads an unquoted no as false
+
+
+def test_missing_dataset_files_give_one_sentence(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tiny_config(tmp_path / "out", data={"dataset": "fashion-mnist", "root": str(empty)})
+    code = cli.main(["train", "--config", write_yaml(tmp_path / "c.yaml", cfg)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(empty) in err and "train-images-idx3-ubyte" in err
+
+
+def test_existing_output_dir_needs_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        train_mod.resolve_resume(str(out), None, overwrite=False)
+    with pytest.raises(ValueError, match="not a run folder"):
+        train_mod.resolve_resume(str(out), None, overwrite=True)
+    with pytest.raises(ValueError, match="not a checkpoint-<step> folder"):
+        train_mod.resolve_resume(str(out), str(out), overwrite=False)
+
+
+# ----------------------------------------------------------------------------- batches
+def test_batches_cover_each_epoch_once_across_processes():
+    n, bs, world, accumulation = 40, 3, 2, 2
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    sources = [train_mod.BatchSource(images, bs, accumulation, 5, rank, world, False, torch.device("cpu"))
+               for rank in range(world)]
+    per_epoch = n // (bs * world)  # 6 micro-batches of 6 images: 36 distinct images, 4 dropped
+    seen = []
+    for index in range(per_epoch):
+        step, micro = divmod(index, accumulation)
+        for source in sources:
+            x, _ = source.draw(step + 1, micro)
+            seen += ((x[:, 0, 0, 0] + 1) * 127.5).round().long().tolist()
+    assert len(seen) == len(set(seen)) == per_epoch * bs * world
+    again, _ = sources[1].draw(2, 1)  # a pure function of (step, micro, rank)
+    first, _ = train_mod.BatchSource(images, bs, accumulation, 5, 1, world, False, torch.device("cpu")).draw(2, 1)
+    assert torch.equal(again, first)
+
+
+# ----------------------------------------------------------------------------- several processes
+TORCHRUN_SCRIPT = """
+import sys
+from lawa_diffusion.config import TrainConfig
+from lawa_diffusion.inception import stand_in_extractor
+from lawa_diffusion.train import train
+import json
+train(TrainConfig.from_dict(json.loads(sys.argv[1])), resume=sys.argv[2] or None, fid_weights=stand_in_extractor())
+"""
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_write_one_set_of_rows_and_resume(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "mp"
+    cfg = tiny_config(out, max_train_steps=6, checkpointing_steps=3)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for max_steps, resume in ((4, ""), (6, "latest")):
+        cfg["max_train_steps"] = max_steps
+        subprocess.run([torchrun, "--nproc_per_node", "2", str(script), json.dumps(cfg), resume], check=True,
+                       capture_output=True, timeout=600)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in (2, 4, 6) for v in ("raw", "ema", "lawa")]
+    assert sorted(os.listdir(out / "checkpoint-6")).count("random_states_1.pkl") == 1
+
+
+def test_resuming_from_an_older_checkpoint_trims_everything_past_it(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (2, 4):
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "variant": "ema"}) + "\n" for s in (2, 4)))
+    for step in (2, 4):
+        tracking.save_ema_snapshot(str(run_dir), step, type("E", (), {"shadow_params": [torch.ones(2)]})(), ["w"], {})
+    train_mod.prepare_run_dir(str(run_dir), 2, False, {"seed": 3})
+    assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "config.yaml", "ema_snapshots", "metrics.jsonl"]
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]
+    assert [s for s, _ in tracking.list_ema_snapshots(str(run_dir))] == [2]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"seed": 3}
