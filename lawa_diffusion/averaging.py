@@ -62,7 +62,9 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
         return True
     floats = [t if t.is_floating_point() else t.float() for t in tensors]
     norms = torch._foreach_norm(floats, ord=2)
-    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+    if len({n.dtype for n in norms}) > 1:  # one stack kernel when dtypes agree, casts only when they do not
+        norms = [n.float() for n in norms]
+    if bool(torch.isfinite(torch.stack(norms)).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in floats)
 

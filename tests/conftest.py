@@ -24,3 +24,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # Keep each test session's caches out of the user's home.
     cache = tmp_path_factory.getbasetemp() / "lawa-cache"
     monkeypatch.setenv("LAWA_CACHE_DIR", os.environ.get("LAWA_TEST_CACHE_DIR", str(cache)))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

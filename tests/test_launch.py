@@ -94,12 +94,8 @@ def expected_steps(step: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- runs shared by tests
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on shared cores: extra intra-op threads only contend (several times slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs its tiny models on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

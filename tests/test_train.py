@@ -57,12 +57,8 @@ def unet_weights(folder: str) -> dict:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs its tiny models on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
