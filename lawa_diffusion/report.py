@@ -133,7 +133,7 @@ def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
         raise FileNotFoundError(f"run folder {path!r} has no metrics.jsonl; pass a run folder that has been "
-                                "evaluated at least once (train with eval_every_n_steps set)")
+                                "evaluated at least once (train with eval.every_n_steps > 0)")
     points: Dict[str, Dict[float, float]] = {}
     for row in read_jsonl(metrics):
         value = row.get(metric)
