@@ -263,13 +263,8 @@ class LAWA:
     def swapped_into(self, module: nn.Module, sync_ranks: bool = False) -> Iterator[nn.Module]:
         """Temporarily load the LAWA weights into ``module``; the original weights come back on exit."""
         targets = self.source.targets_of(module)
-        with torch.no_grad():
-            saved = [t.detach().clone() for t in targets]
-            try:
-                self.average_into(targets, sync_ranks=sync_ranks)
-                yield module
-            finally:
-                foreach_copy(targets, saved)
+        with swapped_weights(targets, lambda t: self.average_into(t, sync_ranks=sync_ranks)):
+            yield module
 
     def metadata(self) -> dict:
         return {"k": self.config.k, "every_n_steps": self.config.every_n_steps,
@@ -386,6 +381,18 @@ class LAWA:
         c = self.config
         return (f"LAWA(k={c.k}, every_n_steps={c.every_n_steps}, storage={c.storage!r}, "
                 f"snapshots={self.snapshot_steps}, source={self.source.kind})")
+
+
+@contextlib.contextmanager
+def swapped_weights(targets: Sequence[torch.Tensor], fill) -> Iterator[None]:
+    """``fill(targets)`` for the duration of the block; the tensors' own values come back after, also on errors."""
+    with torch.no_grad():
+        saved = [t.detach().clone() for t in targets]
+        try:
+            fill(targets)
+            yield
+        finally:
+            foreach_copy(targets, saved)
 
 
 def _link_or_copy_atomic(src: str, dst: str) -> None:

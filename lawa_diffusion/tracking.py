@@ -67,15 +67,10 @@ def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_conf
 @contextlib.contextmanager
 def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """``module`` holding the EMA weights for the duration of the block; its own weights come back after."""
-    params = list(module.parameters())
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        try:
-            ema.copy_to(params)
-            yield module
-        finally:
-            for p, s in zip(params, saved):
-                p.copy_(s)
+    from lawa_diffusion.lawa import swapped_weights
+
+    with swapped_weights(list(module.parameters()), ema.copy_to):
+        yield module
 
 
 def weight_variants(names: list[str], unet: torch.nn.Module, ema) -> dict[str, Any]:
