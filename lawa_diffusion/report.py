@@ -110,8 +110,10 @@ def speedups(ema_curve: Curve, lawa_curve: Curve) -> List[dict]:
     for step, value in zip(lawa_curve.steps, lawa_curve.values):
         ema_step = steps_to_reach(ema_curve.steps, ema_curve.values, value)
         ratio = ema_step / step if ema_step is not None and step > 0 else None
+        # EMA was already there at its first evaluation: when it got there is unknown, the ratio only bounds it
+        upper = ema_step is not None and ema_curve.values[0] <= value
         rows.append({"step": step, "lawa": value, "ema_step": ema_step, "speedup": ratio,
-                     "reached": ema_step is not None})
+                     "reached": ema_step is not None, "upper_bound": upper})
     return rows
 
 
@@ -171,6 +173,7 @@ def _per_step(per_run: List[dict], confidence: float) -> List[dict]:
         rows = by_step[step]
         values = [r["speedup"] for r in rows if r["speedup"] is not None]
         out.append({"step": step, "n_runs": len(rows), "n_never": sum(not r["reached"] for r in rows),
+                    "n_upper_bound": sum(bool(r.get("upper_bound")) for r in rows),
                     "lawa": mean_ci([r["lawa"] for r in rows], confidence),
                     "ema_step": mean_ci([r["ema_step"] for r in rows if r["reached"]], confidence),
                     "speedup": mean_ci(values, confidence)})
@@ -242,6 +245,9 @@ def format_table(summary: dict) -> str:
         step = row["step"]
         values = [_num(_curve_value(summary["curves"], v, step), "{:.3f}") for v in VARIANTS]
         never = f" ({row['n_never']} never reached)" if row["n_never"] and row["speedup"]["n"] else ""
+        if row.get("n_upper_bound"):
+            never += (f" (upper bound in {row['n_upper_bound']} run(s): EMA was already there at its "
+                      "first evaluation)")
         ema_step = _num(row["ema_step"]["mean"], "{:.0f}", "never")
         lines.append(f"{step:>8} {values[0]:>9} {values[1]:>9} {values[2]:>9} {ema_step:>18}  "
                      f"{_with_ci(row['speedup'], none='never reached')}{never}")

@@ -196,3 +196,16 @@ def test_summarize_single_run_has_no_interval(tmp_path):
     summary = summarize([run])
     assert summary["per_step"][0]["speedup"]["ci_low"] is None
     assert math.isclose(summary["per_step"][0]["speedup"]["mean"], 1.25)  # 9 -> 5 over 1..2 reaches 8 at 1.25
+
+
+def test_speedup_is_flagged_as_upper_bound_when_ema_starts_better():
+    from lawa_diffusion.report import Curve, speedups
+
+    ema = Curve([100, 200, 300], [50.0, 40.0, 30.0])
+    lawa = Curve([100, 200, 300], [60.0, 45.0, 29.0])
+    rows = speedups(ema, lawa)
+    # LAWA 60 at step 100: EMA's first value (50) is already better, so 100/100 only bounds the speed-up
+    assert rows[0]["upper_bound"] and rows[0]["speedup"] == 1.0
+    # LAWA 45 at step 200: EMA crosses 45 between 100 (50) and 200 (40) at 150 -> 0.75, a real value
+    assert not rows[1]["upper_bound"] and abs(rows[1]["speedup"] - 0.75) < 1e-12
+    assert not rows[2]["reached"] and not rows[2]["upper_bound"]
