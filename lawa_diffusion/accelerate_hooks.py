@@ -37,11 +37,11 @@ def save_engine_state(lawa: Any, folder: str) -> None:
     if "files" in state:
         link_dir = os.path.join(folder, f"lawa_snapshots_{lawa.name}")
         os.makedirs(link_dir, exist_ok=True)
-        from lawa_diffusion.lawa import _link_or_copy_atomic
+        from lawa_diffusion.lawa import link_or_copy_atomic
 
         names = []
         for path in state["files"]:
-            _link_or_copy_atomic(path, os.path.join(link_dir, os.path.basename(path)))
+            link_or_copy_atomic(path, os.path.join(link_dir, os.path.basename(path)))
             names.append(os.path.basename(path))
         state["files"] = [os.path.join(f"lawa_snapshots_{lawa.name}", n) for n in names]
     if not tensors:

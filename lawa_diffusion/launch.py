@@ -188,11 +188,9 @@ def save_lawa_next_to(ema: Any, ema_folder: str | os.PathLike) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------- running
 def is_main_process() -> bool:
-    import torch.distributed as dist
+    from lawa_diffusion.lawa import process_rank
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
+    return process_rank() == 0
 
 
 def say(message: str) -> None:

@@ -26,7 +26,8 @@ from lawa_diffusion.storage import DiskRing, HostRing, Ring, disk_files, make_ri
 STATE_FORMAT = 1
 
 
-def _rank() -> int:
+def process_rank() -> int:
+    """This process's rank: torch.distributed's when initialised, else $RANK (0 outside launchers)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get("RANK", "0"))
@@ -87,7 +88,7 @@ class LAWA:
     @property
     def holds_snapshots(self) -> bool:
         """False on non-main processes when ``snapshot_ranks == "main"``."""
-        return self.config.snapshot_ranks == "all" or _rank() == 0
+        return self.config.snapshot_ranks == "all" or process_rank() == 0
 
     def due(self, step: int) -> bool:
         c = self.config
@@ -226,7 +227,7 @@ class LAWA:
         holds = self.holds_snapshots and self._ring is not None
         if sync_ranks and self.config.snapshot_ranks == "main" and torch.distributed.is_initialized():
             return self._broadcast_average(holds)
-        check(holds, f"lawa process rank {_rank()} holds no snapshots because snapshot_ranks='main'; "
+        check(holds, f"lawa process rank {process_rank()} holds no snapshots because snapshot_ranks='main'; "
                      "average on the main process, pass sync_ranks=True, or set snapshot_ranks='all'")
         if self.config.keep_average and self._avg is not None:
             return self._avg
@@ -357,7 +358,7 @@ class LAWA:
                                         "resume from a complete checkpoint")
             dst = ring.path(step)
             if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-                _link_or_copy_atomic(src, dst)
+                link_or_copy_atomic(src, dst)
             ring.adopt(slot, step)
             self._order.append((step, slot))
         keep = set(steps)
@@ -395,7 +396,7 @@ def swapped_weights(targets: Sequence[torch.Tensor], fill) -> Iterator[None]:
             foreach_copy(targets, saved)
 
 
-def _link_or_copy_atomic(src: str, dst: str) -> None:
+def link_or_copy_atomic(src: str, dst: str) -> None:
     """Hard-link ``src`` to ``dst`` (no bytes copied), falling back to an atomic copy across file systems."""
     from lawa_diffusion.files import atomic_write
 

@@ -192,6 +192,10 @@ class DiskRing(Ring):
     def path(self, step: int) -> str:
         return disk_file(self.folder, self.name, step)
 
+    def _save(self, step: int, row: torch.Tensor) -> None:
+        meta = {"step": str(step), "numel": str(self.numel), "dtype": str(self.dtype).replace("torch.", "")}
+        atomic_save_safetensors(self.path(step), {"snapshot": row}, metadata=meta)
+
     def _run(self) -> None:
         while True:
             job = self.queue.get()
@@ -200,9 +204,7 @@ class DiskRing(Ring):
                     return
                 kind, payload = job
                 if kind == "write":
-                    step, row = payload
-                    meta = {"step": str(step), "numel": str(self.numel), "dtype": str(self.dtype).replace("torch.", "")}
-                    atomic_save_safetensors(self.path(step), {"snapshot": row}, metadata=meta)
+                    self._save(*payload)
                 elif kind == "delete" and os.path.exists(payload):
                     os.unlink(payload)
             except BaseException as e:  # surfaced on the next sync()
@@ -250,8 +252,7 @@ class DiskRing(Ring):
         self.sync()
         self.slot_step[slot] = step
         if not os.path.exists(self.path(step)):
-            meta = {"step": str(step), "numel": str(self.numel), "dtype": str(self.dtype).replace("torch.", "")}
-            atomic_save_safetensors(self.path(step), {"snapshot": row.to(self.dtype).cpu()}, metadata=meta)
+            self._save(step, row.to(self.dtype).cpu())
 
     def adopt(self, slot: int, step: int) -> None:
         """Take a snapshot file that is already in the folder into ``slot``."""
