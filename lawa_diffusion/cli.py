@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "lawa_diffusion.inception",
-    "lawa_diffusion.fid",
+    "lawa_diffusion.fid_cli",
     "lawa_diffusion.train",
     "lawa_diffusion.report",
     "lawa_diffusion.posthoc",

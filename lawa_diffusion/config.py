@@ -368,6 +368,8 @@ class EvalConfig(FIDConfig):
     variants: the weights to evaluate, from raw, ema, lawa (lawa once it holds min_snapshots).
     reference_num_images: use only this many reference images for the statistics (null: all).
     inception_weights: FID Inception weights file (null: the resolved default, see ``lawa-diffusion inception info``).
+    background_metrics: run the FID/KID maths (CPU) in a background thread while training goes on; the
+        rows are written in step order, and all of them before each checkpoint. Same numbers either way.
     """
 
     every_n_steps: int = 1000
@@ -375,10 +377,13 @@ class EvalConfig(FIDConfig):
     variants: list = dataclasses.field(default_factory=lambda: ["ema", "lawa"])
     reference_num_images: Optional[int] = None
     inception_weights: Optional[str] = None
+    background_metrics: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("eval", "every_n_steps", self.every_n_steps, 0)
+        check(isinstance(self.background_metrics, bool),
+              f"eval background_metrics must be true or false, got {self.background_metrics!r}")
         _check_int("eval", "reference_num_images", self.reference_num_images, 2, allow_none=True)
         check(isinstance(self.at_end, bool), f"eval at_end must be true or false, got {self.at_end!r}")
         check(isinstance(self.variants, (list, tuple)) and bool(self.variants)

@@ -71,7 +71,6 @@ class LAWAEMAModel(EMAModel):
 
     def save_pretrained(self, path) -> None:
         # diffusers writes ``state_dict()`` minus shadow_params into config.json: keep LAWA out of it.
-        state_dict = self.state_dict
         self.state_dict = self.ema_state_dict  # type: ignore[method-assign]
         try:
             super().save_pretrained(path)

@@ -222,6 +222,7 @@ class FIDMonitor:
         self.unet = None
         self.reference = None
         self.extractor = None
+        self.recorder = None
         self.disabled: Optional[str] = None
 
     def accelerator_init_wrapper(self, original: Callable) -> Callable:
@@ -252,7 +253,7 @@ class FIDMonitor:
     def _prepare(self, ema: Any) -> bool:
         import inspect
 
-        from lawa_diffusion import fid, inception
+        from lawa_diffusion import fid, inception, sampling
 
         model_cls, model_config = getattr(ema, "model_cls", None), getattr(ema, "model_config", None)
         if model_cls is None or model_config is None:
@@ -269,6 +270,8 @@ class FIDMonitor:
         self.reference = fid.reference_stats(self.cfg.fid_reference, image_size=size if isinstance(size, int) else None,
                                              weights=self.extractor, accelerator=self.accelerator,
                                              progress=_is_main_process())
+        sampling.check_reference(self.reference, self.extractor)
+        fid.warn_if_few(self._options().get("num_samples", sampling.FIDConfig().num_samples))
         return True
 
     def _options(self) -> dict:
@@ -280,25 +283,18 @@ class FIDMonitor:
         return options
 
     def evaluate(self, ema: Any, step: int) -> list:
-        import json
-
-        from lawa_diffusion import fid, tracking
-        from lawa_diffusion.files import append_line
+        from lawa_diffusion import sampling, tracking
         from lawa_diffusion.launch import say
 
         variants = tracking.weight_variants(["ema", "lawa"], self.unet, ema)
-        results = fid.evaluate_variants(variants, self.reference, weights=self.extractor, accelerator=self.accelerator,
-                                        progress=_is_main_process(), **self._options())
-        rows = [tracking.metric_row(step, name, results[name], ema.lawa) for name in variants]
-        if _is_main_process():
-            path = self.metrics_path()
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            for row in rows:
-                append_line(path, json.dumps(row, sort_keys=True))
-            say(tracking.format_line(step, rows, ema.lawa))
-        if self.accelerator is not None:
-            self.accelerator.log({f"fid/{r['variant']}": r["fid"] for r in rows}, step=step)
-        return rows
+        sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key,
+                                           accelerator=self.accelerator, progress=_is_main_process(), **self._options())
+        if not _is_main_process():
+            return []
+        if self.recorder is None:
+            self.recorder = tracking.MetricsRecorder(self.metrics_path(), self.accelerator, write=say)
+        self.recorder.submit(step, sampled, self.reference, self.extractor, ema.lawa)
+        return self.recorder.collect(wait=True)
 
     def metrics_path(self) -> str:
         if self.cfg.metrics_file:

@@ -510,7 +510,7 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
     the arguments), against reference stats that ``fid.reference_stats`` takes from its cache when present."""
     import functools
 
-    from lawa_diffusion import fid
+    from lawa_diffusion import fid, sampling
     from lawa_diffusion.config import FIDConfig, from_mapping
 
     config = _run_config(run_dir)
@@ -527,7 +527,7 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
                                 batch_size=e.batch_size, device=device, weights=weights, resize_mode=e.resize_mode,
                                 features_max=e.reference_features_max, progress=progress)
     return functools.partial(
-        fid.evaluate_variants, reference=stats, num_samples=e.num_samples, batch_size=e.batch_size,
+        sampling.evaluate_variants, reference=stats, num_samples=e.num_samples, batch_size=e.batch_size,
         scheduler=e.scheduler, scheduler_config=_noise_scheduler_config(config),
         num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, kid=e.kid, kid_subsets=e.kid_subsets,
         kid_subset_size=e.kid_subset_size, weights=weights, device=device, progress=progress)

@@ -5,6 +5,8 @@ resumed step are removed, so that a resumed run continues them without duplicate
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -74,7 +76,7 @@ def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def weight_variants(names: list[str], unet: torch.nn.Module, ema) -> dict[str, Any]:
-    """name -> module or context-manager factory for ``fid.evaluate_variants`` (lawa only once it is ready)."""
+    """name -> module or context-manager factory for ``sampling.evaluate_variants`` (lawa only once it is ready)."""
     out: dict[str, Any] = {}
     for name in names:
         if name == "raw":
@@ -86,24 +88,111 @@ def weight_variants(names: list[str], unet: torch.nn.Module, ema) -> dict[str, A
     return out
 
 
-def metric_row(step: int, variant: str, result: dict, lawa) -> dict:
-    """One metrics.jsonl row (the format report.py and posthoc.py read)."""
-    kid_mean, kid_std = result.get("kid_mean"), result.get("kid_std")
-    return {"step": int(step), "variant": variant, "fid": float(result["fid"]),
-            "kid_mean": None if kid_mean is None else float(kid_mean),
-            "kid_std": None if kid_std is None else float(kid_std),
-            "num_samples": int(result["num_samples"]), "inception_sha256": str(result["inception_sha256"]),
-            "lawa_k": lawa.config.k, "lawa_every_n_steps": lawa.config.every_n_steps,
+# ----------------------------------------------------------------------------- metric rows
+def lawa_info(lawa) -> dict:
+    """The LAWA columns of a metrics row, read when the evaluation's weights were taken."""
+    return {"lawa_k": lawa.config.k, "lawa_every_n_steps": lawa.config.every_n_steps,
             "lawa_num_snapshots": lawa.num_snapshots}
 
 
-def format_line(step: int, rows: list[dict], lawa) -> str:
-    """``step 600: FID ema 85.12  lawa 79.40  (k=5, 4 snapshots)``."""
+def metric_row(step: int, variant: str, result: dict, info: dict) -> dict:
+    """One metrics.jsonl row (the format report.py and posthoc.py read); ``info`` from :func:`lawa_info`."""
+    kid_mean, kid_std = result.get("kid_mean"), result.get("kid_std")
+    row = {"step": int(step), "variant": variant, "fid": float(result["fid"]),
+           "kid_mean": None if kid_mean is None else float(kid_mean),
+           "kid_std": None if kid_std is None else float(kid_std),
+           "num_samples": int(result["num_samples"]), "inception_sha256": str(result["inception_sha256"]), **info}
+    for key in ("sample_seconds", "metric_seconds"):
+        if key in result:
+            row[key] = round(float(result[key]), 3)
+    return row
+
+
+def format_line(step: int, rows: list[dict]) -> str:
+    """``step 600: FID ema 85.12  lawa 79.40  (k=5, 4 snapshots; sampling 31.2 s, metrics 9.8 s)``."""
     fids = {r["variant"]: r["fid"] for r in rows}
     parts = [f"{v} {fids[v]:.2f}" for v in ("raw", "ema", "lawa") if v in fids]
     if "lawa" not in fids:
         parts.append("lawa -")
-    return f"step {step}: FID {'  '.join(parts)}  (k={lawa.config.k}, {lawa.num_snapshots} snapshots)"
+    first = rows[0]
+    timing = ""
+    if all("sample_seconds" in r and "metric_seconds" in r for r in rows):
+        timing = (f"; sampling {sum(r['sample_seconds'] for r in rows):.1f} s, "
+                  f"metrics {sum(r['metric_seconds'] for r in rows):.1f} s")
+    return (f"step {step}: FID {'  '.join(parts)}  (k={first['lawa_k']}, {first['lawa_num_snapshots']} snapshots"
+            f"{timing})")
+
+
+class MetricsRecorder:
+    """Turns sampled variants into metrics rows: appended to ``path``, printed as one line, logged to trackers.
+
+    Used on the main process only. With ``background``, the metric maths (torch-fidelity's, on the CPU) run in
+    one worker thread while training goes on, and :meth:`collect` records finished evaluations in step
+    order on the calling thread; ``collect(wait=True)`` before a checkpoint keeps metrics.jsonl complete up
+    to every checkpoint's step, which exact resumption relies on.
+    """
+
+    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = print,
+                 **metric_options):
+        self.path, self.accelerator, self.write = path, accelerator, write
+        self.metric_options = metric_options
+        self.background = background
+        self._pool = None
+        self._pending: collections.deque = collections.deque()
+
+    def submit(self, step: int, sampled: dict, reference, extractor, lawa) -> None:
+        """Compute the metrics of ``sampled`` ({name: sampling.Sampled}) taken at ``step`` (now, or in the
+        background)."""
+        from lawa_diffusion import sampling
+
+        def compute() -> dict:
+            return {name: sampling.variant_metrics(s, reference, extractor, **self.metric_options)
+                    for name, s in sampled.items()}
+
+        if self.background:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lawa-metrics")
+            future = self._pool.submit(compute)
+        else:
+            future = concurrent.futures.Future()
+            future.set_result(compute())
+        self._pending.append((step, lawa_info(lawa), future))
+        if not self.background:
+            self.collect()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def collect(self, wait: bool = False) -> list[dict]:
+        """Record the evaluations whose metrics are ready (all of them with ``wait``), oldest first."""
+        rows: list[dict] = []
+        while self._pending and (wait or self._pending[0][2].done()):
+            step, info, future = self._pending.popleft()
+            results = future.result()
+            step_rows = [metric_row(step, name, result, info) for name, result in results.items()]
+            self._record(step, step_rows)
+            rows += step_rows
+        return rows
+
+    def close(self) -> list[dict]:
+        """Wait for and record what is pending; stop the worker thread."""
+        try:
+            return self.collect(wait=True)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _record(self, step: int, rows: list[dict]) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        for row in rows:
+            append_line(self.path, json.dumps(row, sort_keys=True))
+        self.write(format_line(step, rows))
+        if self.accelerator is not None:
+            logged = {f"fid/{r['variant']}": r["fid"] for r in rows}
+            logged.update({f"kid/{r['variant']}": r["kid_mean"] for r in rows if r["kid_mean"] is not None})
+            self.accelerator.log({**logged, "lawa/num_snapshots": rows[0]["lawa_num_snapshots"]}, step=step)
 
 
 # ----------------------------------------------------------------------------- the tracker
@@ -119,77 +208,72 @@ class Tracker:
         self.weights = weights if weights is not None else self.eval.inception_weights
         self.param_names = [n for n, _ in accelerator.unwrap_model(unet).named_parameters()]
         self.reference = None
+        self.extractor = None
+        self.recorder: Optional[MetricsRecorder] = None
         self.last_step: Optional[int] = None
 
     @property
     def enabled(self) -> bool:
         return self.eval.every_n_steps > 0 or self.eval.at_end
 
-    def prepare(self, start_step: int) -> None:
-        """Reference statistics (cached on disk by the FID module), before the first step."""
+    def prepare(self, start_step: int, write: Callable[[str], None] = print) -> None:
+        """Feature extractor and reference statistics (cached on disk by the FID module), before the first step."""
         self.last_step = start_step
         if not self.enabled:
             return
-        from lawa_diffusion import fid
+        from lawa_diffusion import fid, inception, sampling
 
-        e = self.eval
-        if e.num_samples < e.warn_below and self.accelerator.is_main_process:
+        e, acc = self.eval, self.accelerator
+        if e.num_samples < e.warn_below and acc.is_main_process:
             print(f"note: FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
                   "with each other (same noise), not with published FIDs", flush=True)
+        self.extractor = inception.load_extractor(self.weights, device=acc.device)
         self.reference = fid.reference_stats(
             e.reference, image_size=self.model_config["sample_size"], num_images=e.reference_num_images,
-            batch_size=e.batch_size, weights=self.weights, accelerator=self.accelerator, resize_mode=e.resize_mode,
-            features_max=e.reference_features_max, progress=self.accelerator.is_main_process)
+            batch_size=e.batch_size, weights=self.extractor, accelerator=acc, resize_mode=e.resize_mode,
+            features_max=e.reference_features_max, progress=acc.is_main_process)
+        sampling.check_reference(self.reference, self.extractor)
+        self.recorder = MetricsRecorder(os.path.join(self.run_dir, METRICS_NAME), acc, background=e.background_metrics,
+                                        write=write, kid=e.kid, kid_subsets=e.kid_subsets,
+                                        kid_subset_size=e.kid_subset_size)
 
     def due(self, step: int, final: bool) -> bool:
         e = self.eval
         return (e.every_n_steps > 0 and step % e.every_n_steps == 0) or (final and e.at_end)
 
-    def after_step(self, step: int, final: bool, write: Callable[[str], None] = print) -> None:
-        """Save the EMA snapshot and evaluate when due."""
+    def after_step(self, step: int, final: bool) -> None:
+        """Record finished background metrics; save the EMA snapshot and evaluate when due."""
+        if self.recorder is not None:
+            self.recorder.collect()
         lawa = self.ema.lawa
         if self.cfg.save_ema_snapshots and lawa.due(step) and self.accelerator.is_main_process:
             save_ema_snapshot(self.run_dir, step, self.ema, self.param_names, self.model_config)
         if self.due(step, final):
-            self.evaluate(step, write)
+            self.evaluate(step)
 
-    def evaluate(self, step: int, write: Callable[[str], None] = print) -> list[dict]:
-        """FID/KID of every variant at ``step``; rows appended to metrics.jsonl and logged to the trackers."""
-        from lawa_diffusion import fid
+    def evaluate(self, step: int) -> None:
+        """Sample every variant at ``step`` (all processes) and hand the features to the recorder (main process)."""
+        from lawa_diffusion import sampling
 
-        e, acc, lawa = self.eval, self.accelerator, self.ema.lawa
+        e, acc = self.eval, self.accelerator
         variants = weight_variants(e.variants, acc.unwrap_model(self.unet), self.ema)
         if not variants:
-            return []
-        with _quiet_small_samples():
-            results = fid.evaluate_variants(
-                variants, self.reference, num_samples=e.num_samples, batch_size=e.batch_size, scheduler=e.scheduler,
-                scheduler_config=self.scheduler_config, num_inference_steps=e.num_inference_steps, seed=e.seed,
-                eta=e.eta, kid=e.kid, kid_subsets=e.kid_subsets, kid_subset_size=e.kid_subset_size,
-                accelerator=acc, weights=self.weights, progress=acc.is_main_process)
-        rows = [metric_row(step, name, results[name], lawa) for name in variants]
+            return
+        sampled = sampling.sample_variants(
+            variants, self.extractor, reference_key=self.reference.key, num_samples=e.num_samples,
+            batch_size=e.batch_size, scheduler=e.scheduler, scheduler_config=self.scheduler_config,
+            num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, accelerator=acc,
+            progress=acc.is_main_process)
         if acc.is_main_process:
-            path = os.path.join(self.run_dir, METRICS_NAME)
-            for row in rows:
-                append_line(path, json.dumps(row, sort_keys=True))
-            write(format_line(step, rows, lawa))
-        logged = {f"fid/{r['variant']}": r["fid"] for r in rows}
-        logged.update({f"kid/{r['variant']}": r["kid_mean"] for r in rows if r["kid_mean"] is not None})
-        acc.log({**logged, "lawa/num_snapshots": lawa.num_snapshots}, step=step)
+            self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa)
         self.last_step = step
-        return rows
 
+    def flush(self) -> list[dict]:
+        """Wait for the metrics still being computed and record them (before checkpoints and at the end)."""
+        return self.recorder.collect(wait=True) if self.recorder is not None else []
 
-@contextlib.contextmanager
-def _quiet_small_samples() -> Iterator[None]:
-    """Training evaluations use few samples on purpose (warned once in the config's comments, not every time)."""
-    import warnings
-
-    from lawa_diffusion.fid import SmallSampleWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SmallSampleWarning)
-        yield
+    def close(self) -> list[dict]:
+        return self.recorder.close() if self.recorder is not None else []
 
 
 def write_report(run_dir: str) -> Optional[str]:

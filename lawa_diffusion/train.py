@@ -369,10 +369,18 @@ def run_loop(p: Parts, start_step: int) -> None:
         loss = train_step(p, step)
         bar.update(1)
         log_progress(p, bar, step, loss)
-        p.tracker.after_step(step, final=step == cfg.max_train_steps, write=bar.write)
+        p.tracker.after_step(step, final=step == cfg.max_train_steps)
         if step == cfg.max_train_steps or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
+            p.tracker.flush()  # metrics.jsonl complete up to the checkpoint's step
             save_checkpoint(p, step)
     bar.close()
+
+
+def _write_line(line: str) -> None:
+    """Print above the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
 
 
 def flat_hparams(cfg: TrainConfig) -> dict:
@@ -413,10 +421,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     if cfg.log_with:
         accelerator.init_trackers("lawa", config=flat_hparams(cfg))
     try:
-        p.tracker.prepare(start_step=step)
+        p.tracker.prepare(start_step=step, write=_write_line)
         run_loop(p, step)
     finally:
-        p.ema.lawa.close()
+        try:
+            p.tracker.close()
+        finally:
+            p.ema.lawa.close()
         accelerator.end_training()
     if accelerator.is_main_process:
         finish(p, time.time() - started, step)

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from lawa_diffusion import cli, data, fid, inception
+from lawa_diffusion import cli, data, fid, fid_cli, inception, sampling
 
 
 def tiny_unet(seed=0, size=8):
@@ -159,7 +159,7 @@ def test_to_uint8_is_diffusers_conversion():
     x = torch.linspace(-1.2, 1.2, 2 * 3 * 5 * 5).reshape(2, 3, 5, 5)
     pil = numpy_to_pil((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())
     expected = torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2)
-    assert torch.equal(fid.to_uint8(x), expected)
+    assert torch.equal(sampling.to_uint8(x), expected)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -170,25 +170,25 @@ def test_sampling_equals_ddim_pipeline():
 
     unet = tiny_unet(0).eval()
     scheduler = DDIMScheduler(num_train_timesteps=100)
-    generators = [torch.Generator().manual_seed(fid.sample_seed(5, i)) for i in range(3)]
+    generators = [torch.Generator().manual_seed(sampling.sample_seed(5, i)) for i in range(3)]
     out = DDIMPipeline(unet, scheduler)(batch_size=3, generator=generators, num_inference_steps=4, eta=0.0,
                                        output_type="np").images
     expected = torch.from_numpy((out * 255).round().astype(np.uint8)).permute(0, 3, 1, 2)
-    ours = fid.sample_uint8(unet, fid.build_scheduler("ddim", scheduler.config), [0, 1, 2], seed=5,
-                            num_inference_steps=4)
+    ours = sampling.sample_uint8(unet, sampling.build_scheduler("ddim", scheduler.config), [0, 1, 2], seed=5,
+                                 num_inference_steps=4)
     assert torch.equal(ours, expected)
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm"])
 def test_samples_do_not_depend_on_batching(name):
     unet = tiny_unet(0).eval()
-    make = lambda: fid.build_scheduler(name, {"num_train_timesteps": 100})
-    whole = fid.sample_uint8(unet, make(), list(range(5)), seed=1, num_inference_steps=3)
-    parts = torch.cat([fid.sample_uint8(unet, make(), [0, 1], seed=1, num_inference_steps=3),
-                       fid.sample_uint8(unet, make(), [2, 3, 4], seed=1, num_inference_steps=3)])
+    make = lambda: sampling.build_scheduler(name, {"num_train_timesteps": 100})
+    whole = sampling.sample_uint8(unet, make(), list(range(5)), seed=1, num_inference_steps=3)
+    parts = torch.cat([sampling.sample_uint8(unet, make(), [0, 1], seed=1, num_inference_steps=3),
+                       sampling.sample_uint8(unet, make(), [2, 3, 4], seed=1, num_inference_steps=3)])
     assert (whole.int() - parts.int()).abs().max() <= 1
     assert (whole == parts).float().mean() > 0.99
-    assert not torch.equal(whole, fid.sample_uint8(unet, make(), list(range(5)), seed=2, num_inference_steps=3))
+    assert not torch.equal(whole, sampling.sample_uint8(unet, make(), list(range(5)), seed=2, num_inference_steps=3))
 
 
 @contextlib.contextmanager
@@ -209,7 +209,7 @@ def test_evaluate_variants_uses_common_random_numbers(stand_in):
                                     cache=False, progress=False)
     variants = {"raw": a, "swapped": lambda: swapped(host, a.state_dict()), "other": host}
     with pytest.warns(fid.SmallSampleWarning):
-        out = fid.evaluate_variants(variants, reference, num_samples=6, batch_size=4, num_inference_steps=3,
+        out = sampling.evaluate_variants(variants, reference, num_samples=6, batch_size=4, num_inference_steps=3,
                                     weights=stand_in, progress=False, kid_subset_size=5)
     assert out["raw"]["fid"] == out["swapped"]["fid"] and out["raw"]["kid_mean"] == out["swapped"]["kid_mean"]
     assert out["other"]["fid"] != out["raw"]["fid"]
@@ -220,7 +220,7 @@ def test_evaluate_variants_uses_common_random_numbers(stand_in):
 def test_num_samples_below_two_is_refused(stand_in):
     reference = fid.stats_from_features(torch.randn(4, 16), extractor=stand_in)
     with pytest.raises(ValueError, match="num_samples .* must be an integer >= 2"):
-        fid.evaluate_variants({"raw": tiny_unet(0)}, reference, num_samples=1, weights=stand_in)
+        sampling.evaluate_variants({"raw": tiny_unet(0)}, reference, num_samples=1, weights=stand_in)
 
 
 MULTI = r"""
@@ -228,13 +228,13 @@ import json, sys, torch
 from accelerate import Accelerator
 sys.path.insert(0, sys.argv[2])
 from test_fid import tiny_unet
-from lawa_diffusion import fid, inception
+from lawa_diffusion import fid, inception, sampling
 acc = Accelerator(cpu=True)
 ex = inception.stand_in_extractor(dim=16)
 ref = fid.reference_stats(torch.arange(7 * 64, dtype=torch.int64).remainder(251).to(torch.uint8).view(7, 1, 8, 8),
                           weights=ex, cache=False, progress=False, accelerator=acc)
-out = fid.evaluate_variants({"raw": tiny_unet(0)}, ref, num_samples=7, batch_size=2, num_inference_steps=3,
-                            weights=ex, progress=False, accelerator=acc, kid_subset_size=5)
+out = sampling.evaluate_variants({"raw": tiny_unet(0)}, ref, num_samples=7, batch_size=2, num_inference_steps=3,
+                                 weights=ex, progress=False, accelerator=acc, kid_subset_size=5)
 if acc.is_main_process:
     json.dump({"ref_mu": ref.mu.tolist(), "processes": acc.num_processes, **out["raw"]}, open(sys.argv[1], "w"))
 """
@@ -321,7 +321,7 @@ def _pipeline_and_reference(tmp_path):
 
 def test_cli_fid_on_pipeline_and_model_folders(tmp_path, capsys, monkeypatch, stand_in):
     """The CLI's model path (sampling, scheduler config, subfolder, warning, JSON) with the stand-in network."""
-    monkeypatch.setattr(fid, "load_extractor", lambda *args, **kwargs: stand_in)
+    monkeypatch.setattr(fid_cli, "load_extractor", lambda *args, **kwargs: stand_in)
     argv = _pipeline_and_reference(tmp_path)
     code, out, err = _run_cli(capsys, argv)
     assert code == 0, err

@@ -322,7 +322,7 @@ def test_accelerate_launch_runs_the_plugin(data, reference, tmp_path):
 def test_fid_during_training_matches_an_offline_evaluation(data, tmp_path, monkeypatch):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from lawa_diffusion import fid, inception
+    from lawa_diffusion import fid, inception, sampling
     from lawa_diffusion.files import read_jsonl
 
     stand_in = inception.stand_in_extractor(dim=16)
@@ -336,9 +336,9 @@ def test_fid_during_training_matches_an_offline_evaluation(data, tmp_path, monke
     # The same numbers from the saved folders, evaluated afterwards with the script's noise scheduler config.
     scheduler_config = {k: v for k, v in DDPMScheduler(num_train_timesteps=100).config.items() if not k.startswith("_")}
     models = {v: UNet2DModel.from_pretrained(out / "checkpoint-12" / f"unet_{v}") for v in ("ema", "lawa")}
-    offline = fid.evaluate_variants(models, fid.reference_stats(str(data), image_size=8, weights=stand_in),
-                                    num_samples=4, batch_size=4, num_inference_steps=2, weights=stand_in,
-                                    scheduler_config=scheduler_config, progress=False)
+    offline = sampling.evaluate_variants(models, fid.reference_stats(str(data), image_size=8, weights=stand_in),
+                                         num_samples=4, batch_size=4, num_inference_steps=2, weights=stand_in,
+                                         scheduler_config=scheduler_config, progress=False)
     for row in rows[2:]:
         assert row["fid"] == pytest.approx(offline[row["variant"]]["fid"], rel=1e-4)
     assert rows[2]["fid"] != rows[3]["fid"]

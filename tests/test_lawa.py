@@ -36,6 +36,14 @@ def naive_mean(expected, k):
     return steps, [sum(expected[s][i] for s in steps) / len(steps) for i in range(len(SHAPES))]
 
 
+def rounding_bound(ref, k: int, running: bool) -> float:
+    """What fp32 rounding can explain: the exact mean of up to k rows is ~k+1 roundings of values up to
+    max|x|; the running mean (keep_average) adds up to k-1 updates of ~3 roundings of values up to 2 max|x|.
+    A wrong window or weight would be off by O(1) here (the source moves by N(0, 1) per step)."""
+    scale = max(1.0, max(r.abs().max().item() for r in ref)) * torch.finfo(torch.float32).eps
+    return scale * (k + 1 + (6 * (k - 1) if running else 0))
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     k=st.integers(1, 6), every=st.integers(1, 4), start=st.integers(0, 5),
@@ -58,7 +66,7 @@ def test_average_equals_float64_naive_mean(tmp_path_factory, k, every, start, dt
     out = [torch.empty(s) for s in SHAPES]
     lawa.average_into(out)
     err = max((o.double() - r).abs().max().item() for o, r in zip(out, ref))
-    assert err <= 1e-6
+    assert err <= rounding_bound(ref, k, keep_average)
     if storage == "disk":
         lawa.close()
         names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))

@@ -84,7 +84,8 @@ def test_run_folder_has_config_metrics_checkpoints_and_snapshots(full_run):
     assert [r["lawa_num_snapshots"] for r in rows[2::3]] == [1, 2, 3, 3]
     for r in rows:
         assert set(r) == {"step", "variant", "fid", "kid_mean", "kid_std", "num_samples", "inception_sha256",
-                          "lawa_k", "lawa_every_n_steps", "lawa_num_snapshots"}
+                          "lawa_k", "lawa_every_n_steps", "lawa_num_snapshots", "sample_seconds", "metric_seconds"}
+        assert r["sample_seconds"] > 0 and r["metric_seconds"] > 0
         assert r["fid"] >= 0 and r["num_samples"] == 4 and (r["lawa_k"], r["lawa_every_n_steps"]) == (3, 2)
         assert r["inception_sha256"] == stand_in_extractor().sha256
 
@@ -260,6 +261,71 @@ def test_two_cpu_processes_write_one_set_of_rows_and_resume(tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in (2, 4, 6) for v in ("raw", "ema", "lawa")]
     assert sorted(os.listdir(out / "checkpoint-6")).count("random_states_1.pkl") == 1
+
+
+TIMING = ("sample_seconds", "metric_seconds")
+
+
+def without_timing(rows: list) -> list:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkpoint(full_run, tmp_path, monkeypatch):
+    """The default run computes FID/KID in a background thread; an inline run gives the same rows, and every
+    row up to a checkpoint's step is in metrics.jsonl when that checkpoint is saved, even with slow maths."""
+    import time as time_mod
+
+    from lawa_diffusion import sampling
+
+    real_metrics, real_save = sampling.variant_metrics, train_mod.save_checkpoint
+    monkeypatch.setattr(sampling, "variant_metrics", lambda *a, **k: (time_mod.sleep(0.3), real_metrics(*a, **k))[1])
+    on_disk = {}
+
+    def save(parts, step):
+        on_disk[step] = max(r["step"] for r in read_jsonl(os.path.join(parts.run_dir, "metrics.jsonl")))
+        real_save(parts, step)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    background = run(tiny_config(tmp_path / "background"))
+    assert on_disk == {4: 4, 8: 8}
+    monkeypatch.setattr(sampling, "variant_metrics", real_metrics)
+    inline = run(tiny_config(tmp_path / "inline", eval={"background_metrics": False}))
+    rows = {name: read_jsonl(os.path.join(d, "metrics.jsonl")) for name, d in
+            (("full", full_run), ("background", background), ("inline", inline))}
+    assert without_timing(rows["inline"]) == without_timing(rows["full"]) == without_timing(rows["background"])
+
+
+def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch):
+    import threading
+    from types import SimpleNamespace
+
+    from lawa_diffusion import sampling
+
+    gate = threading.Event()
+
+    def metrics(sampled, reference, extractor, **options):
+        assert gate.wait(30)
+        if sampled.meta["value"] < 0:
+            raise ValueError("bad features")
+        return {"fid": sampled.meta["value"], "num_samples": 2, "inception_sha256": "abc"}
+
+    monkeypatch.setattr(sampling, "variant_metrics", metrics)
+    path, lines = tmp_path / "m.jsonl", []
+    recorder = tracking.MetricsRecorder(str(path), None, background=True, write=lines.append)
+    lawa = SimpleNamespace(config=SimpleNamespace(k=2, every_n_steps=5), num_snapshots=1)
+    for step in (5, 10):
+        recorder.submit(step, {"ema": sampling.Sampled({}, 0.5, {"value": float(step)})}, None, None, lawa)
+        lawa.num_snapshots += 1  # the row keeps the count at the time of the evaluation
+    assert recorder.collect() == [] and recorder.pending == 2 and not path.exists()
+    gate.set()
+    rows = recorder.close()
+    assert [(r["step"], r["fid"], r["lawa_num_snapshots"]) for r in rows] == [(5, 5.0, 1), (10, 10.0, 2)]
+    assert read_jsonl(path) == rows
+    assert lines == ["step 5: FID ema 5.00  lawa -  (k=2, 1 snapshots)", "step 10: FID ema 10.00  lawa -  (k=2, 2 snapshots)"]
+    failing = tracking.MetricsRecorder(str(tmp_path / "f.jsonl"), None, background=True, write=lines.append)
+    failing.submit(15, {"ema": sampling.Sampled({}, 0.5, {"value": -1.0})}, None, None, lawa)
+    with pytest.raises(ValueError, match="bad features"):
+        failing.close()
 
 
 def test_resuming_from_an_older_checkpoint_trims_everything_past_it(tmp_path):
