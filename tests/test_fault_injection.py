@@ -97,8 +97,12 @@ def one_trial(server: EngineServer, run_dir: Path, events: Path, mode: str, rng:
         killed = _alive(pid)
         if killed:
             os.kill(pid, signal.SIGKILL)
-            inside = written_when_killed(run_dir, events, pid, mode)
     rc = server.wait()
+    mine = [e for e in read_events(events) if e["pid"] == pid]
+    if killed and rc == 0 and any(e["event"] == "done" for e in mine):
+        killed = False  # the kill landed while a finished run was exiting: it counts as not killed
+    if killed:
+        inside = written_when_killed(run_dir, events, pid, mode)
     resumed = [e for e in read_events(events) if e["pid"] == pid and e["event"] == "resumed"]
     assert resumed or killed, f"run {pid} ({mode}) never resumed:\n{log_text(server)}"
     if resumed:  # (an early kill can land before or during the loading of the checkpoint)
@@ -117,7 +121,8 @@ def written_when_killed(run_dir: Path, events: Path, pid: int, mode: str) -> str
     if mode == "save_state":
         assert not any(e["event"] == "checkpoint_done" and e["step"] == event["step"] for e in mine)
         return f"checkpoint-{event['step']}"
-    assert not (run_dir / "snapshots" / event["path"]).exists(), "the disk snapshot write was already finished"
+    # (a file of that name may exist from an earlier run of the chain; the unfinished temp file is the evidence)
+    assert (run_dir / "snapshots" / event["tmp"]).exists(), "the disk snapshot write was already finished"
     return event["path"]
 
 

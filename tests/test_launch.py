@@ -312,7 +312,9 @@ def test_accelerate_launch_runs_the_plugin(data, reference, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
            "-m", "lawa_diffusion.launch", *LAWA_ARGS, str(SCRIPT), *script_args(data, out, "--checkpointing_steps", str(CKPT))]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # same intra-op thread count as the in-process reference run, so both train with the same float sums
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = mean_of([reference / f"checkpoint-{s}" / "unet_ema" for s in expected_steps(STEPS)])
     assert_weights_close(weights(out / f"checkpoint-{STEPS}" / "unet_lawa"), expected, atol=1e-6)

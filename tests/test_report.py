@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 
 from lawa_diffusion import cli
-from lawa_diffusion.report import Curve, load_run, mean_ci, reach_final, speedups, steps_to_reach, summarize, t_quantile
+from lawa_diffusion.report import (Curve, format_table, load_run, mean_ci, reach_final, speedups, steps_to_reach,
+                                   summarize, t_quantile)
 
 
 @pytest.fixture(autouse=True)
@@ -209,3 +210,15 @@ def test_speedup_is_flagged_as_upper_bound_when_ema_starts_better():
     # LAWA 45 at step 200: EMA crosses 45 between 100 (50) and 200 (40) at 150 -> 0.75, a real value
     assert not rows[1]["upper_bound"] and abs(rows[1]["speedup"] - 0.75) < 1e-12
     assert not rows[2]["reached"] and not rows[2]["upper_bound"]
+
+
+def test_mean_speedup_leaves_upper_bounds_out(tmp_path):
+    curves = {"ema": ([100, 200, 300], [50.0, 40.0, 30.0]), "lawa": ([100, 200, 300], [60.0, 45.0, 35.0])}
+    summary = summarize([load_run(_write_run(tmp_path / "r", curves))])
+    # step 100 is only a bound (1.0); 45 is reached by EMA at 150 (0.75), 35 at 250 (250/300)
+    assert summary["runs"][0]["mean_speedup_points"] == 2
+    assert math.isclose(summary["mean_speedup"]["mean"], (0.75 + 250 / 300) / 2)
+    assert "(1 upper bound(s) left out)" in format_table(summary)
+    only_bound = {"ema": ([100, 200], [50.0, 40.0]), "lawa": ([100, 200], [60.0, 20.0])}
+    summary = summarize([load_run(_write_run(tmp_path / "b", only_bound))])
+    assert summary["mean_speedup"]["n"] == 0 and "left out): n/a" in format_table(summary)
