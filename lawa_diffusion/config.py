@@ -370,6 +370,8 @@ class EvalConfig(FIDConfig):
     inception_weights: FID Inception weights file (null: the resolved default, see ``lawa-diffusion inception info``).
     background_metrics: run the FID/KID maths (CPU) in a background thread while training goes on; the
         rows are written in step order, and all of them before each checkpoint. Same numbers either way.
+        null: on when training runs on a GPU, off on CPU-only training (there the maths compete with
+        training for the same cores: 1.1x slower in benchmarks/bench_eval.py on 2 cores).
     """
 
     every_n_steps: int = 1000
@@ -377,13 +379,13 @@ class EvalConfig(FIDConfig):
     variants: list = dataclasses.field(default_factory=lambda: ["ema", "lawa"])
     reference_num_images: Optional[int] = None
     inception_weights: Optional[str] = None
-    background_metrics: bool = True
+    background_metrics: Optional[bool] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("eval", "every_n_steps", self.every_n_steps, 0)
-        check(isinstance(self.background_metrics, bool),
-              f"eval background_metrics must be true or false, got {self.background_metrics!r}")
+        check(self.background_metrics is None or isinstance(self.background_metrics, bool),
+              f"eval background_metrics must be true, false or null, got {self.background_metrics!r}")
         _check_int("eval", "reference_num_images", self.reference_num_images, 2, allow_none=True)
         check(isinstance(self.at_end, bool), f"eval at_end must be true or false, got {self.at_end!r}")
         check(isinstance(self.variants, (list, tuple)) and bool(self.variants)

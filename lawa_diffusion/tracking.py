@@ -123,6 +123,12 @@ def format_line(step: int, rows: list[dict]) -> str:
             f"{timing})")
 
 
+def metrics_in_background(setting: Optional[bool], device) -> bool:
+    """``eval.background_metrics``: as set, or (null) on when training runs on a GPU; CPU-only training
+    would share its cores with the maths."""
+    return setting if setting is not None else torch.device(device).type == "cuda"
+
+
 class MetricsRecorder:
     """Turns sampled variants into metrics rows: appended to ``path``, printed as one line, logged to trackers.
 
@@ -233,7 +239,8 @@ class Tracker:
             batch_size=e.batch_size, weights=self.extractor, accelerator=acc, resize_mode=e.resize_mode,
             features_max=e.reference_features_max, progress=acc.is_main_process)
         sampling.check_reference(self.reference, self.extractor)
-        self.recorder = MetricsRecorder(os.path.join(self.run_dir, METRICS_NAME), acc, background=e.background_metrics,
+        self.recorder = MetricsRecorder(os.path.join(self.run_dir, METRICS_NAME), acc,
+                                        background=metrics_in_background(e.background_metrics, acc.device),
                                         write=write, kid=e.kid, kid_subsets=e.kid_subsets,
                                         kid_subset_size=e.kid_subset_size)
 

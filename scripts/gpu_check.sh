@@ -21,6 +21,9 @@ timeout 80 python3 benchmarks/bench_lawa.py --device cuda --train_repeats 3 2>&1
 log "bench_fid"
 timeout 70 python3 benchmarks/bench_fid.py --device cuda --num-images 2000 --reference-images 5000 --batch-size 250 2>&1 | tail -n 4
 
+log "bench_eval"
+timeout 90 python3 benchmarks/bench_eval.py --device cuda --steps 400 --eval-every 200 --num-samples 2000 2>&1 | tail -n 1
+
 log "reference statistics (cached for the three seeds)"
 timeout 60 python3 -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 2>&1 | tail -n 3
 

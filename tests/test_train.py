@@ -271,8 +271,8 @@ def without_timing(rows: list) -> list:
 
 
 def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkpoint(full_run, tmp_path, monkeypatch):
-    """The default run computes FID/KID in a background thread; an inline run gives the same rows, and every
-    row up to a checkpoint's step is in metrics.jsonl when that checkpoint is saved, even with slow maths."""
+    """FID/KID computed in a background thread give the rows of an inline run, and every row up to a
+    checkpoint's step is in metrics.jsonl when that checkpoint is saved, even with slow maths."""
     import time as time_mod
 
     from lawa_diffusion import sampling
@@ -286,13 +286,18 @@ def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkp
         real_save(parts, step)
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save)
-    background = run(tiny_config(tmp_path / "background"))
+    background = run(tiny_config(tmp_path / "background", eval={"background_metrics": True}))
     assert on_disk == {4: 4, 8: 8}
     monkeypatch.setattr(sampling, "variant_metrics", real_metrics)
-    inline = run(tiny_config(tmp_path / "inline", eval={"background_metrics": False}))
+    inline = run(tiny_config(tmp_path / "inline", eval={"background_metrics": False}))  # full_run: default (CPU)
     rows = {name: read_jsonl(os.path.join(d, "metrics.jsonl")) for name, d in
             (("full", full_run), ("background", background), ("inline", inline))}
     assert without_timing(rows["inline"]) == without_timing(rows["full"]) == without_timing(rows["background"])
+
+
+def test_metrics_run_in_the_background_by_default_only_when_training_on_a_gpu():
+    assert tracking.metrics_in_background(None, "cuda:0") and not tracking.metrics_in_background(None, "cpu")
+    assert tracking.metrics_in_background(True, "cpu") and not tracking.metrics_in_background(False, "cuda")
 
 
 def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch):
