@@ -7,9 +7,11 @@ User errors (ValueError, FileNotFoundError, FileExistsError) become one line on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import Iterator, Optional, Sequence
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -44,6 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Show warnings as one 'warning: ...' line on stderr (no file and line of the library)."""
+    previous = warnings.showwarning
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -51,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        code = args.func(args)
+        with plain_warnings():
+            code = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"lawa-diffusion {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,11 +6,10 @@ clear sentence for every kind of wrong input (missing folder, wrong model class,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -92,19 +91,6 @@ def _load_input_images(path: str, args) -> torch.Tensor:
 # --------------------------------------------------------------------------- CLI
 
 
-@contextlib.contextmanager
-def _plain_warnings() -> Iterator[None]:
-    """Show warnings as one 'warning: ...' line on stderr."""
-    import sys
-
-    previous = warnings.showwarning
-    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr, flush=True)
-    try:
-        yield
-    finally:
-        warnings.showwarning = previous
-
-
 def _check_output(path: Optional[str], overwrite: bool) -> None:
     if path and os.path.exists(path) and not overwrite:
         raise FileExistsError(f"--output {path!r} already exists; choose another path or pass --overwrite")
@@ -129,19 +115,18 @@ def _cmd_fid(args) -> int:
         raise FileNotFoundError(f"input {args.input!r} does not exist; pass a model folder, a pipeline folder, "
                                 "an image folder or a .npy/.npz image file")
     model = _model_folder(args.input, args.subfolder) if os.path.isdir(args.input) else None
-    with _plain_warnings():
-        images = _load_input_images(args.input, args) if model is None else None
-        unet = load_unet(model, args.device) if model is not None else None
-        if images is not None:
-            check(images.shape[0] >= 2, f"input {args.input!r} holds {images.shape[0]} image; FID needs at least 2")
-        warn_if_few(args.num_samples if images is None else int(images.shape[0]))
-        extractor = load_extractor(args.inception_weights, device=fid.resolve_device(args.device, None), isc=args.isc)
-        shape = tuple(images.shape[1:]) if unet is None else image_shape(unet)
-        size = args.image_size or (shape[1] if shape[1] == shape[2] else None)  # reference at the evaluated size
-        reference = _cli_reference(args, extractor, size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SmallSampleWarning)  # said once above
-            result = _cli_evaluate(args, images, unet, model, extractor, reference)
+    images = _load_input_images(args.input, args) if model is None else None
+    unet = load_unet(model, args.device) if model is not None else None
+    if images is not None:
+        check(images.shape[0] >= 2, f"input {args.input!r} holds {images.shape[0]} image; FID needs at least 2")
+    warn_if_few(args.num_samples if images is None else int(images.shape[0]))
+    extractor = load_extractor(args.inception_weights, device=fid.resolve_device(args.device, None), isc=args.isc)
+    shape = tuple(images.shape[1:]) if unet is None else image_shape(unet)
+    size = args.image_size or (shape[1] if shape[1] == shape[2] else None)  # reference at the evaluated size
+    reference = _cli_reference(args, extractor, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallSampleWarning)  # said once above
+        result = _cli_evaluate(args, images, unet, model, extractor, reference)
     result.update(input=os.path.abspath(args.input), reference=reference.source)
     _print_result(result, args.json)
     if args.output:
@@ -181,10 +166,9 @@ def _cli_reference(args, extractor: Extractor, image_size: Optional[int]) -> Ref
 def _cmd_ref_stats(args) -> int:
     _check_output(args.output, args.overwrite)
     check(args.output is None or args.output.endswith(".npz"), f"--output must end with .npz, got {args.output!r}")
-    with _plain_warnings():
-        stats = reference_stats(args.source, image_size=args.image_size, resize_mode=args.resize_mode,
-                                num_images=args.num_images, batch_size=args.batch_size, device=args.device,
-                                weights=args.inception_weights, cache=not args.no_cache, progress=not args.json)
+    stats = reference_stats(args.source, image_size=args.image_size, resize_mode=args.resize_mode,
+                            num_images=args.num_images, batch_size=args.batch_size, device=args.device,
+                            weights=args.inception_weights, cache=not args.no_cache, progress=not args.json)
     if args.output:
         stats.save(args.output)
     info = {"path": os.path.abspath(args.output) if args.output else stats.path, "key": stats.key,
