@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "lawa_diffusion.train",
     "lawa_diffusion.report",
     "lawa_diffusion.posthoc",
+    "lawa_diffusion.sweep",
     "lawa_diffusion.patch",
 )
 

@@ -96,7 +96,7 @@ def lawa_info(lawa) -> dict:
 
 
 def metric_row(step: int, variant: str, result: dict, info: dict) -> dict:
-    """One metrics.jsonl row (the format report.py and posthoc.py read); ``info`` from :func:`lawa_info`."""
+    """One metrics.jsonl row (the format report.py and sweep.py read); ``info`` from :func:`lawa_info`."""
     kid_mean, kid_std = result.get("kid_mean"), result.get("kid_std")
     row = {"step": int(step), "variant": variant, "fid": float(result["fid"]),
            "kid_mean": None if kid_mean is None else float(kid_mean),

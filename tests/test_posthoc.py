@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from lawa_diffusion import cli
 from lawa_diffusion.files import atomic_save_safetensors
-from lawa_diffusion.posthoc import find_sources, format_sweep, run_sweep, select_latest, sweep_cells
+from lawa_diffusion.posthoc import find_sources, select_latest
+from lawa_diffusion.sweep import format_sweep, run_sweep, sweep_cells
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
@@ -20,7 +21,7 @@ TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, bl
 @pytest.fixture(autouse=True)
 def _only_this_command(monkeypatch):
     # The CLI under test is this module's subcommand(s) alone, whatever state the other commands are in.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("lawa_diffusion.posthoc",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("lawa_diffusion.posthoc", "lawa_diffusion.sweep"))
 
 
 def _unet(seed, **changes):

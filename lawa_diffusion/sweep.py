@@ -1,0 +1,328 @@
+"""The k × ν ablation after training (``lawa-diffusion sweep``): FID of every LAWA window a run's saved
+EMA snapshots allow, at each evaluation step, with a heat-map.
+
+Windows are built from ``RUN/ema_snapshots`` (one fp16 EMA file per LAWA snapshot step): k of them,
+taken every m-th snapshot (a cadence of m·ν steps). All windows at a step are sampled on the same noise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from lawa_diffusion.config import PosthocConfig, check
+from lawa_diffusion.posthoc import SNAPSHOT_DIR, Source, average_sources, load_into, shared_model, snapshot_files
+# ----------------------------------------------------------------------------- sweep plan
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One sweep entry: window ``k`` and ν multiple ``every`` at evaluation ``step``, and the snapshots used."""
+
+    step: int
+    k: int
+    every: int
+    snapshot_steps: Tuple[int, ...]
+
+
+def sweep_cells(snapshot_steps: Sequence[int], eval_steps: Sequence[int], ks: Sequence[int],
+                multiples: Sequence[int], every_n_steps: int, start_step: int = 0) -> List[Cell]:
+    """For each step, k and multiple m: the latest k snapshots <= step taken at start_step + j·m·every_n_steps.
+
+    That is the window an online LAWA with ν = m·every_n_steps would hold (fewer than k early on).
+    """
+    ordered = sorted(snapshot_steps)
+    cells = []
+    for step in eval_steps:
+        for k in ks:
+            for m in multiples:
+                period = m * every_n_steps
+                aligned = [s for s in ordered if start_step <= s <= step and (s - start_step) % period == 0]
+                cells.append(Cell(step, k, m, tuple(aligned[-k:])))
+    return cells
+
+
+def _run_config(run_dir: str) -> dict:
+    from lawa_diffusion.config import read_yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    return read_yaml(path) if os.path.isfile(path) else {}
+
+
+def snapshot_cadence(run_dir: str, steps: Sequence[int]) -> Tuple[int, int]:
+    """(every_n_steps, start_step) of the run's LAWA config, else inferred from the snapshot steps."""
+    lawa = _run_config(run_dir).get("lawa") or {}
+    if "every_n_steps" in lawa:
+        return int(lawa["every_n_steps"]), int(lawa.get("start_step", 0))
+    import math
+
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    return (math.gcd(*gaps) if gaps else 1), steps[0]
+
+
+def evaluation_steps(run_dir: str, snapshot_steps: Sequence[int], steps: str = PosthocConfig.sweep_steps) -> List[int]:
+    """Steps to sweep: "eval" (metrics.jsonl's, from the first snapshot on), "final", or a comma list."""
+    from lawa_diffusion.files import read_jsonl
+
+    first, last = min(snapshot_steps), max(snapshot_steps)
+    if steps == "final":
+        return [last]
+    if steps == "eval":
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        found = sorted({int(r["step"]) for r in read_jsonl(metrics) if "step" in r}) if os.path.isfile(metrics) else []
+        chosen = [s for s in found if first <= s]
+        check(bool(chosen), f"sweep --steps eval found no evaluation step at or after the first EMA snapshot "
+                            f"({first}) in {metrics!r}; pass --steps final or a list of steps")
+        return chosen
+    chosen = parse_int_list(steps, "--steps")
+    check(all(first <= s for s in chosen), f"sweep --steps {steps!r} asks for a step before the first EMA snapshot "
+                                            f"({first}); pass steps from {first} to {last}")
+    return chosen
+
+
+def parse_int_list(text: str | Sequence[int], option: str) -> List[int]:
+    """``"1,2,4"`` -> [1, 2, 4] (positive, unique, in order given)."""
+    if isinstance(text, str):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{option} must be a comma-separated list of integers like 1,2,4, got {text!r}") from None
+    else:
+        values = [int(v) for v in text]
+    check(bool(values) and all(v >= 1 for v in values) and len(set(values)) == len(values),
+          f"{option} must list distinct integers >= 1 like 1,2,4, got {text!r}")
+    return values
+
+
+# ----------------------------------------------------------------------------- sweep run
+METRIC_KEYS = ("fid", "kid_mean", "kid_std", "num_samples", "inception_sha256")
+
+
+def _weights_factory(model: torch.nn.Module, sources: Sequence[Source]):
+    """A zero-arg callable: a context manager that loads the mean of ``sources`` into ``model`` and yields it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def weights():
+        _, _, state = average_sources(sources)
+        load_into(model, state, sources[-1].path)
+        yield model
+
+    return weights
+
+
+def _template_model(sources: Sequence[Source], device=None) -> torch.nn.Module:
+    cls, arch = shared_model(sources)
+    return cls.from_config(arch).to(device).eval().requires_grad_(False)
+
+
+def _cell_name(cell: Cell) -> str:
+    return f"k{cell.k}-every{cell.every}"
+
+
+def evaluate_step(cells: Sequence[Cell], files: Dict[int, str], model: torch.nn.Module, evaluate) -> List[dict]:
+    """Evaluate every distinct snapshot window of ``cells`` (one step) in one ``evaluate`` call; one row per cell."""
+    names: Dict[Tuple[int, ...], str] = {}
+    for cell in cells:
+        if cell.snapshot_steps:
+            names.setdefault(cell.snapshot_steps, _cell_name(cell))
+    variants = {name: _weights_factory(model, [Source(files[s], s) for s in steps]) for steps, name in names.items()}
+    results = evaluate(variants) if variants else {}
+    rows = []
+    for cell in cells:
+        result = results.get(names.get(cell.snapshot_steps), {})
+        rows.append({"step": cell.step, "k": cell.k, "every": cell.every, "snapshot_steps": list(cell.snapshot_steps),
+                     "num_snapshots": len(cell.snapshot_steps), **{key: result.get(key) for key in METRIC_KEYS}})
+    return rows
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> str:
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"sweep output {out_dir!r} already exists; choose another -o or pass --overwrite")
+    os.makedirs(out_dir, exist_ok=True)
+    jsonl = os.path.join(out_dir, "sweep.jsonl")
+    if os.path.exists(jsonl):
+        os.unlink(jsonl)
+    return jsonl
+
+
+def _snapshot_index(run_dir: str) -> Dict[int, str]:
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run folder {run_dir!r} does not exist; pass a folder written by lawa-diffusion train")
+    files = snapshot_files(os.path.join(run_dir, SNAPSHOT_DIR)) or snapshot_files(run_dir)
+    if not files:
+        raise FileNotFoundError(f"run folder {run_dir!r} has no {SNAPSHOT_DIR}/step-*.safetensors; the sweep needs "
+                                "every EMA snapshot, so train with save_ema_snapshots: true")
+    return files
+
+
+def heatmap(rows: Sequence[dict], ks: Sequence[int], multiples: Sequence[int], step: int, key: str) -> List[list]:
+    """Field ``key`` of the rows at ``step`` as a k × multiple grid (None where nothing was evaluated)."""
+    at = {(r["k"], r["every"]): r.get(key) for r in rows if r["step"] == step}
+    return [[at.get((k, m)) for m in multiples] for k in ks]
+
+
+def _plot_heatmap(grid: List[list], counts: List[list], ks, multiples, every_n_steps: int, step: int, metric: str,
+                  path: str) -> None:
+    """Heat-map PNG of ``grid``; cells whose window held fewer than k snapshots say how many it held."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    from lawa_diffusion.files import atomic_write
+
+    values = torch.tensor([[float("nan") if v is None else v for v in row] for row in grid]).numpy()
+    fig = Figure(figsize=(1.3 * len(multiples) + 2.5, 0.8 * len(ks) + 1.8), constrained_layout=True)
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+    fig.colorbar(image, ax=ax, label=metric)
+    for i, (k, row) in enumerate(zip(ks, grid)):
+        for j, v in enumerate(row):
+            text = "-" if v is None else f"{v:.2f}" + (f"\n({counts[i][j]} held)" if counts[i][j] < k else "")
+            dark = v is not None and float(image.norm(v)) > 0.5
+            ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=9)
+    ax.set_xticks(range(len(multiples)), [f"{m}ν={m * every_n_steps}" for m in multiples])
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+    ax.set(xlabel="snapshot every (steps)", ylabel="k", title=f"LAWA {metric} at step {step}")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.sweep_k,
+              multiples: Sequence[int] = PosthocConfig.sweep_every, *, steps: str = PosthocConfig.sweep_steps,
+              evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, metric: str = "fid",
+              heatmap_step: Optional[int] = None, device=None, progress: bool = True, **eval_options) -> dict:
+    """FID of every (k, ν multiple) LAWA window at each evaluation step from RUN/ema_snapshots.
+
+    ``evaluate(variants) -> {name: metrics}`` scores all windows of one step in one call (same noise);
+    by default it is FID against the run's cached reference stats (``eval_options`` override the run's
+    eval settings). Writes sweep.jsonl (as it goes), sweep.json and heatmap-<metric>.png; returns the summary.
+    """
+    run_dir = os.path.abspath(os.fspath(run_dir))
+    check(metric in ("fid", "kid_mean"), f"sweep --metric must be fid or kid_mean, got {metric!r}")
+    ks, multiples = parse_int_list(ks, "--k"), parse_int_list(multiples, "--every")
+    files = _snapshot_index(run_dir)
+    every_n, start = snapshot_cadence(run_dir, sorted(files))
+    eval_steps = evaluation_steps(run_dir, sorted(files), steps)
+    heatmap_step = eval_steps[-1] if heatmap_step is None else heatmap_step
+    check(heatmap_step in eval_steps, f"sweep --heatmap-step {heatmap_step} is not a swept step; pick one of "
+                                      f"{', '.join(map(str, eval_steps))}")
+    out_dir = os.path.abspath(out_dir or os.path.join(run_dir, PosthocConfig.sweep_dir))
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"sweep output {out_dir!r} already exists; choose another -o or pass --overwrite")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _template_model([Source(files[s], s) for s in sorted(files)], device)
+    evaluate = evaluate or fid_evaluator(run_dir, image_size=model.config.sample_size, device=device,
+                                         progress=progress, **eval_options)
+    jsonl = _prepare_out_dir(out_dir, overwrite)
+    cells = sweep_cells(sorted(files), eval_steps, ks, multiples, every_n, start)
+    rows = _sweep_rows(cells, eval_steps, files, model, evaluate, jsonl, progress)
+    grid = heatmap(rows, ks, multiples, heatmap_step, metric)
+    counts = heatmap(rows, ks, multiples, heatmap_step, "num_snapshots")
+    summary = {"format": "lawa-diffusion-sweep/1", "run": run_dir, "metric": metric, "k": ks, "every": multiples,
+               "every_n_steps": every_n, "start_step": start, "steps": eval_steps, "rows": rows,
+               "heatmap": {"step": heatmap_step, "values": grid},
+               "files": {"jsonl": jsonl, "json": os.path.join(out_dir, "sweep.json"),
+                         "png": os.path.join(out_dir, f"heatmap-{metric}.png")}}
+    _plot_heatmap(grid, counts, ks, multiples, every_n, heatmap_step, metric, summary["files"]["png"])
+    from lawa_diffusion.files import atomic_write_json
+
+    atomic_write_json(summary["files"]["json"], summary)
+    return summary
+
+
+def _sweep_rows(cells, eval_steps, files, model, evaluate, jsonl: str, progress: bool) -> List[dict]:
+    from tqdm.auto import tqdm
+
+    from lawa_diffusion.files import append_line
+
+    rows = []
+    for step in tqdm(eval_steps, desc="sweep steps", disable=not progress):
+        new = evaluate_step([c for c in cells if c.step == step], files, model, evaluate)
+        for row in new:
+            append_line(jsonl, json.dumps(row, sort_keys=True))
+        rows.extend(new)
+    return rows
+
+
+def _noise_scheduler_config(config: dict) -> Optional[dict]:
+    """The training noise scheduler's config (DDPMScheduler from the run's ``noise`` section), as the
+    trainer hands it to its evaluations; None when the run config has no such section."""
+    noise = config.get("noise")
+    if not isinstance(noise, dict):
+        return None
+    from diffusers import DDPMScheduler
+
+    accepted = inspect.signature(DDPMScheduler.__init__).parameters
+    scheduler = DDPMScheduler(**{k: v for k, v in noise.items() if k in accepted})
+    return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+
+
+def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: Optional[str] = None,
+                  num_samples: Optional[int] = None, batch_size: Optional[int] = None,
+                  num_inference_steps: Optional[int] = None, weights: Optional[str] = None, device=None,
+                  progress: bool = True):
+    """``evaluate(variants)``: FID/KID with the run's evaluation settings (config.yaml ``eval``, overridden by
+    the arguments), against reference stats that ``fid.reference_stats`` takes from its cache when present."""
+    import functools
+
+    from lawa_diffusion import fid, sampling
+    from lawa_diffusion.config import FIDConfig, from_mapping
+
+    config = _run_config(run_dir)
+    ev = dict(config.get("eval") or {})
+    check(bool(reference or ev.get("reference")), f"sweep needs the FID reference and {run_dir!r} has no "
+                                                  "config.yaml with eval.reference; pass --reference")
+    given = {"reference": reference, "num_samples": num_samples, "batch_size": batch_size,
+             "num_inference_steps": num_inference_steps}
+    ev.update({k: v for k, v in given.items() if v is not None})
+    fields = {f.name for f in dataclasses.fields(FIDConfig)}
+    e = from_mapping(FIDConfig, {k: v for k, v in ev.items() if k in fields}, "sweep eval settings")
+    weights = weights or ev.get("inception_weights")
+    stats = fid.reference_stats(e.reference, image_size=image_size, num_images=ev.get("reference_num_images"),
+                                batch_size=e.batch_size, device=device, weights=weights, resize_mode=e.resize_mode,
+                                features_max=e.reference_features_max, progress=progress)
+    return functools.partial(
+        sampling.evaluate_variants, reference=stats, num_samples=e.num_samples, batch_size=e.batch_size,
+        scheduler=e.scheduler, scheduler_config=_noise_scheduler_config(config),
+        num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, kid=e.kid, kid_subsets=e.kid_subsets,
+        kid_subset_size=e.kid_subset_size, weights=weights, device=device, progress=progress)
+
+
+# ----------------------------------------------------------------------------- CLI
+def format_sweep(summary: dict) -> str:
+    """The heat-map as a text table (rows k, columns ν multiples) at the heat-map step."""
+    lines = [f"LAWA {summary['metric']} at step {summary['heatmap']['step']} (rows: k; columns: snapshot every "
+             f"m·ν steps, ν={summary['every_n_steps']})", "       " + "".join(f"{f'm={m}':>10}" for m in summary["every"])]
+    for k, row in zip(summary["k"], summary["heatmap"]["values"]):
+        lines.append(f"k={k:<5}" + "".join(f"{'-' if v is None else f'{v:.3f}':>10}" for v in row))
+    return "\n".join(lines)
+
+
+def _cmd_sweep(args) -> int:
+    options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
+    summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
+                        metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, **options)
+    print(format_sweep(summary))
+    print(f"sweep: {summary['files']['json']}  heat-map: {summary['files']['png']}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    d = PosthocConfig()
+    s = subparsers.add_parser("sweep", help="FID of every (k, ν multiple) LAWA window from a run's EMA snapshots",
+                              description="The k × ν ablation from RUN/ema_snapshots, with a heat-map.")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--k", default=",".join(map(str, d.sweep_k)), help="window sizes, comma-separated")
+    s.add_argument("--every", default=",".join(map(str, d.sweep_every)), help="multiples of the run's ν, comma-separated")
+    s.add_argument("--steps", default=d.sweep_steps, help="eval (metrics.jsonl's steps), final, or a comma list")
+    s.add_argument("--heatmap-step", type=int, default=None, help="step shown in the heat-map (default: the last)")
+    s.add_argument("--metric", default="fid", help="fid or kid_mean, for the heat-map")
+    s.add_argument("--reference", default=None, help="FID reference (default: the run's eval.reference)")
+    s.add_argument("--num-samples", type=int, default=None, help="images per variant (default: the run's)")
+    s.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
+    s.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
+    s.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    s.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    s.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/sweep)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder's sweep files")
+    s.set_defaults(func=_cmd_sweep)
