@@ -7,10 +7,11 @@ from torch-fidelity's InceptionV3 with the weights resolved by :mod:`lawa_diffus
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
-import time
 import os
+import time
 import warnings
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -245,18 +246,23 @@ def extract_features(images: torch.Tensor, extractor: Extractor, *, batch_size: 
     """Features [N, D] (float32, CPU) of uint8 images [N, C, H, W]; with ``isc``, a dict that also holds the
     ISC logits."""
     layers = feature_layers(extractor, isc)
-
-    def compute(indices):
-        parts = []
-        with progress_bar(len(indices), desc, progress and is_main(accelerator)) as bar:
-            for batch in batches(indices, batch_size):
-                feats = extractor(images[batch[0]:batch[-1] + 1])
-                parts.append(torch.cat([feats[n] for n in layers], dim=1))
-                bar.update(len(batch))
-        return torch.cat(parts)
-
+    compute = functools.partial(batched_features, lambda batch: images[batch[0]:batch[-1] + 1], extractor, layers,
+                                batch_size=batch_size, desc=desc, show=progress and is_main(accelerator))
     split = split_layers(map_split(images.shape[0], compute, accelerator), layers)
     return split if isc else split[extractor.layer]
+
+
+def batched_features(images_of: Callable[[Sequence[int]], torch.Tensor], extractor: Extractor, layers: Sequence[str],
+                     indices: Sequence[int], *, batch_size: int, desc: str, show: bool) -> torch.Tensor:
+    """Features of ``layers`` (concatenated) of the images ``images_of(batch)`` gives for each batch of
+    ``indices``, in index order, with a progress bar."""
+    parts = []
+    with progress_bar(len(indices), desc, show) as bar:
+        for batch in batches(indices, batch_size):
+            feats = extractor(images_of(batch))
+            parts.append(torch.cat([feats[n] for n in layers], dim=1))
+            bar.update(len(batch))
+    return torch.cat(parts)
 
 
 def feature_layers(extractor: Extractor, isc: bool) -> list:

@@ -20,11 +20,11 @@ import torch
 from lawa_diffusion.averaging import average_tensor_lists
 from lawa_diffusion.config import PosthocConfig, check
 from lawa_diffusion.files import atomic_dir
+from lawa_diffusion.tracking import SNAPSHOT_DIR
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_BIN_NAME = "diffusion_pytorch_model.bin"
-SNAPSHOT_DIR = "ema_snapshots"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _SNAPSHOT = re.compile(r"^step-(\d+)\.safetensors$")
 

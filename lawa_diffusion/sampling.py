@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import time
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -121,22 +122,17 @@ def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, refere
                 scheduler=scheduler if isinstance(scheduler, str) else type(scheduler).__name__,
                 num_inference_steps=num_inference_steps, seed=seed)
 
-    def features_of(unet, indices, desc):
-        parts = []
-        with fid.progress_bar(len(indices), desc, show) as bar:
-            for batch in fid.batches(indices, batch_size):
-                images = sample_uint8(unet, build_scheduler(scheduler, scheduler_config), batch, seed=seed, eta=eta,
-                                      num_inference_steps=num_inference_steps)
-                feats = extractor(images)
-                parts.append(torch.cat([feats[n] for n in layers], dim=1))
-                bar.update(len(batch))
-        return torch.cat(parts)
-
     out = {}
     for name, spec in variants.items():
         started = time.perf_counter()
         with variant_unet(spec, accelerator) as unet:
-            stacked = fid.map_split(num_samples, lambda idx: features_of(unet, idx, f"sampling {name}"), accelerator)
+            def images_of(batch, unet=unet):
+                return sample_uint8(unet, build_scheduler(scheduler, scheduler_config), batch, seed=seed, eta=eta,
+                                    num_inference_steps=num_inference_steps)
+
+            compute = functools.partial(fid.batched_features, images_of, extractor, layers, batch_size=batch_size,
+                                        desc=f"sampling {name}", show=show)
+            stacked = fid.map_split(num_samples, compute, accelerator)
         out[name] = Sampled(fid.split_layers(stacked, layers), time.perf_counter() - started, dict(meta))
     return out
 

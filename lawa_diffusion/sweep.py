@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lawa_diffusion.config import PosthocConfig, check
-from lawa_diffusion.posthoc import SNAPSHOT_DIR, Source, average_sources, load_into, shared_model, snapshot_files
+from lawa_diffusion.posthoc import Source, average_sources, load_into, shared_model, snapshot_files
+from lawa_diffusion.tracking import SNAPSHOT_DIR
 # ----------------------------------------------------------------------------- sweep plan
 @dataclasses.dataclass(frozen=True)
 class Cell:

@@ -103,7 +103,7 @@ def one_trial(server: EngineServer, run_dir: Path, events: Path, mode: str, rng:
         killed = False  # the kill landed while a finished run was exiting: it counts as not killed
     if killed:
         inside = written_when_killed(run_dir, events, pid, mode)
-    resumed = [e for e in read_events(events) if e["pid"] == pid and e["event"] == "resumed"]
+    resumed = [e for e in mine if e["event"] == "resumed"]
     assert resumed or killed, f"run {pid} ({mode}) never resumed:\n{log_text(server)}"
     if resumed:  # (an early kill can land before or during the loading of the checkpoint)
         assert resumed[0]["step"] == expected, f"resumed at {resumed[0]['step']}, latest complete checkpoint {expected}"
