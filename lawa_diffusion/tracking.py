@@ -1,4 +1,5 @@
-"""FID tracking during training: raw / EMA / LAWA weights on the same noise, rows in metrics.jsonl.
+"""FID tracking during training: raw weights, EMA tracks, LAWA windows and their delayed baselines on the same
+noise, one row per variant (with its mean lag) in metrics.jsonl.
 
 Also the run-folder bookkeeping that resuming needs: metrics rows and EMA snapshot files past the
 resumed step are removed, so that a resumed run continues them without duplicates or gaps.
@@ -35,33 +36,53 @@ def truncate_metrics(path: str, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
-def snapshot_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, SNAPSHOT_DIR, f"step-{step:09d}.safetensors")
+BASE_TRACK = "ema"
 
 
-def list_ema_snapshots(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the EMA snapshot files of a run, oldest first."""
+def snapshot_folder(run_dir: str, track: str = BASE_TRACK) -> str:
+    """EMA snapshots of ``track``: ema_snapshots/ for the base EMA "ema", ema_snapshots/<track>/ for the others."""
     folder = os.path.join(run_dir, SNAPSHOT_DIR)
+    return folder if track == BASE_TRACK else os.path.join(folder, track)
+
+
+def snapshot_path(run_dir: str, step: int, track: str = BASE_TRACK) -> str:
+    return os.path.join(snapshot_folder(run_dir, track), f"step-{step:09d}.safetensors")
+
+
+def list_ema_snapshots(run_dir: str, track: str = BASE_TRACK) -> list[tuple[int, str]]:
+    """(step, path) of the EMA snapshot files of one track of a run, oldest first."""
+    folder = snapshot_folder(run_dir, track)
     if not os.path.isdir(folder):
         return []
     found = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := SNAPSHOT_RE.match(n))]
     return sorted(found)
 
 
+def snapshot_tracks(run_dir: str) -> list[str]:
+    """The tracks whose EMA snapshots the run saved ("ema" first)."""
+    folder = os.path.join(run_dir, SNAPSHOT_DIR)
+    others = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
+    return [t for t in [BASE_TRACK] + others if list_ema_snapshots(run_dir, t)]
+
+
 def prune_ema_snapshots(run_dir: str, step: int) -> None:
-    """Delete EMA snapshot files written after ``step`` (a resumed run writes them again)."""
-    for snap_step, path in list_ema_snapshots(run_dir):
-        if snap_step > step:
-            os.unlink(path)
+    """Delete EMA snapshot files (of every track) written after ``step`` (a resumed run writes them again)."""
+    for track in snapshot_tracks(run_dir):
+        for snap_step, path in list_ema_snapshots(run_dir, track):
+            if snap_step > step:
+                os.unlink(path)
 
 
-def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict) -> str:
-    """The EMA weights at ``step`` as fp16 safetensors (UNet parameter names; step and model config in the metadata)."""
+def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict,
+                      track: str = BASE_TRACK) -> str:
+    """The EMA weights of ``track`` at ``step`` as fp16 safetensors (UNet parameter names; step, track and model
+    config in the metadata)."""
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", torch.float16) for n, p in zip(names, ema.shadow_params)}
-    path = snapshot_path(run_dir, step)
-    atomic_save_safetensors(path, tensors, metadata={"step": str(step), "model_config": json.dumps(model_config)})
+    path = snapshot_path(run_dir, step, track)
+    atomic_save_safetensors(path, tensors, metadata={"step": str(step), "track": track,
+                                                     "model_config": json.dumps(model_config)})
     return path
 
 
@@ -111,7 +132,7 @@ def metric_row(step: int, variant: str, result: dict, info: dict) -> dict:
 def format_line(step: int, rows: list[dict]) -> str:
     """``step 600: FID ema 85.12  lawa 79.40  (k=5, 4 snapshots; sampling 31.2 s, metrics 9.8 s)``."""
     fids = {r["variant"]: r["fid"] for r in rows}
-    parts = [f"{v} {fids[v]:.2f}" for v in ("raw", "ema", "lawa") if v in fids]
+    parts = [f"{v} {f:.2f}" for v, f in fids.items()]
     if "lawa" not in fids:
         parts.append("lawa -")
     first = rows[0]
@@ -146,9 +167,9 @@ class MetricsRecorder:
         self._pool = None
         self._pending: collections.deque = collections.deque()
 
-    def submit(self, step: int, sampled: dict, reference, extractor, lawa) -> None:
+    def submit(self, step: int, sampled: dict, reference, extractor, lawa, variant_info: Optional[dict] = None) -> None:
         """Compute the metrics of ``sampled`` ({name: sampling.Sampled}) taken at ``step`` (now, or in the
-        background)."""
+        background); rows get ``lawa``'s columns and ``variant_info[name]``'s."""
         from lawa_diffusion import sampling
 
         def compute() -> dict:
@@ -162,7 +183,9 @@ class MetricsRecorder:
         else:
             future = concurrent.futures.Future()
             future.set_result(compute())
-        self._pending.append((step, lawa_info(lawa), future))
+        common = lawa_info(lawa)
+        info = {name: {**common, **(variant_info or {}).get(name, {})} for name in sampled}
+        self._pending.append((step, info, future))
         if not self.background:
             self.collect()
 
@@ -176,7 +199,7 @@ class MetricsRecorder:
         while self._pending and (wait or self._pending[0][2].done()):
             step, info, future = self._pending.popleft()
             results = future.result()
-            step_rows = [metric_row(step, name, result, info) for name, result in results.items()]
+            step_rows = [metric_row(step, name, result, info[name]) for name, result in results.items()]
             self._record(step, step_rows)
             rows += step_rows
         return rows
@@ -198,6 +221,7 @@ class MetricsRecorder:
         if self.accelerator is not None:
             logged = {f"fid/{r['variant']}": r["fid"] for r in rows}
             logged.update({f"kid/{r['variant']}": r["kid_mean"] for r in rows if r["kid_mean"] is not None})
+            logged.update({f"lag/{r['variant']}": r["mean_lag"] for r in rows if r.get("mean_lag") is not None})
             self.accelerator.log({**logged, "lawa/num_snapshots": rows[0]["lawa_num_snapshots"]}, step=step)
 
 
@@ -205,10 +229,12 @@ class MetricsRecorder:
 class Tracker:
     """Evaluates the configured variants on the configured schedule and records the results."""
 
-    def __init__(self, cfg, run_dir: str, accelerator, unet, ema, noise_scheduler, model_config: dict,
+    def __init__(self, cfg, run_dir: str, accelerator, unet, tracks, noise_scheduler, model_config: dict,
                  weights: Any = None):
+        """``tracks``: the run's ``tracks.TrackSet`` (EMA tracks and LAWA windows)."""
         self.cfg, self.eval = cfg, cfg.eval
-        self.run_dir, self.accelerator, self.unet, self.ema = run_dir, accelerator, unet, ema
+        self.run_dir, self.accelerator, self.unet = run_dir, accelerator, unet
+        self.tracks, self.ema = tracks, tracks.base
         self.scheduler_config = {k: v for k, v in noise_scheduler.config.items() if not k.startswith("_")}
         self.model_config = model_config
         self.weights = weights if weights is not None else self.eval.inception_weights
@@ -254,7 +280,8 @@ class Tracker:
             self.recorder.collect()
         lawa = self.ema.lawa
         if self.cfg.save_ema_snapshots and lawa.due(step) and self.accelerator.is_main_process:
-            save_ema_snapshot(self.run_dir, step, self.ema, self.param_names, self.model_config)
+            for track, ema in self.tracks.emas.items():
+                save_ema_snapshot(self.run_dir, step, ema, self.param_names, self.model_config, track)
         if self.due(step, final):
             self.evaluate(step)
 
@@ -263,7 +290,7 @@ class Tracker:
         from lawa_diffusion import sampling
 
         e, acc = self.eval, self.accelerator
-        variants = weight_variants(e.variants, acc.unwrap_model(self.unet), self.ema)
+        variants, info = self.tracks.variants(e.variants, acc.unwrap_model(self.unet), step)
         if not variants:
             return
         sampled = sampling.sample_variants(
@@ -272,7 +299,7 @@ class Tracker:
             num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, accelerator=acc,
             progress=acc.is_main_process)
         if acc.is_main_process:
-            self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa)
+            self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa, info)
         self.last_step = step
 
     def flush(self) -> list[dict]:

@@ -1,0 +1,220 @@
+"""The averaging tracks of a training run: EMA tracks, LAWA windows over them or over the trained weights,
+each window's pure-delay baseline, and the mean lag of every variant.
+
+"ema" is diffusers' warm-up EMA (a ``LAWAEMAModel`` whose window is "lawa"); ``ema_tracks`` add
+constant-decay diffusers ``EMAModel``s; ``lawa_windows`` add ``LAWA`` engines over any track or over the
+raw weights. ``<window>@delayed`` is one of the window's own snapshots, the one nearest the window's
+mean lag: its track as it was ΔL steps earlier. LAWA that only delays its track scores as that baseline.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from lawa_diffusion.config import (
+    BASE_TRACK,
+    BASE_WINDOW,
+    DELAYED_SUFFIX,
+    RAW_TRACK,
+    TrainConfig,
+    check,
+)
+from lawa_diffusion.lawa import LAWA
+
+
+# ----------------------------------------------------------------------------- lag
+def lag_curve(decays: Sequence[float], upto: int) -> List[float]:
+    """Mean lag L_s, s = 0..upto, of an EMA whose update at step s used ``decays[s - 1]``.
+
+    e_s = d_s e_(s-1) + (1 - d_s) θ_s, so every weight of e_(s-1) ages one step: L_s = d_s (L_(s-1) + 1), L_0 = 0.
+    """
+    check(len(decays) >= upto, f"lag needs {upto} decays, got {len(decays)}")
+    lags = [0.0]
+    for d in decays[:upto]:
+        lags.append(d * (lags[-1] + 1.0))
+    return lags
+
+
+def mean_lag(decays: Sequence[float], step: int, snapshot_steps: Optional[Sequence[int]] = None) -> float:
+    """Mean lag in steps at ``step`` of an EMA with per-step ``decays`` (raw weights: all 0), or of the uniform
+    mean of its weights at ``snapshot_steps`` (LAWA over it); exact over the discrete per-step weights."""
+    lags = lag_curve(decays, step)
+    if snapshot_steps is None:
+        return lags[step]
+    check(len(snapshot_steps) > 0, "mean lag of a window needs at least one snapshot step")
+    return sum(lags[s] + step - s for s in snapshot_steps) / len(snapshot_steps)
+
+
+def nearest_snapshot(snapshot_steps: Sequence[int], target: float) -> int:
+    """The snapshot step nearest ``target`` (ties: the later one, the harder baseline)."""
+    return min(snapshot_steps, key=lambda s: (abs(s - target), -s))
+
+
+# ----------------------------------------------------------------------------- run-folder names
+def ema_folder(track: str) -> str:
+    """Checkpoint subfolder of an EMA track's weights (diffusers EMAModel.save_pretrained)."""
+    return "unet_ema" if track == BASE_TRACK else f"unet_ema_{track}"
+
+
+def lawa_folder(window: str) -> str:
+    """Checkpoint subfolder of a LAWA window's averaged weights."""
+    return "unet_lawa" if window == BASE_WINDOW else f"unet_lawa_{window}"
+
+
+def delayed_name(window: str) -> str:
+    return window + DELAYED_SUFFIX
+
+
+# ----------------------------------------------------------------------------- the tracks
+class TrackSet:
+    """Every EMA track and LAWA window of a run, stepped together after each optimizer step.
+
+    emas: name -> EMAModel ("ema" is the ``LAWAEMAModel`` ``base``); windows: name -> LAWA ("lawa" is
+    ``base.lawa``); over: window name -> the track it averages, or "raw".
+    """
+
+    def __init__(self, cfg: TrainConfig, unet: torch.nn.Module, device):
+        from diffusers import UNet2DModel
+        from diffusers.training_utils import EMAModel
+
+        from lawa_diffusion.ema import LAWAEMAModel
+
+        e = cfg.ema
+        self.unet = unet
+        self.base = LAWAEMAModel(unet.parameters(), decay=e.decay, use_ema_warmup=e.use_ema_warmup,
+                                 inv_gamma=e.inv_gamma, power=e.power, update_after_step=e.update_after_step,
+                                 foreach=True, model_cls=UNet2DModel, model_config=unet.config, lawa=cfg.lawa)
+        self.emas: Dict[str, Any] = {BASE_TRACK: self.base}
+        for t in cfg.ema_tracks:
+            d = t.constant_decay
+            self.emas[t.name] = EMAModel(unet.parameters(), decay=d, min_decay=d, use_ema_warmup=False,
+                                         update_after_step=0, foreach=True, model_cls=UNet2DModel,
+                                         model_config=unet.config)
+        for ema in self.emas.values():
+            ema.to(device)
+        self.windows: Dict[str, LAWA] = {BASE_WINDOW: self.base.lawa}
+        self.over: Dict[str, str] = {BASE_WINDOW: BASE_TRACK}
+        for w in cfg.lawa_windows:
+            source = unet if w.over == RAW_TRACK else self.emas[w.over]
+            self.windows[w.name] = LAWA(source, w.lawa_config(), name=w.name)
+            self.windows[w.name].defer_source_wait = w.over != RAW_TRACK
+            self.over[w.name] = w.over
+        self._decays: Dict[str, List[float]] = {name: [] for name in self.emas}
+
+    # ------------------------------------------------------------------ training
+    def _extra_windows(self) -> Iterable[Tuple[str, LAWA]]:
+        return ((n, w) for n, w in self.windows.items() if n != BASE_WINDOW)
+
+    @torch.no_grad()
+    def step(self, parameters: Iterable[torch.nn.Parameter], step: int) -> None:
+        """Update every EMA track with the trained ``parameters``, then snapshot the windows that are due."""
+        params = list(parameters)
+        for name, window in self._extra_windows():
+            if self.over[name] != RAW_TRACK:
+                window.before_source_update()
+        self.base.step(params)  # also feeds "lawa"
+        for ema in self.emas.values():
+            if ema is not self.base:
+                ema.step(params)
+        for _, window in self._extra_windows():
+            window.step(step)
+
+    def close(self) -> None:
+        for window in self.windows.values():
+            window.close()
+
+    # --------------------------------------------------------------- checkpoints
+    def register(self, accelerator) -> None:
+        """save_state also writes unet_ema[_<track>]/ and (once ready) unet_lawa[_<window>]/; load_state
+        restores every track; each window's engine state travels under its name."""
+        def save_hook(models, weights, output_dir):
+            if not accelerator.is_main_process:
+                return
+            for name, ema in self.emas.items():
+                ema.save_pretrained(os.path.join(output_dir, ema_folder(name)))
+            for name, window in self.windows.items():
+                if window.ready:
+                    window.save_pretrained(os.path.join(output_dir, lawa_folder(name)))
+
+        def load_hook(models, input_dir):
+            for name, ema in self.emas.items():
+                load_track(ema, os.path.join(input_dir, ema_folder(name)), name)
+                ema.to(accelerator.device)
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+        for window in self.windows.values():
+            window.attach(accelerator)
+
+    # ------------------------------------------------------------------ lag
+    def decays(self, track: str, upto: int) -> List[float]:
+        """diffusers' decay of ``track`` at optimizer steps 1..upto (all 0 for the raw weights)."""
+        if track == RAW_TRACK:
+            return [0.0] * upto
+        cached, ema = self._decays[track], self.emas[track]
+        cached.extend(float(ema.get_decay(s)) for s in range(len(cached) + 1, upto + 1))
+        return cached[:upto]
+
+    def track_lag(self, track: str, step: int, snapshot_steps: Optional[Sequence[int]] = None) -> float:
+        return mean_lag(self.decays(track, step), step, snapshot_steps)
+
+    def delayed_step(self, window: str, step: int) -> int:
+        """The window's snapshot step nearest step − ΔL, ΔL = the window's mean lag − its track's."""
+        held = self.windows[window].snapshot_steps
+        track = self.over[window]
+        extra = self.track_lag(track, step, held) - self.track_lag(track, step)
+        return nearest_snapshot(held, step - extra)
+
+    # --------------------------------------------------------------- variants
+    def variants(self, names: Sequence[str], unet: torch.nn.Module, step: int) -> Tuple[dict, dict]:
+        """({name: module or context-manager factory} for ``sampling.sample_variants``, {name: row columns}).
+
+        A window and its delayed baseline are left out until the window is ready.
+        """
+        from lawa_diffusion.tracking import ema_swapped
+
+        specs: Dict[str, Any] = {}
+        info: Dict[str, dict] = {}
+        for name in names:
+            if name == RAW_TRACK:
+                specs[name], info[name] = unet, {"kind": "raw", "mean_lag": 0.0}
+            elif name in self.emas:
+                specs[name] = (lambda ema: lambda: ema_swapped(ema, unet))(self.emas[name])
+                info[name] = {"kind": "ema", "mean_lag": self.track_lag(name, step)}
+            elif name in self.windows:
+                window = self.windows[name]
+                if window.ready:
+                    specs[name] = (lambda w: lambda: w.swapped_into(unet, sync_ranks=True))(window)
+                    info[name] = {**self._window_info(name), "kind": "lawa",
+                                  "mean_lag": self.track_lag(self.over[name], step, window.snapshot_steps)}
+            else:
+                self._delayed_variant(name[: -len(DELAYED_SUFFIX)], name, unet, step, specs, info)
+        return specs, info
+
+    def _delayed_variant(self, window_name: str, name: str, unet, step: int, specs: dict, info: dict) -> None:
+        check(window_name in self.windows, f"variant {name!r} names no LAWA window of this run")
+        window = self.windows[window_name]
+        if not window.ready:
+            return
+        at = self.delayed_step(window_name, step)
+        specs[name] = lambda: window.swapped_snapshot_into(unet, at, sync_ranks=True)
+        lag = self.track_lag(self.over[window_name], step, [at])
+        info[name] = {**self._window_info(window_name), "kind": "delayed", "snapshot_step": at, "mean_lag": lag}
+
+    def _window_info(self, name: str) -> dict:
+        window = self.windows[name]
+        return {"over": self.over[name], "lawa_k": window.config.k,
+                "lawa_every_n_steps": window.config.every_n_steps, "lawa_num_snapshots": window.num_snapshots}
+
+
+def load_track(ema, folder: str, name: str) -> None:
+    """Load the EMA ``folder`` (diffusers ``save_pretrained``) into ``ema``; one sentence when it is missing."""
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    check(os.path.isdir(folder), f"checkpoint folder {folder!r} of EMA track {name!r} is missing; resume with the "
+                                 "run's ema_tracks, or start a new --output-dir")
+    loaded = EMAModel.from_pretrained(folder, UNet2DModel, foreach=True)
+    ema.load_state_dict(loaded.state_dict())
