@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from lawa_diffusion.config import check
 from lawa_diffusion.files import append_line, atomic_save_safetensors, atomic_write_text, read_jsonl
 
 METRICS_NAME = "metrics.jsonl"
@@ -63,6 +64,25 @@ def snapshot_tracks(run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, SNAPSHOT_DIR)
     others = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
     return [t for t in [BASE_TRACK] + others if list_ema_snapshots(run_dir, t)]
+
+
+def saved_tracks(run_dir: str) -> list[str]:
+    """The EMA tracks a run folder holds: in its checkpoints (unet_ema[_<track>]/) or as EMA snapshots."""
+    from lawa_diffusion.accelerate_hooks import list_checkpoints
+
+    found = set(snapshot_tracks(run_dir))
+    for _, checkpoint in list_checkpoints(run_dir):
+        for name in os.listdir(checkpoint):
+            if name == "unet_ema" or name.startswith("unet_ema_"):
+                found.add(name[len("unet_ema_"):] or BASE_TRACK)
+    return sorted(found, key=lambda t: (t != BASE_TRACK, t))
+
+
+def check_track(run_dir: str, track: str, command: str, tracks: Optional[list] = None) -> None:
+    """One sentence naming the tracks that were saved when ``track`` is not one of them."""
+    tracks = saved_tracks(run_dir) if tracks is None else tracks
+    check(track in tracks, f"{command} --track {track!r} names a track that {run_dir!r} did not save; it holds "
+                           f"{', '.join(tracks) or 'no track'}")
 
 
 def prune_ema_snapshots(run_dir: str, step: int) -> None:
