@@ -169,3 +169,18 @@ def test_summary_line():
     assert "no LAWA average by step 20" in lag.summary_line(track, window, 20)
     quiet = lag.summary_line(lag.half_life_ema(50), LAWAConfig(k=5, every_n_steps=100), 2000)
     assert "delayed" not in quiet and "ΔL +200" in quiet
+
+
+def test_record_writes_lag_json_and_says_the_summary(tmp_path, capsys):
+    from lawa_diffusion import plan
+    from lawa_diffusion.train import load_train_config
+
+    cfg = load_train_config("configs/fashion_mnist_cpu.yaml", ["lawa.every_n_steps=100", "max_train_steps=600"])
+    line = plan.record(str(tmp_path), cfg)
+    saved = json.loads((tmp_path / plan.LAG_NAME).read_text())
+    assert saved["summary"] == line
+    assert f"train: {line}" in capsys.readouterr().err
+    assert [r["step"] for r in saved["rows"]] == [250, 500, 600]
+    emas, lawas = brute_force(lag.EMATrack.from_settings(cfg.ema), LAWAConfig(k=5, every_n_steps=100, storage="device"), 600)
+    assert saved["rows"][-1]["lawa_lag"] == pytest.approx(naive_lag(lawas[600]), abs=1e-9)
+    assert saved["rows"][-1]["snapshot_steps"] == [200, 300, 400, 500, 600]
