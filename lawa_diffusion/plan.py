@@ -96,21 +96,35 @@ def advice(track: lag.EMATrack, window: LAWAConfig, row: dict) -> str:
     return text
 
 
-def record(run_dir: str, cfg: TrainConfig) -> str:
-    """Say the one-line lag summary of a training config and write it with the plan table to RUN/lag.json."""
+def write_lag(run_dir: str, track: lag.EMATrack, window: LAWAConfig, last_step: int,
+              steps: Sequence[int] = (), who: str = "lawa-diffusion") -> str:
+    """Say the one-line lag summary at ``last_step`` and write it, with the plan table at ``steps``
+    (those before LAWA's first snapshot left out), to RUN/lag.json. Main process only."""
     from lawa_diffusion.files import atomic_write_json
 
-    track, window = lag.EMATrack.from_settings(cfg.ema), cfg.lawa
-    line = lag.summary_line(track, window, cfg.max_train_steps)
-    steps = [s for s in eval_steps(cfg) if s >= lag.first_snapshot(window)]
+    line = lag.summary_line(track, window, last_step)
+    steps = [s for s in steps if s >= lag.first_snapshot(window)]
     atomic_write_json(os.path.join(run_dir, LAG_NAME),
                       {"summary": line, "rows": rows_for(track, window, steps) if steps else []})
-    say(line, "train")
+    say(line, who)
     return line
 
 
+def record(run_dir: str, cfg: TrainConfig) -> str:
+    """``write_lag`` for a training config: its EMA and LAWA window, at its evaluation steps."""
+    return write_lag(run_dir, lag.EMATrack.from_settings(cfg.ema), cfg.lawa, cfg.max_train_steps,
+                     eval_steps(cfg), who="train")
+
+
 # ----------------------------------------------------------------------------- CLI
+WARMUP_FLAGS = ("power", "inv_gamma", "max_decay", "update_after_step")
+
+
 def _track_from_args(args, base: lag.EMATrack) -> lag.EMATrack:
+    constant = args.decay is not None or args.half_life is not None or args.raw
+    stray = [f"--{n.replace('_', '-')}" for n in WARMUP_FLAGS if getattr(args, n) is not None]
+    check(not (constant and stray), f"plan {stray[0] if stray else ''} applies to diffusers' EMA, not to a constant "
+                                    "decay, half-life or raw weights; drop it or use --warmup")
     if args.decay is not None:
         return lag.constant_ema(args.decay)
     if args.half_life is not None:

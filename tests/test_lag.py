@@ -154,6 +154,7 @@ def test_plan_table_names_the_matched_lag_baseline(capsys):
     (["--start", "300", "--nu", "100", "--steps", "250"], "plan step 250 comes before LAWA's first snapshot at step 300"),
     (["--steps", "a"], "plan --steps must be comma-separated integers"),
     (["--k", "0", "--steps", "100"], "lawa k must be >= 1, got 0"),
+    (["--decay", "0.9", "--power", "0.5"], "plan --power applies to diffusers' EMA"),
 ])
 def test_plan_bad_input_one_line_exit_2(capsys, argv, words):
     assert main(["plan", *argv]) == 2
