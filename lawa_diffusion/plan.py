@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import List, Optional, Sequence, Tuple
 
 from lawa_diffusion import lag
@@ -152,8 +151,8 @@ def resolve(args) -> Tuple[lag.EMATrack, LAWAConfig, List[int]]:
     track = _track_from_args(args, lag.EMATrack.from_settings(cfg.ema))
     changes = {name: value for name, value in (("k", args.k), ("every_n_steps", args.nu), ("start_step", args.start))
                if value is not None}
-    window = LAWAConfig(k=cfg.lawa.k, every_n_steps=cfg.lawa.every_n_steps, start_step=cfg.lawa.start_step)
-    window = LAWAConfig.from_dict({**dataclasses.asdict(window), **changes})
+    window = LAWAConfig(**{"k": cfg.lawa.k, "every_n_steps": cfg.lawa.every_n_steps,
+                           "start_step": cfg.lawa.start_step, **changes})
     if args.steps is not None:
         steps = parse_steps(args.steps)
     else:
@@ -174,7 +173,6 @@ def _cli(args) -> int:
     warning = delay_warning(rows)
     if warning:
         warn(warning)
-    sys.stdout.flush()
     return 0
 
 
