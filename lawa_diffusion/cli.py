@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "lawa_diffusion.posthoc",
     "lawa_diffusion.sweep",
     "lawa_diffusion.patch",
+    "lawa_diffusion.plan",
 )
 
 

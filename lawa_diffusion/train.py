@@ -380,6 +380,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, step, overwrite and checkpoint is None, resolved)
+        from lawa_diffusion import plan
+
+        plan.record(run_dir, cfg)  # says the one-line lag summary and writes RUN/lag.json
     accelerator.wait_for_everyone()
     if checkpoint is not None:
         accelerator.load_state(checkpoint)

@@ -1,0 +1,200 @@
+"""``lawa-diffusion plan``: what LAWA over an EMA will do to the lag, before a run (see ``lag``).
+
+From a training config (its ``ema`` and ``lawa`` sections) or from flags, prints at each step of
+interest the EMA's and LAWA's mean lag, spread and window, LAWA's extra lag ΔL, the white-noise
+variance ratio, the correlation of consecutive snapshots and the matched-lag constant-decay EMA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import List, Optional, Sequence, Tuple
+
+from lawa_diffusion import lag
+from lawa_diffusion.config import LAWAConfig, TrainConfig, check
+from lawa_diffusion.output import say, warn
+
+LAG_NAME = "lag.json"
+
+COLUMNS = (  # (header, row key, format)
+    ("step", "step", "{:d}"), ("EMA lag", "ema_lag", "{:.1f}"), ("spread", "ema_spread", "{:.1f}"),
+    ("window", "ema_window", "{:.1f}"), ("LAWA lag", "lawa_lag", "{:.1f}"), ("spread", "lawa_spread", "{:.1f}"),
+    ("window", "lawa_window", "{:.1f}"), ("ΔL", "extra_lag", "{:.1f}"), ("V ratio", "variance_ratio", "{:.3f}"),
+    ("corr", "snapshot_correlation", "{:.3f}"), ("matched decay", "matched_decay", "{:.5f}"),
+)
+
+
+def eval_steps(cfg: TrainConfig) -> List[int]:
+    """The steps a training config evaluates at (every ``eval.every_n_steps`` and the last step)."""
+    every, last = cfg.eval.every_n_steps, cfg.max_train_steps
+    steps = list(range(every, last + 1, every)) if every > 0 else []
+    return steps if steps and steps[-1] == last else steps + [last]
+
+
+def parse_steps(text: str) -> List[int]:
+    """``"250,500,1000"`` as a sorted list of distinct integers."""
+    try:
+        steps = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"plan --steps must be comma-separated integers such as 250,500,1000, got {text!r}") from None
+    check(bool(steps), f"plan --steps must name at least one step, got {text!r}")
+    return steps
+
+
+def check_steps(window: LAWAConfig, steps: Sequence[int]) -> None:
+    first = lag.first_snapshot(window)
+    early = [s for s in steps if s < first]
+    if early:
+        raise ValueError(f"plan step {early[0]} comes before LAWA's first snapshot at step {first} "
+                     f"(start step {window.start_step}, ν {window.every_n_steps}); ask for steps >= {first}")
+
+
+def rows_for(track: lag.EMATrack, window: LAWAConfig, steps: Sequence[int]) -> List[dict]:
+    """The plan table: one row per step, with the window and track described in each."""
+    check_steps(window, steps)
+    described = {"track": track.describe(), "k": window.k, "start_step": window.start_step}
+    return [{**row, **described} for row in lag.plan_rows(track, window, steps)]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    cells = [[h for h, _, _ in COLUMNS]]
+    for row in rows:
+        cells.append(["-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+
+
+def header(track: lag.EMATrack, window: LAWAConfig) -> str:
+    return (f"LAWA k={window.k}, ν={window.every_n_steps} (snapshots from step {lag.first_snapshot(window)}) "
+            f"over {track.describe()}; lags and windows in steps, V ratio = white-noise Var(LAWA)/Var(EMA), "
+            f"corr = correlation of consecutive snapshots")
+
+
+def delay_warning(rows: Sequence[dict]) -> Optional[str]:
+    """One warning for the steps where ν is below the EMA's window (the last such step in full)."""
+    flagged = [r for r in rows if r["nu_below_window"]]
+    if not flagged:
+        return None
+    text = lag.delay_warning(flagged[-1])
+    if len(flagged) > 1:
+        lags = ", ".join(f"{r['extra_lag']:.0f}" for r in flagged)
+        text += f" (ΔL {lags} at steps {', '.join(str(r['step']) for r in flagged)})"
+    return text
+
+
+def advice(track: lag.EMATrack, window: LAWAConfig, row: dict) -> str:
+    """The matched-lag baseline and the decorrelating ν at ``row``'s step, with what that ν would cost."""
+    text = lag.matched_line(row)
+    nu = row["decorrelating_nu"]
+    alt_window = dataclasses.replace(window, every_n_steps=nu)
+    if row["nu_below_window"] and lag.first_snapshot(alt_window) <= row["step"]:
+        alt = lag.plan_row(track, alt_window, row["step"])
+        text += (f" (with ν = {nu}: ΔL {alt['extra_lag']:.0f}, V ratio {alt['variance_ratio']:.2f}, "
+                 f"matched-lag decay {alt['matched_decay']:.5f})")
+    return text
+
+
+def write_lag(run_dir: str, track: lag.EMATrack, window: LAWAConfig, last_step: int,
+              steps: Sequence[int] = (), who: str = "lawa-diffusion") -> str:
+    """Say the one-line lag summary at ``last_step`` and write it, with the plan table at ``steps``
+    (those before LAWA's first snapshot left out), to RUN/lag.json. Main process only."""
+    from lawa_diffusion.files import atomic_write_json
+
+    line = lag.summary_line(track, window, last_step)
+    steps = [s for s in steps if s >= lag.first_snapshot(window)]
+    atomic_write_json(os.path.join(run_dir, LAG_NAME),
+                      {"summary": line, "rows": rows_for(track, window, steps) if steps else []})
+    say(line, who)
+    return line
+
+
+def record(run_dir: str, cfg: TrainConfig) -> str:
+    """``write_lag`` for a training config: its EMA and LAWA window, at its evaluation steps."""
+    return write_lag(run_dir, lag.EMATrack.from_settings(cfg.ema), cfg.lawa, cfg.max_train_steps,
+                     eval_steps(cfg), who="train")
+
+
+# ----------------------------------------------------------------------------- CLI
+WARMUP_FLAGS = ("power", "inv_gamma", "max_decay", "update_after_step")
+
+
+def _track_from_args(args, base: lag.EMATrack) -> lag.EMATrack:
+    constant = args.decay is not None or args.half_life is not None or args.raw
+    stray = [f"--{n.replace('_', '-')}" for n in WARMUP_FLAGS if getattr(args, n) is not None]
+    check(not (constant and stray), f"plan {stray[0] if stray else ''} applies to diffusers' EMA, not to a constant "
+                                    "decay, half-life or raw weights; drop it or use --warmup")
+    if args.decay is not None:
+        return lag.constant_ema(args.decay)
+    if args.half_life is not None:
+        return lag.half_life_ema(args.half_life)
+    if args.raw:
+        return lag.raw_weights()
+    changes = {name: getattr(args, name) for name in ("power", "inv_gamma", "update_after_step")
+               if getattr(args, name) is not None}
+    if args.max_decay is not None:
+        changes["decay"] = args.max_decay
+    if args.warmup:
+        changes["use_ema_warmup"] = True
+    return dataclasses.replace(base, **changes)
+
+
+def resolve(args) -> Tuple[lag.EMATrack, LAWAConfig, List[int]]:
+    """The track, the LAWA window and the steps that ``plan``'s arguments ask for."""
+    if args.config is not None:
+        from lawa_diffusion.train import load_train_config
+
+        cfg = load_train_config(args.config, args.overrides)
+    else:
+        check(not args.overrides, "plan --set needs --config; pass the training config it changes")
+        cfg = TrainConfig()
+    track = _track_from_args(args, lag.EMATrack.from_settings(cfg.ema))
+    changes = {name: value for name, value in (("k", args.k), ("every_n_steps", args.nu), ("start_step", args.start))
+               if value is not None}
+    window = LAWAConfig(**{"k": cfg.lawa.k, "every_n_steps": cfg.lawa.every_n_steps,
+                           "start_step": cfg.lawa.start_step, **changes})
+    if args.steps is not None:
+        steps = parse_steps(args.steps)
+    else:
+        steps = [s for s in eval_steps(cfg) if s >= lag.first_snapshot(window)] or [cfg.max_train_steps]
+    return track, window, steps
+
+
+def _cli(args) -> int:
+    track, window, steps = resolve(args)
+    rows = rows_for(track, window, steps)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    else:
+        print(header(track, window))
+        print(format_table(rows))
+        print(advice(track, window, rows[-1]), flush=True)
+    warning = delay_warning(rows)
+    if warning:
+        warn(warning)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="the lag LAWA over an EMA adds, and the matched-lag EMA, before a run",
+                              description="Exact mean lag, spread, window, extra lag ΔL, white-noise variance ratio "
+                                          "and snapshot correlation of LAWA over an EMA at the steps asked for.")
+    p.add_argument("--config", default=None, help="training config YAML: its ema and lawa sections (default: the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one option of --config, e.g. --set lawa.every_n_steps=200 (repeatable)")
+    ema = p.add_mutually_exclusive_group()
+    ema.add_argument("--decay", type=float, default=None, help="a constant-decay EMA of this decay (0 <= d < 1)")
+    ema.add_argument("--half-life", type=float, default=None, help="a constant-decay EMA of this half-life in steps")
+    ema.add_argument("--raw", action="store_true", help="LAWA over the raw weights")
+    ema.add_argument("--warmup", action="store_true", help="diffusers' warm-up EMA (use_ema_warmup)")
+    p.add_argument("--power", type=float, default=None, help="warm-up power (diffusers EMAModel power)")
+    p.add_argument("--inv-gamma", type=float, default=None, help="warm-up inv_gamma")
+    p.add_argument("--max-decay", type=float, default=None, help="the cap on the warm-up decay (EMAModel decay)")
+    p.add_argument("--update-after-step", type=int, default=None, help="EMAModel update_after_step")
+    p.add_argument("--k", type=int, default=None, help="snapshots in the LAWA window")
+    p.add_argument("--nu", type=int, default=None, help="ν: steps between snapshots (lawa every_n_steps)")
+    p.add_argument("--start", type=int, default=None, help="lawa start_step")
+    p.add_argument("--steps", default=None, help="steps of interest, comma-separated (default: the config's eval steps)")
+    p.add_argument("--json", action="store_true", help="one JSON object per step instead of the table")
+    p.set_defaults(func=_cli)
