@@ -218,15 +218,18 @@ def summarize(runs: Sequence[Run], metric: str = ReportConfig.metric,
     """Everything the report shows, as a JSON-ready dict (per run, per step across runs, headline numbers)."""
     check(len(runs) >= 1, "report needs at least one run folder")
     check(0.0 < confidence < 1.0, f"report confidence must be between 0 and 1, got {confidence}")
-    for run in runs:
-        _need_speedup_curves(run)
-    per_run = [_run_summary(run) for run in runs]
+    windows = window_comparisons(runs, confidence)
+    base = all("ema" in run.curves and "lawa" in run.curves for run in runs)
+    if not base and not windows:
+        for run in runs:
+            _need_speedup_curves(run)
+    per_run = [_run_summary(run) for run in runs] if base else []
     finals = [s["reach_final"] for s in per_run]
     reached = [f for f in finals if f["lawa_step"] is not None]
     return {
         "format": REPORT_FORMAT, "metric": metric, "confidence": confidence, "num_runs": len(runs),
         "runs": per_run, "per_step": _per_step(per_run, confidence), "curves": _mean_curves(runs, confidence),
-        "windows": window_comparisons(runs, confidence),
+        "base": base, "windows": windows,
         "lag_points": [{"step": s, "variants": v} for s, v in lag_points(runs).items()],
         "mean_speedup": mean_ci([s["mean_speedup"] for s in per_run if s["mean_speedup"] is not None], confidence),
         "reach_final": {"n_never": len(finals) - len(reached),
@@ -372,8 +375,20 @@ def format_table(summary: dict) -> str:
     """The printed report: one row per LAWA evaluation step, then the headline lines."""
     metric, pct = summary["metric"], round(100 * summary["confidence"])
     ci_note = f", mean [{pct}% CI] over runs" if summary["num_runs"] > 1 else ""
-    lines = [f"{summary['num_runs']} run(s), metric {metric}{ci_note}",
-             f"{'step':>8} {'raw':>9} {'ema':>9} {'lawa':>9} {'EMA step to match':>18}  speed-up (EMA step / LAWA step)"]
+    lines = [f"{summary['num_runs']} run(s), metric {metric}{ci_note}"]
+    if summary.get("base", True):
+        lines += _format_base(summary)
+    else:
+        lines.append("(ema and lawa were not both evaluated: the LAWA windows against their baselines follow)")
+    for comparison in summary.get("windows", []):
+        lines += format_window(comparison, metric, summary["num_runs"])
+    return "\n".join(lines)
+
+
+def _format_base(summary: dict) -> List[str]:
+    """The speed-up table of "lawa" over "ema" and its headline lines."""
+    metric = summary["metric"]
+    lines = [f"{'step':>8} {'raw':>9} {'ema':>9} {'lawa':>9} {'EMA step to match':>18}  speed-up (EMA step / LAWA step)"]
     for row in summary["per_step"]:
         step = row["step"]
         values = [_num(_curve_value(summary["curves"], v, step), "{:.3f}") for v in VARIANTS]
@@ -395,9 +410,7 @@ def format_table(summary: dict) -> str:
     left_out = sum(row.get("n_upper_bound", 0) for row in summary["per_step"])
     note = f" ({left_out} upper bound(s) left out)" if left_out else ""
     lines.append(f"mean speed-up over LAWA evaluation points{note}: {_with_ci(summary['mean_speedup'], none='n/a')}")
-    for comparison in summary.get("windows", []):
-        lines += format_window(comparison, metric, summary["num_runs"])
-    return "\n".join(lines)
+    return lines
 
 
 def verdict(c: dict, metric: str = ReportConfig.metric) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from lawa_diffusion import lag
 from lawa_diffusion.config import (
     BASE_TRACK,
     BASE_WINDOW,
@@ -25,26 +27,15 @@ from lawa_diffusion.lawa import LAWA
 
 
 # ----------------------------------------------------------------------------- lag
-def lag_curve(decays: Sequence[float], upto: int) -> List[float]:
-    """Mean lag L_s, s = 0..upto, of an EMA whose update at step s used ``decays[s - 1]``.
-
-    e_s = d_s e_(s-1) + (1 - d_s) θ_s, so every weight of e_(s-1) ages one step: L_s = d_s (L_(s-1) + 1), L_0 = 0.
-    """
-    check(len(decays) >= upto, f"lag needs {upto} decays, got {len(decays)}")
-    lags = [0.0]
-    for d in decays[:upto]:
-        lags.append(d * (lags[-1] + 1.0))
-    return lags
-
-
-def mean_lag(decays: Sequence[float], step: int, snapshot_steps: Optional[Sequence[int]] = None) -> float:
-    """Mean lag in steps at ``step`` of an EMA with per-step ``decays`` (raw weights: all 0), or of the uniform
-    mean of its weights at ``snapshot_steps`` (LAWA over it); exact over the discrete per-step weights."""
-    lags = lag_curve(decays, step)
+def variant_lag(track: lag.EMATrack, step: int, snapshot_steps: Optional[Sequence[int]] = None,
+                d: Optional[np.ndarray] = None) -> float:
+    """Mean lag in steps at ``step`` of ``track``, or of the uniform mean of its weights at ``snapshot_steps``
+    (a LAWA window over it); exact over the discrete per-step weights (``lag``)."""
+    d = lag.decays(track, step) if d is None else d
     if snapshot_steps is None:
-        return lags[step]
+        return lag.mean_lag(lag.profile(track, step, d))
     check(len(snapshot_steps) > 0, "mean lag of a window needs at least one snapshot step")
-    return sum(lags[s] + step - s for s in snapshot_steps) / len(snapshot_steps)
+    return sum(lag.mean_lag(lag.profile(track, s, d)) + step - s for s in snapshot_steps) / len(snapshot_steps)
 
 
 def nearest_snapshot(snapshot_steps: Sequence[int], target: float) -> int:
@@ -101,7 +92,8 @@ class TrackSet:
             self.windows[w.name] = LAWA(source, w.lawa_config(), name=w.name)
             self.windows[w.name].defer_source_wait = w.over != RAW_TRACK
             self.over[w.name] = w.over
-        self._decays: Dict[str, List[float]] = {name: [] for name in self.emas}
+        self.lag_tracks: Dict[str, lag.EMATrack] = {BASE_TRACK: lag.EMATrack.from_settings(e), RAW_TRACK: lag.raw_weights(),
+                                                    **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
 
     # ------------------------------------------------------------------ training
     def _extra_windows(self) -> Iterable[Tuple[str, LAWA]]:
@@ -149,16 +141,9 @@ class TrackSet:
             window.attach(accelerator)
 
     # ------------------------------------------------------------------ lag
-    def decays(self, track: str, upto: int) -> List[float]:
-        """diffusers' decay of ``track`` at optimizer steps 1..upto (all 0 for the raw weights)."""
-        if track == RAW_TRACK:
-            return [0.0] * upto
-        cached, ema = self._decays[track], self.emas[track]
-        cached.extend(float(ema.get_decay(s)) for s in range(len(cached) + 1, upto + 1))
-        return cached[:upto]
-
     def track_lag(self, track: str, step: int, snapshot_steps: Optional[Sequence[int]] = None) -> float:
-        return mean_lag(self.decays(track, step), step, snapshot_steps)
+        """Mean lag at ``step`` of ``track`` (or "raw"), or of a window over it holding ``snapshot_steps``."""
+        return variant_lag(self.lag_tracks[track], step, snapshot_steps)
 
     def delayed_step(self, window: str, step: int) -> int:
         """The window's snapshot step nearest step − ΔL, ΔL = the window's mean lag − its track's."""

@@ -305,3 +305,12 @@ def test_old_metrics_rows_are_ema_and_lawa_over_ema(tmp_path):
     summary = summarize([run])
     assert [c["window"] for c in summary["windows"]] == ["lawa"] and summary["windows"][0]["matched"] is None
     assert summary["lag_points"] == [] and "no delayed baseline evaluated" in format_table(summary)
+
+
+def test_a_run_without_the_ema_lawa_pair_reports_its_windows(tmp_path, capsys):
+    values = {v: [80.0 - i, 50.0 - i, 40.0 - i] for i, v in enumerate(("short", "long", "ws", "ws@delayed"))}
+    run = _write_tracks_run(tmp_path / "run", values, [300, 600, 900])
+    assert cli.main(["report", run]) == 0
+    out = capsys.readouterr().out
+    assert "ema and lawa were not both evaluated" in out
+    assert "verdict: ws beats the delayed EMA by -1.00 FID; vs the matched-lag EMA (long): 1.00" in out
