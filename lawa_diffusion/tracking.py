@@ -153,7 +153,7 @@ def format_line(step: int, rows: list[dict]) -> str:
     """``step 600: FID ema 85.12  lawa 79.40  (k=5, 4 snapshots; sampling 31.2 s, metrics 9.8 s)``."""
     fids = {r["variant"]: r["fid"] for r in rows}
     parts = [f"{v} {f:.2f}" for v, f in fids.items()]
-    if "lawa" not in fids:
+    if not any(r["variant"] == "lawa" or r.get("kind") == "lawa" for r in rows):  # no window ready yet
         parts.append("lawa -")
     first = rows[0]
     timing = ""

@@ -9,7 +9,7 @@ mean lag: its track as it was ΔL steps earlier. LAWA that only delays its track
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,10 +52,6 @@ def ema_folder(track: str) -> str:
 def lawa_folder(window: str) -> str:
     """Checkpoint subfolder of a LAWA window's averaged weights."""
     return "unet_lawa" if window == BASE_WINDOW else f"unet_lawa_{window}"
-
-
-def delayed_name(window: str) -> str:
-    return window + DELAYED_SUFFIX
 
 
 # ----------------------------------------------------------------------------- the tracks
