@@ -151,7 +151,6 @@ class PosthocConfig:
     sweep_k: tuple = (1, 2, 4, 8)
     sweep_every: tuple = (1, 2, 4)
     sweep_steps: str = "eval"
-    sweep_dir: str = "sweep"
 
 
 @dataclasses.dataclass

@@ -1,7 +1,6 @@
 """FID tracking during training: raw / EMA / LAWA weights on the same noise, rows in metrics.jsonl.
 
-Also the run-folder bookkeeping that resuming needs: metrics rows and EMA snapshot files past the
-resumed step are removed, so that a resumed run continues them without duplicates or gaps.
+Where those files live is :mod:`lawa_diffusion.runfolder`'s business.
 """
 from __future__ import annotations
 
@@ -10,57 +9,21 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import re
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from lawa_diffusion.files import append_line, atomic_save_safetensors, atomic_write_text, read_jsonl
-
-METRICS_NAME = "metrics.jsonl"
-SNAPSHOT_DIR = "ema_snapshots"
-SNAPSHOT_RE = re.compile(r"^step-(\d{9,})\.safetensors$")
+from lawa_diffusion import runfolder
+from lawa_diffusion.files import append_line, atomic_save_safetensors
 
 
-# ----------------------------------------------------------------------------- run-folder files
-def truncate_metrics(path: str, step: int) -> None:
-    """Keep only the rows of ``path`` with ``step <= step`` (atomic rewrite; nothing to do when none is later)."""
-    if not os.path.isfile(path):
-        return
-    rows = read_jsonl(path)
-    kept = [r for r in rows if int(r.get("step", 0)) <= step]
-    with open(path, encoding="utf-8") as f:
-        torn = not f.read().endswith("\n") and os.path.getsize(path) > 0
-    if len(kept) != len(rows) or torn:
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-
-
-def snapshot_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, SNAPSHOT_DIR, f"step-{step:09d}.safetensors")
-
-
-def list_ema_snapshots(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the EMA snapshot files of a run, oldest first."""
-    folder = os.path.join(run_dir, SNAPSHOT_DIR)
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := SNAPSHOT_RE.match(n))]
-    return sorted(found)
-
-
-def prune_ema_snapshots(run_dir: str, step: int) -> None:
-    """Delete EMA snapshot files written after ``step`` (a resumed run writes them again)."""
-    for snap_step, path in list_ema_snapshots(run_dir):
-        if snap_step > step:
-            os.unlink(path)
-
-
+# ----------------------------------------------------------------------------- EMA snapshot files
 def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict) -> str:
     """The EMA weights at ``step`` as fp16 safetensors (UNet parameter names; step and model config in the metadata)."""
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", torch.float16) for n, p in zip(names, ema.shadow_params)}
-    path = snapshot_path(run_dir, step)
+    path = runfolder.snapshot_path(run_dir, step)
     atomic_save_safetensors(path, tensors, metadata={"step": str(step), "model_config": json.dumps(model_config)})
     return path
 
@@ -239,7 +202,7 @@ class Tracker:
             batch_size=e.batch_size, weights=self.extractor, accelerator=acc, resize_mode=e.resize_mode,
             features_max=e.reference_features_max, progress=acc.is_main_process)
         sampling.check_reference(self.reference, self.extractor)
-        self.recorder = MetricsRecorder(os.path.join(self.run_dir, METRICS_NAME), acc,
+        self.recorder = MetricsRecorder(runfolder.metrics_path(self.run_dir), acc,
                                         background=metrics_in_background(e.background_metrics, acc.device),
                                         write=write, kid=e.kid, kid_subsets=e.kid_subsets,
                                         kid_subset_size=e.kid_subset_size)

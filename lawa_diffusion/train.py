@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lawa_diffusion import accelerate_hooks
+from lawa_diffusion import accelerate_hooks, runfolder
 from lawa_diffusion.config import TrainConfig, check, read_yaml
 from lawa_diffusion.files import atomic_write_text
 
-CONFIG_NAME = "config.yaml"
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
 
 
@@ -166,25 +165,23 @@ def resolve_resume(run_dir: str, resume: Optional[str], overwrite: bool) -> tupl
             raise FileExistsError(f"output dir {run_dir!r} already exists; pass --resume latest to continue it, "
                                   "--overwrite to replace it, or choose another --output-dir")
         if busy:
-            check(os.path.isfile(os.path.join(run_dir, CONFIG_NAME)),
-                  f"--overwrite refuses {run_dir!r} because it is not a run folder (no {CONFIG_NAME}); "
+            check(os.path.isfile(runfolder.config_path(run_dir)),
+                  f"--overwrite refuses {run_dir!r} because it is not a run folder (no {runfolder.CONFIG_NAME}); "
                   "choose another --output-dir")
         return None, 0
-    path = accelerate_hooks.latest_checkpoint(run_dir) if resume == "latest" else os.path.abspath(resume)
+    path = runfolder.latest_checkpoint(run_dir) if resume == "latest" else os.path.abspath(resume)
     if path is None:
         return None, 0
-    match = accelerate_hooks.CHECKPOINT_RE.match(os.path.basename(path.rstrip(os.sep)))
-    check(os.path.isdir(path) and match is not None,
+    step = runfolder.checkpoint_step(path)
+    check(os.path.isdir(path) and step is not None,
           f"--resume {resume!r} is not a checkpoint-<step> folder; pass 'latest' or the path of one")
-    return path, int(match.group(1))
+    return path, step
 
 
 def check_same_model(run_dir: str, model: dict) -> None:
     """Refuse to resume a run whose config.yaml names another model architecture."""
-    path = os.path.join(run_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        return
-    saved = plain(read_yaml(path).get("model"))
+    path = runfolder.config_path(run_dir)
+    saved = plain(runfolder.read_config(run_dir).get("model"))
     if saved is not None:
         changed = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
         check(not changed, f"model settings {', '.join(changed)} differ from {path!r}; resume with the run's "
@@ -193,18 +190,12 @@ def check_same_model(run_dir: str, model: dict) -> None:
 
 def prepare_run_dir(run_dir: str, step: int, overwrite: bool, resolved: dict) -> None:
     """Main process: replace (``overwrite``) or create ``run_dir``, trim what lies past ``step``, write config.yaml."""
-    from lawa_diffusion import tracking
-
     if overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    tracking.truncate_metrics(os.path.join(run_dir, tracking.METRICS_NAME), step)
-    tracking.prune_ema_snapshots(run_dir, step)
-    for later, path in accelerate_hooks.list_checkpoints(run_dir):
-        if later > step:  # resumed from an older checkpoint: the later ones describe steps about to be redone
-            print(f"removing {path}: training continues from step {step}", flush=True)
-            shutil.rmtree(path)
-    atomic_write_text(os.path.join(run_dir, CONFIG_NAME), yaml.safe_dump(resolved, sort_keys=False))
+    for path in runfolder.truncate_after(run_dir, step):
+        print(f"removing {path}: training continues from step {step}", flush=True)
+    atomic_write_text(runfolder.config_path(run_dir), yaml.safe_dump(resolved, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -342,9 +333,9 @@ def train_step(p: Parts, step: int) -> torch.Tensor:
 
 
 def save_checkpoint(p: Parts, step: int) -> None:
-    accelerate_hooks.save_checkpoint(p.accelerator, os.path.join(p.run_dir, f"checkpoint-{step}"))
+    accelerate_hooks.save_checkpoint(p.accelerator, runfolder.checkpoint_path(p.run_dir, step))
     if p.accelerator.is_main_process and p.cfg.checkpoints_total_limit is not None:
-        accelerate_hooks.prune_checkpoints(p.run_dir, p.cfg.checkpoints_total_limit)
+        runfolder.prune_checkpoints(p.run_dir, p.cfg.checkpoints_total_limit)
 
 
 def log_progress(p: Parts, bar, step: int, loss: torch.Tensor) -> None:
@@ -440,7 +431,7 @@ def finish(p: Parts, seconds: float, start_step: int) -> None:
 
     steps = p.cfg.max_train_steps - start_step
     print(f"done: {steps} steps in {seconds:.0f} s; run folder {p.run_dir}", flush=True)
-    metrics = os.path.join(p.run_dir, tracking.METRICS_NAME)
+    metrics = runfolder.metrics_path(p.run_dir)
     if os.path.isfile(metrics):
         print(f"metrics: {metrics}", flush=True)
     if p.cfg.report and os.path.isfile(metrics):

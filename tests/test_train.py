@@ -16,7 +16,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lawa_diffusion import cli, tracking
+from lawa_diffusion import cli, runfolder, tracking
 from lawa_diffusion import train as train_mod
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
@@ -92,11 +92,11 @@ def test_run_folder_has_config_metrics_checkpoints_and_snapshots(full_run):
     for step in (4, 8):
         assert os.path.isdir(os.path.join(full_run, f"checkpoint-{step}", "unet_ema"))
         assert os.path.isdir(os.path.join(full_run, f"checkpoint-{step}", "unet_lawa"))
-    assert [s for s, _ in tracking.list_ema_snapshots(full_run)] == [2, 4, 6, 8]
+    assert [s for s, _ in runfolder.list_ema_snapshots(full_run)] == [2, 4, 6, 8]
 
 
 def test_ema_snapshot_holds_the_checkpointed_ema_weights(full_run):
-    path = tracking.snapshot_path(full_run, 8)
+    path = runfolder.snapshot_path(full_run, 8)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
         snap = {k: f.get_tensor(k) for k in f.keys()}
@@ -149,13 +149,13 @@ def test_resume_mid_run_continues_metrics_and_weights_exactly(full_run, tmp_path
         got, want = unet_weights(out / "checkpoint-8" / sub), unet_weights(os.path.join(full_run, "checkpoint-8", sub))
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7)
-    assert [s for s, _ in tracking.list_ema_snapshots(str(out))] == [2, 4, 6, 8]
+    assert [s for s, _ in runfolder.list_ema_snapshots(str(out))] == [2, 4, 6, 8]
 
 
 def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "variant": "ema"}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "va')
-    tracking.truncate_metrics(str(path), 4)
+    runfolder.truncate_metrics(str(path), 4)
     assert [r["step"] for r in read_jsonl(path)] == [2, 4]
     assert path.read_text().endswith("\n")
 
@@ -343,5 +343,5 @@ def test_resuming_from_an_older_checkpoint_trims_everything_past_it(tmp_path):
     train_mod.prepare_run_dir(str(run_dir), 2, False, {"seed": 3})
     assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "config.yaml", "ema_snapshots", "metrics.jsonl"]
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]
-    assert [s for s, _ in tracking.list_ema_snapshots(str(run_dir))] == [2]
+    assert [s for s, _ in runfolder.list_ema_snapshots(str(run_dir))] == [2]
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"seed": 3}
