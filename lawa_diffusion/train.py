@@ -11,60 +11,20 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 import yaml
 
 from lawa_diffusion import accelerate_hooks, runfolder
-from lawa_diffusion.config import TrainConfig, check, read_yaml
+from lawa_diffusion.config import TrainConfig, check, load_train_config
 from lawa_diffusion.files import atomic_write_text
 
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
 
 
 # ----------------------------------------------------------------------------- configuration
-def parse_overrides(items: Sequence[str]) -> dict:
-    """Nested mapping from ``key.sub=value`` strings; values are read as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
-    nested: dict = {}
-    for item in items:
-        check("=" in item, f"--set expects KEY=VALUE such as optim.learning_rate=2e-3, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = [p for p in key.strip().split(".")]
-        check(all(parts), f"--set key {key!r} is not a dotted option name such as optim.learning_rate")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            check(isinstance(node, dict), f"--set {key!r} conflicts with another --set of {part!r}")
-        node[parts[-1]] = value
-    return nested
-
-
-def merge_mappings(base: dict, updates: dict) -> dict:
-    """``base`` with ``updates`` merged in, recursively for nested mappings."""
-    merged = dict(base)
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_mappings(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = (),
-                      output_dir: Optional[str] = None) -> TrainConfig:
-    """The ``TrainConfig`` of a YAML file with ``--set`` overrides (unknown keys are refused with the valid list)."""
-    raw = merge_mappings(read_yaml(path), parse_overrides(overrides))
-    if output_dir is not None:
-        raw["output_dir"] = os.fspath(output_dir)
-    return TrainConfig.from_dict(raw)
-
-
 def plain(value: Any) -> Any:
     """``value`` with tuples as lists and mappings as dicts (YAML/JSON safe)."""
     if isinstance(value, dict) or hasattr(value, "items"):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lawa_diffusion import cli, runfolder, tracking
 from lawa_diffusion import train as train_mod
-from lawa_diffusion.config import TrainConfig
+from lawa_diffusion.config import TrainConfig, load_train_config
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.inception import stand_in_extractor
 
@@ -178,15 +178,15 @@ def test_unknown_config_key_lists_valid_keys(tmp_path, capsys):
 def test_unknown_nested_and_model_keys_are_refused(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "out"))
     with pytest.raises(ValueError, match="section 'optim' has unknown key.*lr;.*learning_rate"):
-        train_mod.load_train_config(path, ["optim.lr=1e-3"])
-    cfg = train_mod.load_train_config(path, ["model.channels=3"])
+        load_train_config(path, ["optim.lr=1e-3"])
+    cfg = load_train_config(path, ["model.channels=3"])
     with pytest.raises(ValueError, match="model has unknown key.*channels;.*block_out_channels"):
         train_mod.build_unet(cfg.model)
 
 
 def test_overrides_are_typed_and_merged(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "out"))
-    cfg = train_mod.load_train_config(path, ["optim.learning_rate=1e-3", "lawa.k=7", "eval.variants=[ema]",
+    cfg = load_train_config(path, ["optim.learning_rate=1e-3", "lawa.k=7", "eval.variants=[ema]",
                                              "model.sample_size=16", "mixed_precision=no"],
                                        output_dir=str(tmp_path / "x"))
     assert cfg.optim.learning_rate == 1e-3 and cfg.lawa.k == 7 and cfg.eval.variants == ["ema"]
