@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from typing import Any
 
 import torch
 
 from lawa_diffusion.files import atomic_save_safetensors
+from lawa_diffusion.output import warn
 
 
 def state_file(folder: str, name: str) -> str:
@@ -50,7 +50,7 @@ def load_engine_state(lawa: Any, folder: str) -> bool:
     """Load ``lawa``'s state from ``folder``; False (with a warning) when the folder has none."""
     path = state_file(folder, lawa.name)
     if not os.path.isfile(path):
-        warnings.warn(f"lawa: checkpoint {folder!r} holds no LAWA state for {lawa.name!r}; starting an empty window")
+        warn(f"lawa: checkpoint {folder!r} holds no LAWA state for {lawa.name!r}; starting an empty window")
         return False
     from safetensors import safe_open
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
 from lawa_diffusion.config import FID_RESIZE_MODES as RESIZE_MODES, FIDConfig, check
+from lawa_diffusion.output import say
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
@@ -70,7 +70,7 @@ def _download(split: str) -> str:
     import torchvision
 
     folder = _download_dir()
-    print(f"[data] downloading Fashion-MNIST with torchvision into {folder}", file=sys.stderr, flush=True)
+    say(f"downloading Fashion-MNIST with torchvision into {folder}", "data")
     try:
         torchvision.datasets.FashionMNIST(folder, train=split == "train", download=True)
     except Exception as e:  # offline or blocked: one message with what to do instead

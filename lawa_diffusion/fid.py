@@ -22,6 +22,7 @@ from lawa_diffusion import data as data_mod
 from lawa_diffusion.config import FIDConfig, check
 from lawa_diffusion.files import atomic_write
 from lawa_diffusion.inception import ISC_LAYER, Extractor, cache_root, load_extractor, resolve_weights
+from lawa_diffusion.output import is_main_process, warn
 
 STATS_FORMAT = 1
 ISC_CLASSES = 1008  # width of torch-fidelity's InceptionV3 logits
@@ -148,8 +149,8 @@ def _describe(source) -> str:
 def _load_stats_file(path: str, extractor_sha: Optional[str]) -> ReferenceStats:
     stats = ReferenceStats.load(path)
     if stats.inception_sha256 is None:
-        warnings.warn(f"stats file {path!r} does not record which Inception weights made it; the FID is only "
-                      "meaningful if they are the weights in use", UserWarning, stacklevel=3)
+        warn(f"stats file {path!r} does not record which Inception weights made it; the FID is only "
+             "meaningful if they are the weights in use", stacklevel=3)
     elif extractor_sha is not None and stats.inception_sha256 != extractor_sha:
         raise ValueError(f"stats file {path!r} was computed with Inception weights sha256 {stats.inception_sha256[:16]}..., "
                          f"but the weights in use have sha256 {extractor_sha[:16]}...; recompute it with "
@@ -186,7 +187,7 @@ def reference_stats(source, *, image_size: Optional[int] = None, num_images: Opt
                                 progress=progress, desc="reference features")
     stats = stats_from_features(features, extractor=extractor, source=_describe(source), features_max=features_max)
     stats.key = key
-    if cache and is_main(accelerator):
+    if cache and is_main_process(accelerator):
         stats.save(path)
         stats.path = path
     return stats
@@ -203,10 +204,6 @@ def _reference_images(source, image_size, resize_mode, num_images) -> torch.Tens
 
 
 # --------------------------------------------------------------------------- features (multi-process aware)
-
-
-def is_main(accelerator) -> bool:
-    return accelerator is None or accelerator.is_main_process
 
 
 def resolve_device(device, accelerator) -> torch.device:
@@ -247,7 +244,7 @@ def extract_features(images: torch.Tensor, extractor: Extractor, *, batch_size: 
     ISC logits."""
     layers = feature_layers(extractor, isc)
     compute = functools.partial(batched_features, lambda batch: images[batch[0]:batch[-1] + 1], extractor, layers,
-                                batch_size=batch_size, desc=desc, show=progress and is_main(accelerator))
+                                batch_size=batch_size, desc=desc, show=progress and is_main_process(accelerator))
     split = split_layers(map_split(images.shape[0], compute, accelerator), layers)
     return split if isc else split[extractor.layer]
 

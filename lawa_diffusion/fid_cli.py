@@ -19,6 +19,7 @@ from lawa_diffusion import fid
 from lawa_diffusion.config import FIDConfig, check
 from lawa_diffusion.fid import ReferenceStats, SmallSampleWarning, fid_of_images, reference_stats, warn_if_few
 from lawa_diffusion.inception import Extractor, load_extractor
+from lawa_diffusion.output import say
 from lawa_diffusion.sampling import SCHEDULER_CLASSES, evaluate_variants, image_shape
 
 _D = FIDConfig()  # defaults live in config.py
@@ -146,12 +147,10 @@ def _cli_evaluate(args, images, unet, model, extractor, reference) -> dict:
 
 
 def _scheduler_config(path: str, model: str) -> Optional[dict]:
-    import sys
-
     config = find_scheduler_config(path, model)
     if config is None:
-        print("note: no scheduler_config.json next to the model; sampling with diffusers' default noise schedule "
-              "(1000 steps, linear betas)", file=sys.stderr)
+        say("no scheduler_config.json next to the model; sampling with diffusers' default noise schedule "
+            "(1000 steps, linear betas)", "note")
     return config
 
 

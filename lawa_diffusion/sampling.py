@@ -20,6 +20,7 @@ from torch import nn
 from lawa_diffusion import fid
 from lawa_diffusion.config import FIDConfig, check
 from lawa_diffusion.inception import Extractor, load_extractor
+from lawa_diffusion.output import is_main_process
 
 _D = FIDConfig()  # defaults live in config.py
 
@@ -117,7 +118,7 @@ def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, refere
     """{name: Sampled} for each variant, every variant from the same noise; all processes take part and all
     get every feature (the samples are split between processes)."""
     layers = fid.feature_layers(extractor, isc)
-    show = progress and fid.is_main(accelerator)
+    show = progress and is_main_process(accelerator)
     meta = dict(num_samples=num_samples, inception_sha256=extractor.sha256, reference_key=reference_key,
                 scheduler=scheduler if isinstance(scheduler, str) else type(scheduler).__name__,
                 num_inference_steps=num_inference_steps, seed=seed)

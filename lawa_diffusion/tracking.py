@@ -15,6 +15,7 @@ import torch
 
 from lawa_diffusion import runfolder
 from lawa_diffusion.files import append_line, atomic_save_safetensors
+from lawa_diffusion.output import say
 
 
 # ----------------------------------------------------------------------------- EMA snapshot files
@@ -101,7 +102,7 @@ class MetricsRecorder:
     to every checkpoint's step, which exact resumption relies on.
     """
 
-    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = print,
+    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = say,
                  **metric_options):
         self.path, self.accelerator, self.write = path, accelerator, write
         self.metric_options = metric_options
@@ -185,7 +186,7 @@ class Tracker:
     def enabled(self) -> bool:
         return self.eval.every_n_steps > 0 or self.eval.at_end
 
-    def prepare(self, start_step: int, write: Callable[[str], None] = print) -> None:
+    def prepare(self, start_step: int, write: Callable[[str], None] = say) -> None:
         """Feature extractor and reference statistics (cached on disk by the FID module), before the first step."""
         self.last_step = start_step
         if not self.enabled:
@@ -193,9 +194,9 @@ class Tracker:
         from lawa_diffusion import fid, inception, sampling
 
         e, acc = self.eval, self.accelerator
-        if e.num_samples < e.warn_below and acc.is_main_process:
-            print(f"note: FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
-                  "with each other (same noise), not with published FIDs", flush=True)
+        if e.num_samples < e.warn_below:
+            say(f"FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
+                "with each other (same noise), not with published FIDs", "note")
         self.extractor = inception.load_extractor(self.weights, device=acc.device)
         self.reference = fid.reference_stats(
             e.reference, image_size=self.model_config["sample_size"], num_images=e.reference_num_images,
@@ -255,7 +256,7 @@ def write_report(run_dir: str) -> Optional[str]:
     try:
         summary = report.write_report([run_dir])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"report: not written ({e})", flush=True)
+        say(f"not written ({e})", "report")
         return None
     print(report.format_table(summary), flush=True)
     path = summary["files"]["json"]

@@ -20,6 +20,7 @@ import yaml
 from lawa_diffusion import accelerate_hooks, runfolder
 from lawa_diffusion.config import TrainConfig, check, load_train_config
 from lawa_diffusion.files import atomic_write_text
+from lawa_diffusion.output import say
 
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
 
@@ -154,7 +155,7 @@ def prepare_run_dir(run_dir: str, step: int, overwrite: bool, resolved: dict) ->
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     for path in runfolder.truncate_after(run_dir, step):
-        print(f"removing {path}: training continues from step {step}", flush=True)
+        say(f"removing {path}: training continues from step {step}", "train")
     atomic_write_text(runfolder.config_path(run_dir), yaml.safe_dump(resolved, sort_keys=False))
 
 
@@ -327,13 +328,6 @@ def run_loop(p: Parts, start_step: int) -> None:
     bar.close()
 
 
-def _write_line(line: str) -> None:
-    """Print above the progress bar."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line)
-
-
 def flat_hparams(cfg: TrainConfig) -> dict:
     """Scalar config values with dotted names (TensorBoard hparams take scalars only)."""
     out = {}
@@ -368,11 +362,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
         check(p.ema.optimization_step == step, f"checkpoint {checkpoint!r} holds EMA step "
               f"{p.ema.optimization_step}, not {step}; resume from an unmodified checkpoint folder")
     elif resume is not None and accelerator.is_main_process:
-        print(f"no checkpoint in {run_dir}: starting a new run", flush=True)
+        say(f"no checkpoint in {run_dir}: starting a new run", "train")
     if cfg.log_with:
         accelerator.init_trackers("lawa", config=flat_hparams(cfg))
     try:
-        p.tracker.prepare(start_step=step, write=_write_line)
+        p.tracker.prepare(start_step=step)
         run_loop(p, step)
     finally:
         try:
