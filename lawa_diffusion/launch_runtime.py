@@ -271,7 +271,7 @@ class FIDMonitor:
         self.reference = fid.reference_stats(self.cfg.fid_reference, image_size=size if isinstance(size, int) else None,
                                              weights=self.extractor, accelerator=self.accelerator,
                                              progress=_is_main_process())
-        sampling.check_reference(self.reference, self.extractor)
+        fid.check_weights(self.reference, self.extractor.sha256)
         fid.warn_if_few(self._options().get("num_samples", sampling.FIDConfig().num_samples))
         return True
 

@@ -269,13 +269,9 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
     e = from_mapping(FIDConfig, {k: v for k, v in ev.items() if k in fields}, "sweep eval settings")
     weights = weights or ev.get("inception_weights")
     stats = fid.reference_stats(e.reference, image_size=image_size, num_images=ev.get("reference_num_images"),
-                                batch_size=e.batch_size, device=device, weights=weights, resize_mode=e.resize_mode,
-                                features_max=e.reference_features_max, progress=progress)
-    return functools.partial(
-        sampling.evaluate_variants, reference=stats, num_samples=e.num_samples, batch_size=e.batch_size,
-        scheduler=e.scheduler, scheduler_config=_noise_scheduler_config(config),
-        num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, kid=e.kid, kid_subsets=e.kid_subsets,
-        kid_subset_size=e.kid_subset_size, weights=weights, device=device, progress=progress)
+                                device=device, weights=weights, progress=progress, cfg=e)
+    return functools.partial(sampling.evaluate_variants, reference=stats, cfg=e, weights=weights, device=device,
+                             scheduler_config=_noise_scheduler_config(config), progress=progress)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -103,21 +103,22 @@ class MetricsRecorder:
     """
 
     def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = say,
-                 **metric_options):
+                 cfg=None):
         self.path, self.accelerator, self.write = path, accelerator, write
-        self.metric_options = metric_options
+        self.cfg = cfg  # FIDConfig of the KID options (None: the defaults)
         self.background = background
         self._pool = None
         self._pending: collections.deque = collections.deque()
 
     def submit(self, step: int, sampled: dict, reference, extractor, lawa) -> None:
-        """Compute the metrics of ``sampled`` ({name: sampling.Sampled}) taken at ``step`` (now, or in the
-        background)."""
-        from lawa_diffusion import sampling
+        """Compute the metrics of ``sampled`` ({name: fid.Sampled}) taken at ``step`` (now, or in the
+        background); ``extractor`` made the features."""
+        from lawa_diffusion import fid
+
+        cfg = fid.settings(self.cfg)
 
         def compute() -> dict:
-            return {name: sampling.variant_metrics(s, reference, extractor, **self.metric_options)
-                    for name, s in sampled.items()}
+            return {name: fid.metrics_of(s, reference, cfg) for name, s in sampled.items()}
 
         if self.background:
             if self._pool is None:
@@ -191,22 +192,19 @@ class Tracker:
         self.last_step = start_step
         if not self.enabled:
             return
-        from lawa_diffusion import fid, inception, sampling
+        from lawa_diffusion import fid, inception
 
         e, acc = self.eval, self.accelerator
         if e.num_samples < e.warn_below:
             say(f"FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
                 "with each other (same noise), not with published FIDs", "note")
         self.extractor = inception.load_extractor(self.weights, device=acc.device)
-        self.reference = fid.reference_stats(
-            e.reference, image_size=self.model_config["sample_size"], num_images=e.reference_num_images,
-            batch_size=e.batch_size, weights=self.extractor, accelerator=acc, resize_mode=e.resize_mode,
-            features_max=e.reference_features_max, progress=acc.is_main_process)
-        sampling.check_reference(self.reference, self.extractor)
-        self.recorder = MetricsRecorder(runfolder.metrics_path(self.run_dir), acc,
-                                        background=metrics_in_background(e.background_metrics, acc.device),
-                                        write=write, kid=e.kid, kid_subsets=e.kid_subsets,
-                                        kid_subset_size=e.kid_subset_size)
+        stats = fid.reference_stats(e.reference, image_size=self.model_config["sample_size"], cfg=e,
+                                    num_images=e.reference_num_images, weights=self.extractor, accelerator=acc,
+                                    progress=acc.is_main_process)
+        self.reference = fid.check_weights(stats, self.extractor.sha256)
+        self.recorder = MetricsRecorder(runfolder.metrics_path(self.run_dir), acc, cfg=e, write=write,
+                                        background=metrics_in_background(e.background_metrics, acc.device))
 
     def due(self, step: int, final: bool) -> bool:
         e = self.eval
@@ -230,11 +228,9 @@ class Tracker:
         variants = weight_variants(e.variants, acc.unwrap_model(self.unet), self.ema)
         if not variants:
             return
-        sampled = sampling.sample_variants(
-            variants, self.extractor, reference_key=self.reference.key, num_samples=e.num_samples,
-            batch_size=e.batch_size, scheduler=e.scheduler, scheduler_config=self.scheduler_config,
-            num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, accelerator=acc,
-            progress=acc.is_main_process)
+        sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key, cfg=e,
+                                           scheduler_config=self.scheduler_config, accelerator=acc,
+                                           progress=acc.is_main_process)
         if acc.is_main_process:
             self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa)
         self.last_step = step

@@ -275,10 +275,10 @@ def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkp
     checkpoint's step is in metrics.jsonl when that checkpoint is saved, even with slow maths."""
     import time as time_mod
 
-    from lawa_diffusion import sampling
+    from lawa_diffusion import fid
 
-    real_metrics, real_save = sampling.variant_metrics, train_mod.save_checkpoint
-    monkeypatch.setattr(sampling, "variant_metrics", lambda *a, **k: (time_mod.sleep(0.3), real_metrics(*a, **k))[1])
+    real_metrics, real_save = fid.metrics_of, train_mod.save_checkpoint
+    monkeypatch.setattr(fid, "metrics_of", lambda *a, **k: (time_mod.sleep(0.3), real_metrics(*a, **k))[1])
     on_disk = {}
 
     def save(parts, step):
@@ -288,7 +288,7 @@ def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkp
     monkeypatch.setattr(train_mod, "save_checkpoint", save)
     background = run(tiny_config(tmp_path / "background", eval={"background_metrics": True}))
     assert on_disk == {4: 4, 8: 8}
-    monkeypatch.setattr(sampling, "variant_metrics", real_metrics)
+    monkeypatch.setattr(fid, "metrics_of", real_metrics)
     inline = run(tiny_config(tmp_path / "inline", eval={"background_metrics": False}))  # full_run: default (CPU)
     rows = {name: read_jsonl(os.path.join(d, "metrics.jsonl")) for name, d in
             (("full", full_run), ("background", background), ("inline", inline))}
@@ -304,7 +304,7 @@ def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch)
     import threading
     from types import SimpleNamespace
 
-    from lawa_diffusion import sampling
+    from lawa_diffusion import fid
 
     gate = threading.Event()
 
@@ -314,12 +314,12 @@ def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch)
             raise ValueError("bad features")
         return {"fid": sampled.meta["value"], "num_samples": 2, "inception_sha256": "abc"}
 
-    monkeypatch.setattr(sampling, "variant_metrics", metrics)
+    monkeypatch.setattr(fid, "metrics_of", metrics)
     path, lines = tmp_path / "m.jsonl", []
     recorder = tracking.MetricsRecorder(str(path), None, background=True, write=lines.append)
     lawa = SimpleNamespace(config=SimpleNamespace(k=2, every_n_steps=5), num_snapshots=1)
     for step in (5, 10):
-        recorder.submit(step, {"ema": sampling.Sampled({}, 0.5, {"value": float(step)})}, None, None, lawa)
+        recorder.submit(step, {"ema": fid.Sampled({}, 0.5, {"value": float(step)})}, None, None, lawa)
         lawa.num_snapshots += 1  # the row keeps the count at the time of the evaluation
     assert recorder.collect() == [] and recorder.pending == 2 and not path.exists()
     gate.set()
@@ -328,7 +328,7 @@ def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch)
     assert read_jsonl(path) == rows
     assert lines == ["step 5: FID ema 5.00  lawa -  (k=2, 1 snapshots)", "step 10: FID ema 10.00  lawa -  (k=2, 2 snapshots)"]
     failing = tracking.MetricsRecorder(str(tmp_path / "f.jsonl"), None, background=True, write=lines.append)
-    failing.submit(15, {"ema": sampling.Sampled({}, 0.5, {"value": -1.0})}, None, None, lawa)
+    failing.submit(15, {"ema": fid.Sampled({}, 0.5, {"value": -1.0})}, None, None, lawa)
     with pytest.raises(ValueError, match="bad features"):
         failing.close()
 
