@@ -296,29 +296,3 @@ def fit_to_size(images: torch.Tensor, image_size: int, mode: str = DEFAULT_RESIZ
     if any(padding):
         images = TF.pad(images, padding, fill=0)
     return TF.center_crop(images, [image_size, image_size])
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Training view of uint8 images: float32 [C, S, S] in [-1, 1], optionally flipped left-right at random."""
-
-    def __init__(self, images: torch.Tensor, random_flip: bool = False):
-        self.images = images
-        self.random_flip = random_flip
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        x = self.images[index].float() / 127.5 - 1.0
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
-
-
-def make_dataset(source, image_size: Optional[int] = None, *, random_flip: bool = False,
-                 resize_mode: str = DEFAULT_RESIZE_MODE) -> ImageDataset:
-    """Dataset for training from any image source, brought to ``image_size`` once, up front."""
-    images = load_images(source)
-    if image_size is not None:
-        images = fit_to_size(images, image_size, resize_mode)
-    return ImageDataset(images, random_flip)
