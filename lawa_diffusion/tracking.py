@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -16,6 +17,8 @@ import torch
 from lawa_diffusion import runfolder
 from lawa_diffusion.files import append_line, atomic_save_safetensors
 from lawa_diffusion.output import say
+
+SAY_LINE = functools.partial(say, who=None)  # metrics lines as they are: "step 600: FID ema ..."
 
 
 # ----------------------------------------------------------------------------- EMA snapshot files
@@ -102,7 +105,7 @@ class MetricsRecorder:
     to every checkpoint's step, which exact resumption relies on.
     """
 
-    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = say,
+    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = SAY_LINE,
                  cfg=None):
         self.path, self.accelerator, self.write = path, accelerator, write
         self.cfg = cfg  # FIDConfig of the KID options (None: the defaults)
@@ -187,7 +190,7 @@ class Tracker:
     def enabled(self) -> bool:
         return self.eval.every_n_steps > 0 or self.eval.at_end
 
-    def prepare(self, start_step: int, write: Callable[[str], None] = say) -> None:
+    def prepare(self, start_step: int, write: Callable[[str], None] = SAY_LINE) -> None:
         """Feature extractor and reference statistics (cached on disk by the FID module), before the first step."""
         self.last_step = start_step
         if not self.enabled:
