@@ -22,10 +22,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def numel_total(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors)
-
-
 def flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy)."""
     views, offset = [], 0
