@@ -328,8 +328,11 @@ class DiskRing(Ring):
         cuda = _on_cuda(source_device)
         self.copier = DeviceToHost(source_device, dtype, self.shapes) if cuda else None
         self.free: "queue.Queue" = queue.Queue()
+        self._row_views: Dict[int, List[torch.Tensor]] = {}  # staging row id -> views shaped like the source
         for _ in range(self.STAGING_ROWS):
-            self.free.put(torch.empty(numel, dtype=dtype, pin_memory=cuda))
+            row = torch.empty(numel, dtype=dtype, pin_memory=cuda)
+            self._row_views[id(row)] = self.views(row)
+            self.free.put(row)
         self._checks: Dict[int, FiniteCheck] = {}
         self.queue: "queue.Queue" = queue.Queue()
         self.error: Optional[BaseException] = None
@@ -387,7 +390,7 @@ class DiskRing(Ring):
             self._checks[slot] = self.copier.copy(row, tensors)
             event = self.copier.event
         else:
-            foreach_copy(self.views(row), [t.detach().cpu() for t in tensors])
+            foreach_copy(self._row_views[id(row)], [t.detach().cpu() for t in tensors])
             self._checks[slot] = FiniteCheck(nonfinite_flag([row]))
             event = None
         old = self.slot_step.get(slot)
