@@ -67,9 +67,6 @@ class FiniteCheck:
         else:
             self.value = flag
 
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
-
     def passed(self) -> bool:
         """True when the flag is finite (then every element is); waits for the flag's copy only."""
         if self.event is not None:
@@ -268,9 +265,11 @@ class HostRing(Ring):
         self._checks: Dict[int, FiniteCheck] = {}
 
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
-        if self.copier is not None:
+        if self.copier is not None and tensors[0].is_cuda:
             self._checks[slot] = self.copier.copy(self.buffer[slot], tensors)
             return
+        self._checks.pop(slot, None)
+        self.sync()
         foreach_copy(self.slot_views(slot), [t.detach().cpu() if t.device.type != "cpu" else t for t in tensors])
 
     def finite_check(self, slot: int) -> FiniteCheck:
@@ -296,7 +295,8 @@ class HostRing(Ring):
             return mean_of_rows(self.buffer[: len(slots)] if contiguous else self.buffer[slots], out)
         # uploads run on the copier's stream, after any pending snapshot copy: no host wait
         readers = [lambda a, b, s=slot: self.buffer[s, a:b] for slot in slots]
-        return streamed_mean(out, readers, self.numel, self.dtype, self.copier.stream, pinned=True)
+        stream = self.copier.stream if self.copier is not None else None
+        return streamed_mean(out, readers, self.numel, self.dtype, stream, pinned=self.cuda)
 
 
 _DISK_NAME = re.compile(r"^(?P<name>.+)-step(?P<step>\d{9,})\.safetensors$")
@@ -386,7 +386,7 @@ class DiskRing(Ring):
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
         self._check()
         row = self.free.get()  # waits only when two earlier snapshots are still being written
-        if self.copier is not None:
+        if self.copier is not None and tensors[0].is_cuda:
             self._checks[slot] = self.copier.copy(row, tensors)
             event = self.copier.event
         else:
