@@ -40,8 +40,7 @@ def foreach_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_b
         raise ValueError(f"cannot copy {len(src)} tensors into {len(dst)}")
     if not dst:
         return
-    same_device = all(d.device == s.device for d, s in zip(dst, src))
-    if same_device and hasattr(torch, "_foreach_copy_"):
+    if hasattr(torch, "_foreach_copy_"):  # fused where devices and layouts allow, per tensor (any devices) elsewhere
         torch._foreach_copy_(list(dst), list(src), non_blocking=non_blocking)
     else:
         for d, s in zip(dst, src):

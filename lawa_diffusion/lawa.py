@@ -58,6 +58,7 @@ class LAWA:
         self._ring: Optional[Ring] = None
         self._order: List[Tuple[int, int]] = []  # (step, slot), oldest first
         self._pending: List[Tuple[int, int, FiniteCheck]] = []  # (step, slot, check) not read yet
+        self._checked_ids: List[int] = []  # ids of the source tensors whose layout was last checked
         self._calls = 0
         self._avg: Optional[torch.Tensor] = None
         self._since_exact = 0
@@ -195,6 +196,8 @@ class LAWA:
 
     @staticmethod
     def _check_layout(source: Sequence[torch.Size], state: Sequence[torch.Size], what: str) -> None:
+        if [torch.Size(s) for s in source] == [torch.Size(s) for s in state]:
+            return
         check(len(source) == len(state),
               f"lawa source has {len(source)} tensors but the {what} has {len(state)}; "
               "use the same model (and EMA) as the run that saved the state")
@@ -207,12 +210,15 @@ class LAWA:
         return self.source.tensors()[0].device
 
     def _ensure_ring(self, tensors: Sequence[torch.Tensor]) -> None:
-        numel, dtype, shapes = self._layout_of(tensors)
         if self._ring is None:
+            numel, dtype, shapes = self._layout_of(tensors)
             self._ring = make_ring(self.config.storage, self.config.k, numel, dtype, shapes,
                                    tensors[0].device, self.config.snapshot_dir, self.name)
             return
-        self._check_layout(shapes, self._ring.shapes, "LAWA state")
+        ids = list(map(id, tensors))
+        if ids != self._checked_ids:  # the same tensors as last time need no new layout check
+            self._check_layout([t.shape for t in tensors], self._ring.shapes, "LAWA state")
+            self._checked_ids = ids
         self._ring.follow(tensors[0].device)
 
     # --------------------------------------------------------------- average

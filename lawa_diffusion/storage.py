@@ -270,7 +270,7 @@ class HostRing(Ring):
             return
         self._checks.pop(slot, None)
         self.sync()
-        foreach_copy(self.slot_views(slot), [t.detach().cpu() if t.device.type != "cpu" else t for t in tensors])
+        foreach_copy(self.slot_views(slot), tensors)
 
     def finite_check(self, slot: int) -> FiniteCheck:
         return self._checks.pop(slot) if slot in self._checks else super().finite_check(slot)
@@ -390,7 +390,7 @@ class DiskRing(Ring):
             self._checks[slot] = self.copier.copy(row, tensors)
             event = self.copier.event
         else:
-            foreach_copy(self._row_views[id(row)], [t.detach().cpu() for t in tensors])
+            foreach_copy(self._row_views[id(row)], tensors)
             self._checks[slot] = FiniteCheck(nonfinite_flag([row]))
             event = None
         old = self.slot_step.get(slot)
