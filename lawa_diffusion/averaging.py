@@ -23,15 +23,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy)."""
-    views, offset = [], 0
-    for t in like:
-        n = t.numel()
-        views.append(flat[offset:offset + n].view(t.shape))
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat buffer holds {flat.numel()} elements but the tensors need {offset}")
-    return views
+    """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy), built in one C++ call."""
+    like = list(like)
+    needed = sum(t.numel() for t in like)
+    if needed != flat.numel():
+        raise ValueError(f"flat buffer holds {flat.numel()} elements but the tensors need {needed}")
+    if not like:
+        return []
+    return list(torch._utils._unflatten_dense_tensors(flat, like))
 
 
 def foreach_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_blocking: bool = False) -> None:
