@@ -157,7 +157,8 @@ class LAWA:
         slot, evicted = self._next_slot()
         old_row = None
         if self.config.keep_average and evicted is not None and self._avg is not None:
-            old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True)
+            # (non-blocking from a pinned row: the ring's next copy into that slot waits for this stream)
+            old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True, non_blocking=True)
         self._ring.write(slot, step, tensors)
         if not self.defer_source_wait:
             self._ring.wait_source_read()
