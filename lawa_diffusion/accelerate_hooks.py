@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lawa_diffusion.files import atomic_save_safetensors
+from lawa_diffusion.files import atomic_save_safetensors, link_or_copy_atomic
 from lawa_diffusion.output import warn
 
 
@@ -34,8 +34,6 @@ def save_engine_state(lawa: Any, folder: str) -> None:
     if "files" in state:
         link_dir = os.path.join(folder, f"lawa_snapshots_{lawa.name}")
         os.makedirs(link_dir, exist_ok=True)
-        from lawa_diffusion.lawa import link_or_copy_atomic
-
         names = []
         for path in state["files"]:
             link_or_copy_atomic(path, os.path.join(link_dir, os.path.basename(path)))
