@@ -1,22 +1,30 @@
-"""Benchmark of the LAWA engine; prints one JSON object per line.
+"""Benchmark of the LAWA engine against the copies that bound it, each measured in the same run.
+
+Prints one JSON object per line:
 
   {"bench": "device", ...}                                   where it ran
-  {"bench": "snapshot", "storage": S, "ratio_vs_foreach_copy": r, ...}
-      time of ``lawa.step`` when it snapshots ÷ one ``torch._foreach_copy_`` of the same tensors into a
-      preallocated destination of the same kind (device buffer; host buffer, pinned on CUDA).
-      Target r <= 1.11 (>= 0.9x the copy's speed). For "disk" the time is what the training thread
-      waits (the file is written by the background thread, outside the timed region).
-  {"bench": "average", "storage": S, "fraction_of_bandwidth_bound": f, ...}
-      bound = (k+1)·P·bytes at the bandwidth of a plain copy (read + write) ÷ time of
-      ``lawa.average_flat()``. Target f >= 0.7.
-  {"bench": "train_step_overhead", "ratio": r, ...}
-      time of training steps with ``LAWAEMAModel`` (k=5, ν=100, storage "cpu") ÷ with diffusers'
-      ``EMAModel.step``, on a small UNet2DModel; the two alternate step by step on the same model (order
-      swapped every pair), each repeat covers ν steps of each (one snapshot), ratio = median over repeats.
-      Target r <= 1.01.
+  {"bench": "bound", "copy": C, "ms": t, "gbps": b}          the reference copies, of the snapshot bytes:
+      "hbm" a device-to-device copy (fp32), "foreach" one ``torch._foreach_copy_`` of the source tensors
+      into a device buffer, "d2h_pinned" / "h2d_pinned" one copy of a row (storage dtype) from the
+      device into pinned host memory / back. On a CPU-only machine every copy is a host copy.
+  {"bench": "snapshot", "storage": S, ...}
+      device: ``lawa.step`` (copy + NaN/Inf flag) and the ring write alone ÷ the foreach copy
+      (target <= 1.1). cpu: time until the row is in host memory ÷ d2h_pinned (target <= 1.1);
+      on a CPU-only machine the ring write ÷ a foreach copy into a host buffer (target <= 1.05).
+      disk: time the training thread spends in ``lawa.step`` ÷ d2h_pinned (target <= 1.2); the
+      file is written by the background thread, outside the timed region.
+  {"bench": "average", "storage": S, "fraction_of_bound": f, ...}
+      device: bound = (k+1)·P·bytes at the hbm copy rate (target >= 0.7); cpu and disk: bound = k rows
+      at the h2d_pinned rate (target >= 0.8).
+  {"bench": "train_step_overhead", "ratio": r, "host_mb_added": h, "device_mb_added": d, ...}
+      training steps with ``LAWAEMAModel`` (k=5, storage "cpu", bfloat16 snapshots) ÷ the same steps with
+      diffusers' ``EMAModel.step``, alternating on the same model (order swapped every pair); each repeat
+      covers ν steps of each (one snapshot), ratio = median over repeats (target <= 1.01). On CUDA the
+      model is an SD-1.5-size ``UNet2DConditionModel`` (~860M parameters, random init, bf16 autocast);
+      on the CPU a tiny ``UNet2DModel``. Memory added = after k snapshots minus before the first.
 
-All ratios are measured side by side in one run (medians of interleaved repeats).
-Usage: python benchmarks/bench_lawa.py [--device cuda] [--numel N] [--repeats R]
+Usage: python benchmarks/bench_lawa.py [--tiny] [--device cuda] [--numel N] [--repeats R] [--skip_train]
+``--tiny`` runs everything end to end on a CPU in well under a minute.
 """
 from __future__ import annotations
 
@@ -36,16 +44,23 @@ from lawa_diffusion import LAWA, LAWAConfig
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--numel", type=int, default=0, help="elements per snapshot (0: 8M on CPU, 200M on CUDA)")
+    p.add_argument("--tiny", action="store_true", help="small sizes: the whole benchmark in seconds on a CPU")
+    p.add_argument("--numel", type=int, default=0, help="elements per snapshot (0: 200M on CUDA, 8M on CPU, 1M tiny)")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats (0: 10, 5 tiny)")
     p.add_argument("--train_repeats", type=int, default=3)
-    p.add_argument("--train_every", type=int, default=100, help="ν of the training-step benchmark")
+    p.add_argument("--train_every", type=int, default=0, help="ν of the training-step benchmark (0: 20 on CUDA, 100 on CPU)")
+    p.add_argument("--train_batch", type=int, default=2)
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time, steadier on a busy CPU-only machine (use with --threads 1)")
-    return p.parse_args()
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.numel = args.numel or (1_000_000 if args.tiny else 200_000_000 if cuda else 8_000_000)
+    args.repeats = args.repeats or (5 if args.tiny else 10)
+    args.train_every = args.train_every or (20 if cuda else 50 if args.tiny else 100)
+    return args
 
 
 def emit(**fields) -> None:
@@ -61,12 +76,18 @@ CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], None], device: torch.device, wait: bool = True) -> float:
+    """Seconds ``fn`` takes; with ``wait`` until the device is done too, else the host's time in the call."""
     sync(device)
     start = clock()
     fn()
-    sync(device)
+    if wait:
+        sync(device)
     return clock() - start
+
+
+def median_ms(fn: Callable[[], None], device, repeats: int, wait: bool = True) -> float:
+    return statistics.median([timed(fn, device, wait) for _ in range(repeats + 2)][2:]) * 1e3
 
 
 def model_like_tensors(numel: int, device: torch.device, width: int = 128) -> List[torch.Tensor]:
@@ -80,12 +101,7 @@ def model_like_tensors(numel: int, device: torch.device, width: int = 128) -> Li
     return tensors
 
 
-def destination_like(storage: str, tensors: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
-    numel = sum(t.numel() for t in tensors)
-    if storage == "device":
-        flat = torch.empty(numel, device=device)
-    else:
-        flat = torch.empty(numel, pin_memory=device.type == "cuda")
+def views_of(flat: torch.Tensor, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     out, offset = [], 0
     for t in tensors:
         out.append(flat[offset:offset + t.numel()].view(t.shape))
@@ -93,83 +109,126 @@ def destination_like(storage: str, tensors: List[torch.Tensor], device: torch.de
     return out
 
 
+def bounds(tensors, device, args) -> dict:
+    """Reference copies of the snapshot's bytes: {name: (ms, fn)} for hbm, foreach (device and host), d2h, h2d."""
+    numel, cuda = sum(t.numel() for t in tensors), device.type == "cuda"
+    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
+    device_views = views_of(torch.empty(numel, device=device), tensors)
+    host_views = views_of(torch.empty(numel, pin_memory=cuda), tensors)
+    row_device, row_host = torch.empty(numel, device=device), torch.empty(numel, pin_memory=cuda)
+    fns = {
+        "hbm": lambda: dst.copy_(src),
+        "foreach": lambda: torch._foreach_copy_(device_views, tensors),
+        "foreach_host": (lambda: [v.copy_(t, non_blocking=True) for v, t in zip(host_views, tensors)]) if cuda
+        else (lambda: torch._foreach_copy_(host_views, tensors)),
+        "d2h_pinned": lambda: row_host.copy_(row_device, non_blocking=True),
+        "h2d_pinned": lambda: row_device.copy_(row_host, non_blocking=True),
+    }
+    ms = {name: median_ms(fn, device, args.repeats) for name, fn in fns.items()}
+    moved = {"hbm": 2 * numel * 4, "foreach": 2 * numel * 4, "foreach_host": numel * 4, "d2h_pinned": numel * 4,
+             "h2d_pinned": numel * 4}
+    for name, t in ms.items():
+        emit(bench="bound", copy=name, numel=numel, ms=round(t, 3), gbps=round(moved[name] / t / 1e6, 2))
+    return {name: (ms[name], fns[name]) for name in fns}
+
+
 def make_lawa(storage: str, tensors, k: int, folder: str) -> LAWA:
     cfg = LAWAConfig(k=k, every_n_steps=1, storage=storage, snapshot_dir=folder if storage == "disk" else None)
     lawa = LAWA(tensors, cfg)
     for step in range(1, k + 1):  # allocate and fill the ring
         lawa.step(step)
+    lawa.resolve_checks()
     lawa._ring.sync()
     return lawa
 
 
-def bench_snapshot(storage: str, tensors, device, args, folder: str) -> LAWA:
+def bench_snapshot(storage: str, tensors, device, args, folder: str, bound: dict) -> LAWA:
+    """Snapshot times, each repeat interleaved with the copy it is compared with (a busy machine drifts)."""
     lawa = make_lawa(storage, tensors, args.k, folder)
-    dst = destination_like(storage, tensors, device)
-    baseline = lambda: torch._foreach_copy_(dst, tensors, non_blocking=True)  # noqa: E731
-    step = args.k
-    snap, write, base = [], [], []
-    for i in range(args.repeats + 2):
+    ring, step, disk = lawa._ring, args.k, storage == "disk"
+    reference = {"device": "foreach", "cpu": "d2h_pinned" if device.type == "cuda" else "foreach_host"}.get(storage, "d2h_pinned")
+    write_reference = "foreach" if storage == "device" else "foreach_host"
+    times = {"call": [], "done": [], "write": [], reference: [], write_reference: []}
+    for i in range(min(args.repeats, 3) + 2 if disk else args.repeats + 2):
+        lawa.resolve_checks()  # (read the previous check outside the timed region)
         step += 1
-        t_snap = timed(lambda: lawa.step(step), device)
-        lawa._ring.sync()  # disk: let the background write finish outside the timed region
-        t_write = timed(lambda: lawa._ring.write(lawa._order[-1][1], step, tensors), device)  # the copy alone
-        lawa._ring.sync()
-        t_base = timed(baseline, device)
-        if i >= 2:  # warm-up
-            snap.append(t_snap)
-            write.append(t_write)
-            base.append(t_base)
-    ms, mw, mb = statistics.median(snap), statistics.median(write), statistics.median(base)
-    emit(bench="snapshot", storage=storage, numel=sum(t.numel() for t in tensors), num_tensors=len(tensors),
-         snapshot_ms=round(ms * 1e3, 3), ring_write_ms=round(mw * 1e3, 3), foreach_copy_ms=round(mb * 1e3, 3),
-         ratio_vs_foreach_copy=round(ms / mb, 3), ring_write_ratio_vs_foreach_copy=round(mw / mb, 3))
+        took = {"call": timed(lambda: lawa.step(step), device, wait=False)}  # what the training thread spends
+        sync(device)
+        ring.sync()  # disk: the background write runs outside the timed region
+        took[reference] = timed(bound[reference][1], device)
+        if not disk:
+            step += 1
+            took["done"] = timed(lambda: lawa.step(step), device)  # until the row is stored
+            took["write"] = timed(lambda: ring.write(lawa._order[-1][1], step, tensors), device)  # the copy alone
+            took[write_reference] = timed(bound[write_reference][1], device)
+        for name, t in took.items():
+            if i >= 2:  # warm-up
+                times[name].append(t * 1e3)
+    ms = {name: round(statistics.median(t), 3) for name, t in times.items() if t}
+    row = dict(bench="snapshot", storage=storage, numel=ring.numel, num_tensors=len(tensors),
+               **{f"{name}_ms": t for name, t in ms.items()})
+    if disk:
+        row.update(wait_ratio_vs_d2h_pinned=round(ms["call"] / ms["d2h_pinned"], 3))
+    else:
+        row.update({f"ratio_vs_{reference}": round(ms["done"] / ms[reference], 3),
+                    f"ring_write_ratio_vs_{write_reference}": round(ms["write"] / ms[write_reference], 3)})
+    emit(**row)
     return lawa
 
 
-def copy_bandwidth(numel: int, device: torch.device, repeats: int) -> float:
-    """Bytes per second of a plain copy between two fp32 buffers, counting read + write."""
-    src, dst = torch.randn(numel, device=device), torch.empty(numel, device=device)
-    times = [timed(lambda: dst.copy_(src), device) for _ in range(repeats + 2)][2:]
-    return 2 * numel * 4 / statistics.median(times)
-
-
-def bench_average(storage: str, lawa: LAWA, device, args, bandwidth: float) -> None:
+def bench_average(storage: str, lawa: LAWA, device, args, bound: dict) -> None:
     numel, itemsize = lawa._ring.numel, lawa._ring.dtype.itemsize
-    times = [timed(lawa.average_flat, device) for _ in range(args.repeats + 2)][2:]
-    t = statistics.median(times)
-    bound = (args.k + 1) * numel * itemsize / bandwidth
-    emit(bench="average", storage=storage, k=args.k, numel=numel, average_ms=round(t * 1e3, 3),
-         bound_ms=round(bound * 1e3, 3), copy_bandwidth_gbps=round(bandwidth / 1e9, 2),
-         fraction_of_bandwidth_bound=round(bound / t, 3))
+    t = median_ms(lawa.average_flat, device, min(args.repeats, 3) if storage == "disk" else args.repeats)
+    if storage == "device" or device.type != "cuda":
+        name, b = "hbm", bound["hbm"][0] * (args.k + 1) * itemsize / 8  # hbm moved 8 bytes per element
+    else:
+        name, b = "h2d_pinned", bound["h2d_pinned"][0] * args.k * itemsize / 4
+    row = dict(bench="average", storage=storage, k=args.k, numel=numel, average_ms=round(t, 3), bound=name,
+               bound_ms=round(b, 3), fraction_of_bound=round(b / t, 3))
+    if storage == "device":  # the same reduction written as a sum and a division, for comparison
+        rows, out = lawa._ring.buffer, torch.empty(numel, device=device)
+        alt = median_ms(lambda: torch.sum(rows, 0, dtype=torch.float32, out=out).div_(args.k), device, args.repeats)
+        row.update(sum_then_div_ms=round(alt, 3))
+    emit(**row)
 
 
-def small_unet():
+# ------------------------------------------------------------------------------------ training step
+def unet_and_batch(device: torch.device, batch: int, tiny: bool):
+    """SD-1.5-size UNet2DConditionModel on CUDA (random init, built on the device), a tiny UNet2DModel on CPU."""
+    torch.manual_seed(0)
+    if device.type == "cuda" and not tiny:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device(device):
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        x = torch.randn(batch, 4, 64, 64, device=device)
+        cond = torch.randn(batch, 77, 768, device=device)
+        return unet, lambda: unet(x, torch.randint(0, 1000, (batch,), device=device), cond).sample
     from diffusers import UNet2DModel
 
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
                        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8).to(device)
+    x = torch.randn(batch, 3, 16, 16, device=device)
+    return unet, lambda: unet(x, torch.randint(0, 1000, (batch,), device=device)).sample
 
 
-def training_setup(device, every: int):
-    from lawa_diffusion import LAWAEMAModel
-
-    unet = small_unet().to(device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    ema = LAWAEMAModel(unet.parameters(), decay=0.999, lawa=LAWAConfig(k=5, every_n_steps=every, storage="cpu"))
-    ema.to(device)
-    return unet, opt, ema
+def host_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
-def one_step(setup, batch, lawa_step: int) -> None:
+def one_step(unet, forward, opt, ema, device, lawa_step: int) -> None:
     """A training step; with ``lawa_step`` > 0 the EMA update is followed by LAWA's, as in
     ``LAWAEMAModel.step`` but counted on the LAWA steps alone."""
     from diffusers.training_utils import EMAModel
 
-    unet, opt, ema = setup
-    x, t = batch
-    unet(x, t).sample.square().mean().backward()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = forward().float().square().mean()
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if lawa_step:
@@ -182,25 +241,46 @@ def one_step(setup, batch, lawa_step: int) -> None:
 def bench_train_step(device, args) -> None:
     """EMA+LAWA vs EMA-only steps alternating (order swapped every pair) on the same model, optimizer
     and EMA, so both see the same memory and caches."""
-    g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(4, 3, 16, 16, generator=g).to(device), torch.randint(0, 1000, (4,), generator=g).to(device))
-    setup = training_setup(device, args.train_every)
-    ratios, totals, lawa_steps = [], {"ema": [], "lawa": []}, 0
+    from lawa_diffusion import LAWAEMAModel
+
+    unet, forward = unet_and_batch(device, args.train_batch, args.tiny)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=cuda)
+    every = args.train_every
+    ema = LAWAEMAModel(unet.parameters(), decay=0.999, foreach=True,
+                       lawa=LAWAConfig(k=5, every_n_steps=every, storage="cpu", dtype="bfloat16"))
+    ema.to(device)
+    for _ in range(2):  # warm-up: optimizer state, autocast caches
+        one_step(unet, forward, opt, ema, device, 0)
+    sync(device)
+    host0, dev0 = host_rss(), torch.cuda.memory_allocated(device) if cuda else 0
+    one_step(unet, forward, opt, ema, device, every)  # the first snapshot allocates the ring: not timed
+    ratios, totals, lawa_steps = [], {"ema": [], "lawa": []}, every
     for _ in range(args.train_repeats):
         spent = {"ema": 0.0, "lawa": 0.0}
-        for i in range(args.train_every):  # ν LAWA steps: one snapshot per repeat
+        for i in range(every):  # ν LAWA steps: one snapshot per repeat
             for name in (("ema", "lawa") if i % 2 == 0 else ("lawa", "ema")):
                 lawa_steps += name == "lawa"
                 step = lawa_steps if name == "lawa" else 0
-                spent[name] += timed(lambda: one_step(setup, batch, step), device)
+                spent[name] += timed(lambda: one_step(unet, forward, opt, ema, device, step), device)
         ratios.append(spent["lawa"] / spent["ema"])
         for name in spent:
             totals[name].append(spent[name])
-    emit(bench="train_step_overhead", k=5, every_n_steps=args.train_every, storage="cpu",
-         params=sum(p.numel() for p in setup[0].parameters()), snapshots_taken=lawa_steps // args.train_every,
-         ema_step_ms=round(statistics.median(totals["ema"]) / args.train_every * 1e3, 3),
-         lawa_ema_step_ms=round(statistics.median(totals["lawa"]) / args.train_every * 1e3, 3),
-         ratio=round(statistics.median(ratios), 4), ratio_min=round(min(ratios), 4), ratio_max=round(max(ratios), 4))
+    while ema.lawa.num_snapshots < 5:  # fill the window to measure the memory it holds
+        lawa_steps += every
+        ema.lawa.step(lawa_steps)
+    ema.lawa.resolve_checks()
+    sync(device)
+    host_added = host_rss() - host0
+    dev_added = (torch.cuda.memory_allocated(device) - dev0) if cuda else 0
+    emit(bench="train_step_overhead", model=type(unet).__name__, params=sum(p.numel() for p in unet.parameters()),
+         k=5, every_n_steps=every, storage="cpu", dtype="bfloat16", autocast="bfloat16",
+         snapshots_taken=args.train_repeats, ema_step_ms=round(statistics.median(totals["ema"]) / every * 1e3, 3),
+         lawa_ema_step_ms=round(statistics.median(totals["lawa"]) / every * 1e3, 3),
+         ratio=round(statistics.median(ratios), 4), ratio_min=round(min(ratios), 4), ratio_max=round(max(ratios), 4),
+         host_mb_added=round(host_added / 2**20, 1), device_mb_added=round(dev_added / 2**20, 1),
+         ring_mb=round(5 * sum(p.numel() for p in unet.parameters()) * 2 / 2**20, 1))
+    ema.lawa.close()
 
 
 def main() -> None:
@@ -212,20 +292,22 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and args.clock == "cpu":
         raise SystemExit("--clock cpu measures host CPU time only; use --clock wall with --device cuda")
-    numel = args.numel or (200_000_000 if device.type == "cuda" else 8_000_000)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     emit(bench="device", device=str(device), name=name, torch=torch.__version__, threads=torch.get_num_threads(),
-         clock=args.clock)
-    tensors = model_like_tensors(numel, device)
-    bandwidth = copy_bandwidth(sum(t.numel() for t in tensors), device, args.repeats)
+         clock=args.clock, tiny=args.tiny)
+    started = time.perf_counter()
+    tensors = model_like_tensors(args.numel, device)
+    bound = bounds(tensors, device, args)
     with tempfile.TemporaryDirectory(prefix="lawa-bench-") as folder:
         for storage in ("device", "cpu", "disk"):
-            lawa = bench_snapshot(storage, tensors, device, args, folder)
-            bench_average(storage, lawa, device, args, bandwidth)
+            lawa = bench_snapshot(storage, tensors, device, args, folder, bound)
+            bench_average(storage, lawa, device, args, bound)
             lawa.close()
             del lawa
+    del tensors
     if not args.skip_train:
         bench_train_step(device, args)
+    emit(bench="total", seconds=round(time.perf_counter() - started, 1))
 
 
 if __name__ == "__main__":

@@ -4,23 +4,20 @@ Files in a checkpoint folder, per engine ``name``:
   lawa_state_<name>.safetensors   snapshot rows ("snapshots") + the JSON state in the metadata
   lawa_snapshots_<name>/          disk storage only: hard links to the snapshot files (no bytes
                                   copied; pruning the originals later leaves these valid)
-Also: ``save_checkpoint`` writes a whole ``save_state`` folder atomically and ``latest_checkpoint``
-finds the newest complete one.
+Also: ``save_checkpoint`` writes a whole ``save_state`` folder atomically (listing and pruning
+checkpoint folders is :mod:`lawa_diffusion.runfolder`'s).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from lawa_diffusion.files import atomic_save_safetensors
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+from lawa_diffusion.files import atomic_save_safetensors, link_or_copy_atomic
+from lawa_diffusion.output import warn
 
 
 def state_file(folder: str, name: str) -> str:
@@ -37,8 +34,6 @@ def save_engine_state(lawa: Any, folder: str) -> None:
     if "files" in state:
         link_dir = os.path.join(folder, f"lawa_snapshots_{lawa.name}")
         os.makedirs(link_dir, exist_ok=True)
-        from lawa_diffusion.lawa import link_or_copy_atomic
-
         names = []
         for path in state["files"]:
             link_or_copy_atomic(path, os.path.join(link_dir, os.path.basename(path)))
@@ -53,7 +48,7 @@ def load_engine_state(lawa: Any, folder: str) -> bool:
     """Load ``lawa``'s state from ``folder``; False (with a warning) when the folder has none."""
     path = state_file(folder, lawa.name)
     if not os.path.isfile(path):
-        warnings.warn(f"lawa: checkpoint {folder!r} holds no LAWA state for {lawa.name!r}; starting an empty window")
+        warn(f"lawa: checkpoint {folder!r} holds no LAWA state for {lawa.name!r}; starting an empty window")
         return False
     from safetensors import safe_open
 
@@ -116,39 +111,3 @@ def save_checkpoint(accelerator: Any, output_dir: str) -> str:
             os.close(fd)
     accelerator.wait_for_everyone()
     return output_dir
-
-
-def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """Complete ``checkpoint-<step>`` folders in ``run_dir``, oldest first."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = []
-    for name in os.listdir(run_dir):
-        m = CHECKPOINT_RE.match(name)
-        if m and os.path.isdir(os.path.join(run_dir, name)):
-            found.append((int(m.group(1)), os.path.join(run_dir, name)))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def prune_checkpoints(run_dir: str, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and temp folders of interrupted saves.
-
-    A folder is renamed out of the ``checkpoint-<step>`` pattern before it is deleted, so a crash
-    mid-delete never leaves a partial folder that looks complete.
-    """
-    found = list_checkpoints(run_dir)
-    doomed = [path for _, path in found[: max(0, len(found) - keep)]]
-    newest = found[-1][0] if found else None
-    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        m = re.match(r"^\.checkpoint-(\d+)\.(tmp|deleting)$", name)
-        if m and (m.group(2) == "deleting" or newest is None or int(m.group(1)) < newest):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
-    for path in doomed:
-        trash = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".deleting")
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)

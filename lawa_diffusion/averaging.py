@@ -22,20 +22,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def numel_total(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors)
-
-
 def flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy)."""
-    views, offset = [], 0
-    for t in like:
-        n = t.numel()
-        views.append(flat[offset:offset + n].view(t.shape))
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat buffer holds {flat.numel()} elements but the tensors need {offset}")
-    return views
+    """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy), built in one C++ call."""
+    like = list(like)
+    needed = sum(t.numel() for t in like)
+    if needed != flat.numel():
+        raise ValueError(f"flat buffer holds {flat.numel()} elements but the tensors need {needed}")
+    if not like:
+        return []
+    return list(torch._utils._unflatten_dense_tensors(flat, like))
 
 
 def foreach_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_blocking: bool = False) -> None:
@@ -44,29 +39,32 @@ def foreach_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_b
         raise ValueError(f"cannot copy {len(src)} tensors into {len(dst)}")
     if not dst:
         return
-    same_device = all(d.device == s.device for d, s in zip(dst, src))
-    if same_device and hasattr(torch, "_foreach_copy_"):
+    if hasattr(torch, "_foreach_copy_"):  # fused where devices and layouts allow, per tensor (any devices) elsewhere
         torch._foreach_copy_(list(dst), list(src), non_blocking=non_blocking)
     else:
         for d, s in zip(dst, src):
             d.copy_(s, non_blocking=non_blocking)
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when no tensor holds NaN or Inf: one fused norm pass and one host sync.
+def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim tensor on the tensors' device that is finite when every element is: one fused pass, no host sync.
 
-    A norm can overflow (float16) while every element is finite, so a non-finite norm is
-    confirmed element-wise before the answer is False.
+    One flat tensor is summed (fp32 accumulation); a list goes through one fused norm. Finite values
+    can overflow the flag in rare cases, so a non-finite flag is confirmed with :func:`all_finite`.
     """
+    tensors = list(tensors)
     if not tensors:
-        return True
-    floats = [t if t.is_floating_point() else t.float() for t in tensors]
-    norms = torch._foreach_norm(floats, ord=2)
-    if len({n.dtype for n in norms}) > 1:  # one stack kernel when dtypes agree, casts only when they do not
-        norms = [n.float() for n in norms]
-    if bool(torch.isfinite(torch.stack(norms)).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in floats)
+        return torch.zeros(())
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    acc = torch.float64 if wide else torch.float32
+    if len(tensors) == 1:
+        return torch.sum(tensors[0], dtype=acc)
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).sum()
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or Inf, checked element by element (one host sync per tensor)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def mean_of_rows(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,29 +1,21 @@
 """``lawa-diffusion`` command line: a thin argparse front over the library.
 
-Each feature module that has a command defines ``register_cli(subparsers)``, which adds its
-subcommand(s) and sets ``func`` (called with the parsed args; returns an exit code or None).
+Each command module defines ``register_cli(subparsers)``, which adds its subcommand(s) and sets
+``func`` (called with the parsed args; returns an exit code or None).
 User errors (ValueError, FileNotFoundError, FileExistsError) become one line on stderr and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import sys
 import warnings
 from typing import Iterator, Optional, Sequence
 
+from lawa_diffusion import __version__, fid_cli, inception, patch, plan, posthoc, report, sweep, train
+
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = (
-    "lawa_diffusion.inception",
-    "lawa_diffusion.fid_cli",
-    "lawa_diffusion.train",
-    "lawa_diffusion.report",
-    "lawa_diffusion.posthoc",
-    "lawa_diffusion.sweep",
-    "lawa_diffusion.patch",
-    "lawa_diffusion.plan",
-)
+COMMAND_MODULES = (inception, fid_cli, train, plan, report, posthoc, sweep, patch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,20 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lawa-diffusion",
         description="Latest Weight Averaging over the EMA weights of diffusers training, measured with FID.",
     )
-    from lawa_diffusion import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # feature not present in this build
-                continue
-            raise
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+    for module in COMMAND_MODULES:
+        module.register_cli(sub)
     return parser
 
 

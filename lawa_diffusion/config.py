@@ -1,4 +1,4 @@
-"""Configuration dataclasses: the only place where defaults live.
+"""Configuration: the dataclasses (the only place where defaults live) and loading a YAML file with overrides.
 
 Every user-facing error is a ``ValueError`` (or ``FileNotFoundError``) with one sentence naming the
 option, the value received and the fix; the CLI prints it on one line and exits with status 2.
@@ -47,13 +47,6 @@ def read_yaml(path: str | os.PathLike) -> dict:
     data = {} if data is None else data
     check(isinstance(data, dict), f"config file {os.fspath(path)!r} must hold a mapping of option: value")
     return data
-
-
-def with_overrides(cfg: T, overrides: Mapping[str, Any], where: str = "config") -> T:
-    """Return a copy of dataclass ``cfg`` with ``overrides`` applied (unknown keys rejected)."""
-    merged = dataclasses.asdict(cfg)
-    merged.update(overrides)
-    return from_mapping(type(cfg), merged, where)
 
 
 @dataclasses.dataclass
@@ -152,7 +145,6 @@ class PosthocConfig:
     sweep_k: tuple = (1, 2, 4, 8)
     sweep_every: tuple = (1, 2, 4)
     sweep_steps: str = "eval"
-    sweep_dir: str = "sweep"
 
 
 @dataclasses.dataclass
@@ -598,8 +590,49 @@ class TrainConfig:
         return names
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         return from_mapping(cls, values, "train config")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+def parse_overrides(items: Sequence[str]) -> dict:
+    """Nested mapping from ``key.sub=value`` strings; values are read as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
+    nested: dict = {}
+    for item in items:
+        check("=" in item, f"--set expects KEY=VALUE such as optim.learning_rate=2e-3, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = [p for p in key.strip().split(".")]
+        check(all(parts), f"--set key {key!r} is not a dotted option name such as optim.learning_rate")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            check(isinstance(node, dict), f"--set {key!r} conflicts with another --set of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge_mappings(base: dict, updates: dict) -> dict:
+    """``base`` with ``updates`` merged in, recursively for nested mappings."""
+    merged = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_mappings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = (),
+                      output_dir: Optional[str] = None) -> TrainConfig:
+    """The ``TrainConfig`` of a YAML file with ``--set`` overrides (unknown keys are refused with the valid list)."""
+    raw = merge_mappings(read_yaml(path), parse_overrides(overrides))
+    if output_dir is not None:
+        raw["output_dir"] = os.fspath(output_dir)
+    return TrainConfig.from_dict(raw)

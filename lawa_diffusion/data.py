@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import sys
 from typing import Optional
 
 import numpy as np
 import torch
 
 from lawa_diffusion.config import FID_RESIZE_MODES as RESIZE_MODES, FIDConfig, check
+from lawa_diffusion.output import say
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
@@ -70,7 +70,7 @@ def _download(split: str) -> str:
     import torchvision
 
     folder = _download_dir()
-    print(f"[data] downloading Fashion-MNIST with torchvision into {folder}", file=sys.stderr, flush=True)
+    say(f"downloading Fashion-MNIST with torchvision into {folder}", "data")
     try:
         torchvision.datasets.FashionMNIST(folder, train=split == "train", download=True)
     except Exception as e:  # offline or blocked: one message with what to do instead
@@ -296,29 +296,3 @@ def fit_to_size(images: torch.Tensor, image_size: int, mode: str = DEFAULT_RESIZ
     if any(padding):
         images = TF.pad(images, padding, fill=0)
     return TF.center_crop(images, [image_size, image_size])
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Training view of uint8 images: float32 [C, S, S] in [-1, 1], optionally flipped left-right at random."""
-
-    def __init__(self, images: torch.Tensor, random_flip: bool = False):
-        self.images = images
-        self.random_flip = random_flip
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        x = self.images[index].float() / 127.5 - 1.0
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
-
-
-def make_dataset(source, image_size: Optional[int] = None, *, random_flip: bool = False,
-                 resize_mode: str = DEFAULT_RESIZE_MODE) -> ImageDataset:
-    """Dataset for training from any image source, brought to ``image_size`` once, up front."""
-    images = load_images(source)
-    if image_size is not None:
-        images = fit_to_size(images, image_size, resize_mode)
-    return ImageDataset(images, random_flip)

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import warnings
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from lawa_diffusion import data as data_mod
 from lawa_diffusion.config import FIDConfig, check
 from lawa_diffusion.files import atomic_write
 from lawa_diffusion.inception import ISC_LAYER, Extractor, cache_root, load_extractor, resolve_weights
+from lawa_diffusion.output import is_main_process, warn
 
 STATS_FORMAT = 1
 ISC_CLASSES = 1008  # width of torch-fidelity's InceptionV3 logits
@@ -30,10 +31,6 @@ _D = FIDConfig()  # defaults live in config.py; the signatures below read them f
 
 class SmallSampleWarning(UserWarning):
     """FID from fewer than ``FIDConfig.warn_below`` images is biased upwards; compare with KID."""
-
-
-def relative_error(actual: float, expected: float) -> float:
-    return abs(actual - expected) / max(abs(expected), 1e-30)
 
 
 # --------------------------------------------------------------------------- reference statistics
@@ -145,28 +142,40 @@ def _describe(source) -> str:
     return f"uint8 tensor {tuple(source.shape)}" if isinstance(source, (torch.Tensor, np.ndarray)) else os.fspath(source)
 
 
-def _load_stats_file(path: str, extractor_sha: Optional[str]) -> ReferenceStats:
-    stats = ReferenceStats.load(path)
-    if stats.inception_sha256 is None:
-        warnings.warn(f"stats file {path!r} does not record which Inception weights made it; the FID is only "
-                      "meaningful if they are the weights in use", UserWarning, stacklevel=3)
-    elif extractor_sha is not None and stats.inception_sha256 != extractor_sha:
-        raise ValueError(f"stats file {path!r} was computed with Inception weights sha256 {stats.inception_sha256[:16]}..., "
-                         f"but the weights in use have sha256 {extractor_sha[:16]}...; recompute it with "
-                         "`lawa-diffusion ref-stats` or pass --inception-weights of the file that made it")
+def made_with(stats: ReferenceStats, sha256: str) -> bool:
+    """Whether ``stats`` come from the Inception weights with this SHA-256 (a file that records none: assumed)."""
+    return stats.inception_sha256 in (None, sha256)
+
+
+def check_weights(stats: ReferenceStats, sha256: Optional[str]) -> ReferenceStats:
+    """``stats``, refused with one sentence when they were made with other weights than ``sha256``."""
+    check(sha256 is None or made_with(stats, sha256),
+          f"reference {stats.path or stats.source!r} was computed with Inception weights sha256 "
+          f"{str(stats.inception_sha256)[:16]}..., but the weights in use have sha256 {str(sha256)[:16]}...; recompute "
+          "it with `lawa-diffusion ref-stats` or pass --inception-weights of the file that made it")
     return stats
 
 
-def reference_stats(source, *, image_size: Optional[int] = None, num_images: Optional[int] = None,
-                    batch_size: int = _D.batch_size, device=None, weights=None, cache: bool = True,
-                    accelerator=None, resize_mode: str = _D.resize_mode,
-                    features_max: int = _D.reference_features_max, progress: bool = True) -> ReferenceStats:
+def _load_stats_file(path: str, extractor_sha: Optional[str]) -> ReferenceStats:
+    stats = ReferenceStats.load(path)
+    if stats.inception_sha256 is None:
+        warn(f"stats file {path!r} does not record which Inception weights made it; the FID is only "
+             "meaningful if they are the weights in use", stacklevel=3)
+    return check_weights(stats, extractor_sha)
+
+
+def reference_stats(source, *, image_size: Optional[int] = None, num_images: Optional[int] = None, device=None,
+                    weights=None, cache: bool = True, accelerator=None, progress: bool = True,
+                    cfg: Optional[FIDConfig] = None, **options) -> ReferenceStats:
     """Reference statistics of ``source`` ("fashion-mnist[:test]", image folder, .npy/.npz, stats .npz, uint8
     tensor), cached under ``$LAWA_CACHE_DIR/stats`` by weights, data fingerprint and preprocessing.
 
-    image_size: bring images to this size first (``resize_mode``); num_images: use the first N only.
+    image_size: bring images to this size first (``cfg.resize_mode``); num_images: use the first N only.
+    ``options`` override fields of ``cfg`` (batch_size, resize_mode, reference_features_max).
     A cache hit reads only the stats file, never the images.
     """
+    cfg = settings(cfg, **options)
+    resize_mode, features_max = cfg.resize_mode, cfg.reference_features_max
     if isinstance(source, ReferenceStats):
         return source
     if is_stats_file(source):
@@ -178,15 +187,15 @@ def reference_stats(source, *, image_size: Optional[int] = None, num_images: Opt
     path = stats_cache_path(key)
     if cache and os.path.isfile(path):
         stats = ReferenceStats.load(path)
-        if stats.inception_sha256 == identity[0] and stats.key == key:  # never serve stats of other weights
+        if stats.key == key and made_with(stats, identity[0]):  # never serve stats of other weights
             return stats
     images = _reference_images(source, image_size, resize_mode, num_images)
     extractor = load_extractor(weights, device=resolve_device(device, accelerator))
-    features = extract_features(images, extractor, batch_size=batch_size, accelerator=accelerator,
+    features = extract_features(images, extractor, batch_size=cfg.batch_size, accelerator=accelerator,
                                 progress=progress, desc="reference features")
     stats = stats_from_features(features, extractor=extractor, source=_describe(source), features_max=features_max)
     stats.key = key
-    if cache and is_main(accelerator):
+    if cache and is_main_process(accelerator):
         stats.save(path)
         stats.path = path
     return stats
@@ -203,10 +212,6 @@ def _reference_images(source, image_size, resize_mode, num_images) -> torch.Tens
 
 
 # --------------------------------------------------------------------------- features (multi-process aware)
-
-
-def is_main(accelerator) -> bool:
-    return accelerator is None or accelerator.is_main_process
 
 
 def resolve_device(device, accelerator) -> torch.device:
@@ -247,7 +252,7 @@ def extract_features(images: torch.Tensor, extractor: Extractor, *, batch_size: 
     ISC logits."""
     layers = feature_layers(extractor, isc)
     compute = functools.partial(batched_features, lambda batch: images[batch[0]:batch[-1] + 1], extractor, layers,
-                                batch_size=batch_size, desc=desc, show=progress and is_main(accelerator))
+                                batch_size=batch_size, desc=desc, show=progress and is_main_process(accelerator))
     split = split_layers(map_split(images.shape[0], compute, accelerator), layers)
     return split if isc else split[extractor.layer]
 
@@ -308,16 +313,53 @@ def isc_from_logits(logits: torch.Tensor) -> dict:
     return {"isc_mean": metric[KEY_METRIC_ISC_MEAN], "isc_std": metric[KEY_METRIC_ISC_STD]}
 
 
-def feature_metrics(feats: Mapping[str, torch.Tensor], reference: ReferenceStats, extractor: Extractor, *,
-                    kid: bool = _D.kid, kid_subsets: int = _D.kid_subsets, kid_subset_size: int = _D.kid_subset_size,
-                    isc: bool = False) -> dict:
-    """FID/KID (and ISC) of features {layer: [N, D]}; ``metric_seconds`` is the wall time of the maths."""
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class Sampled:
+    """One evaluated set of images as features, before the metric maths.
+
+    features: {layer: float32 [num_samples, D]} on the CPU, in sample order (ISC logits when asked for).
+    seconds: wall time of sampling and feature extraction on this process (None for given images).
+    meta: what the result records about the images (num_samples, weights, reference, sampler settings).
+    """
+
+    features: dict
+    seconds: Optional[float]
+    meta: dict
+
+
+def settings(cfg: Optional[FIDConfig] = None, **options) -> FIDConfig:
+    """``cfg`` (default: ``FIDConfig()``) with ``options`` (FIDConfig field names) replaced and checked."""
+    cfg = cfg if cfg is not None else _D
+    return dataclasses.replace(cfg, **options) if options else cfg
+
+
+def prepare(reference, *, weights=None, device=None, accelerator=None, isc: bool = False, progress: bool = True,
+            image_size: Callable[[], Optional[int]] = lambda: None) -> tuple:
+    """(extractor, reference statistics) of one evaluation: ``reference`` (stats or any :func:`reference_stats`
+    source, then brought to ``image_size()``) checked against the weights in use."""
+    extractor = load_extractor(weights, device=resolve_device(device, accelerator), isc=isc)
+    if not isinstance(reference, ReferenceStats):
+        reference = reference_stats(reference, weights=extractor, accelerator=accelerator, progress=progress,
+                                    image_size=image_size())
+    return extractor, check_weights(reference, extractor.sha256)
+
+
+def metrics_of(sampled: Sampled, reference: ReferenceStats, cfg: FIDConfig = _D) -> dict:
+    """FID/KID (and ISC when its logits were extracted) of ``sampled``, with its meta and timings: the one
+    place where features become metrics (``metric_seconds`` is the wall time of the maths)."""
     started = time.perf_counter()
-    out = metrics_from_features(feats[extractor.layer], reference, kid=kid, kid_subsets=kid_subsets,
-                                kid_subset_size=kid_subset_size)
-    if isc:
-        out.update(isc_from_logits(feats[ISC_LAYER]))
+    pool = next(f for layer, f in sampled.features.items() if layer != ISC_LAYER)
+    out = metrics_from_features(pool, reference, kid=cfg.kid, kid_subsets=cfg.kid_subsets,
+                                kid_subset_size=cfg.kid_subset_size)
+    if ISC_LAYER in sampled.features:
+        out.update(isc_from_logits(sampled.features[ISC_LAYER]))
     out["metric_seconds"] = time.perf_counter() - started
+    out.update(sampled.meta)
+    if sampled.seconds is not None:
+        out["sample_seconds"] = sampled.seconds
     return out
 
 
@@ -330,18 +372,15 @@ def warn_if_few(num_samples: int) -> None:
                       stacklevel=3)
 
 
-def fid_of_images(images: torch.Tensor, reference, *, batch_size: int = _D.batch_size, kid: bool = _D.kid,
-                  weights=None, accelerator=None, device=None, progress: bool = True, isc: bool = False,
-                  kid_subsets: int = _D.kid_subsets, kid_subset_size: int = _D.kid_subset_size) -> dict:
-    """FID (and KID/ISC) of uint8 images [N, C, H, W] against a reference (stats or source)."""
+def fid_of_images(images: torch.Tensor, reference, *, weights=None, accelerator=None, device=None,
+                  progress: bool = True, isc: bool = False, cfg: Optional[FIDConfig] = None, **options) -> dict:
+    """FID (and KID/ISC) of uint8 images [N, C, H, W] against a reference (stats or source); ``options``
+    override fields of ``cfg`` (batch_size, kid, kid_subsets, kid_subset_size)."""
     warn_if_few(int(images.shape[0]))
-    extractor = load_extractor(weights, device=resolve_device(device, accelerator), isc=isc)
-    if not isinstance(reference, ReferenceStats):
-        reference = reference_stats(reference, weights=extractor, accelerator=accelerator, progress=progress)
-    feats = extract_features(images, extractor, batch_size=batch_size, accelerator=accelerator, progress=progress,
-                             desc="features", isc=isc)
-    feats = feats if isc else {extractor.layer: feats}
-    out = feature_metrics(feats, reference, extractor, kid=kid, kid_subsets=kid_subsets,
-                          kid_subset_size=kid_subset_size, isc=isc)
-    out.update(num_samples=int(images.shape[0]), inception_sha256=extractor.sha256, reference_key=reference.key)
-    return out
+    cfg = settings(cfg, **options)
+    extractor, reference = prepare(reference, weights=weights, device=device, accelerator=accelerator, isc=isc,
+                                   progress=progress)
+    feats = extract_features(images, extractor, batch_size=cfg.batch_size, accelerator=accelerator,
+                             progress=progress, desc="features", isc=isc)
+    meta = dict(num_samples=int(images.shape[0]), inception_sha256=extractor.sha256, reference_key=reference.key)
+    return metrics_of(Sampled(feats if isc else {extractor.layer: feats}, None, meta), reference, cfg)

@@ -19,6 +19,7 @@ from lawa_diffusion import fid
 from lawa_diffusion.config import FIDConfig, check
 from lawa_diffusion.fid import ReferenceStats, SmallSampleWarning, fid_of_images, reference_stats, warn_if_few
 from lawa_diffusion.inception import Extractor, load_extractor
+from lawa_diffusion.output import say
 from lawa_diffusion.sampling import SCHEDULER_CLASSES, evaluate_variants, image_shape
 
 _D = FIDConfig()  # defaults live in config.py
@@ -109,8 +110,9 @@ def _print_result(result: dict, as_json: bool) -> None:
 
 def _cmd_fid(args) -> int:
     _check_output(args.output, args.overwrite)
-    FIDConfig(num_samples=args.num_samples, batch_size=args.batch_size, scheduler=args.scheduler,
-              num_inference_steps=args.steps, seed=args.seed)  # validates the options before any work
+    cfg = FIDConfig(num_samples=args.num_samples, batch_size=args.batch_size, scheduler=args.scheduler,
+                    num_inference_steps=args.steps, seed=args.seed, eta=args.eta, kid=args.kid,
+                    resize_mode=args.resize_mode)  # validates the options before any work
     if not os.path.exists(args.input):
         raise FileNotFoundError(f"input {args.input!r} does not exist; pass a model folder, a pipeline folder, "
                                 "an image folder or a .npy/.npz image file")
@@ -123,10 +125,10 @@ def _cmd_fid(args) -> int:
     extractor = load_extractor(args.inception_weights, device=fid.resolve_device(args.device, None), isc=args.isc)
     shape = tuple(images.shape[1:]) if unet is None else image_shape(unet)
     size = args.image_size or (shape[1] if shape[1] == shape[2] else None)  # reference at the evaluated size
-    reference = _cli_reference(args, extractor, size)
+    reference = _cli_reference(args, cfg, extractor, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallSampleWarning)  # said once above
-        result = _cli_evaluate(args, images, unet, model, extractor, reference)
+        result = _cli_evaluate(args, cfg, images, unet, model, extractor, reference)
     result.update(input=os.path.abspath(args.input), reference=reference.source)
     _print_result(result, args.json)
     if args.output:
@@ -136,31 +138,27 @@ def _cmd_fid(args) -> int:
     return 0
 
 
-def _cli_evaluate(args, images, unet, model, extractor, reference) -> dict:
-    common = dict(weights=extractor, batch_size=args.batch_size, kid=args.kid, isc=args.isc, progress=not args.json)
+def _cli_evaluate(args, cfg: FIDConfig, images, unet, model, extractor, reference) -> dict:
+    common = dict(weights=extractor, isc=args.isc, progress=not args.json, cfg=cfg)
     if unet is None:
         return fid_of_images(images, reference, **common)
-    return evaluate_variants({"model": unet}, reference, num_samples=args.num_samples, scheduler=args.scheduler,
-                             scheduler_config=_scheduler_config(args.input, model), num_inference_steps=args.steps,
-                             eta=args.eta, seed=args.seed, **common)["model"]
+    return evaluate_variants({"model": unet}, reference, scheduler_config=_scheduler_config(args.input, model),
+                             **common)["model"]
 
 
 def _scheduler_config(path: str, model: str) -> Optional[dict]:
-    import sys
-
     config = find_scheduler_config(path, model)
     if config is None:
-        print("note: no scheduler_config.json next to the model; sampling with diffusers' default noise schedule "
-              "(1000 steps, linear betas)", file=sys.stderr)
+        say("no scheduler_config.json next to the model; sampling with diffusers' default noise schedule "
+            "(1000 steps, linear betas)", "note")
     return config
 
 
-def _cli_reference(args, extractor: Extractor, image_size: Optional[int]) -> ReferenceStats:
+def _cli_reference(args, cfg: FIDConfig, extractor: Extractor, image_size: Optional[int]) -> ReferenceStats:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallSampleWarning)
-        return reference_stats(args.reference, image_size=image_size, resize_mode=args.resize_mode,
-                               num_images=args.reference_num_images, batch_size=args.batch_size, weights=extractor,
-                               cache=not args.no_cache, progress=not args.json)
+        return reference_stats(args.reference, image_size=image_size, num_images=args.reference_num_images,
+                               weights=extractor, cache=not args.no_cache, progress=not args.json, cfg=cfg)
 
 
 def _cmd_ref_stats(args) -> int:

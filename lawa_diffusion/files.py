@@ -69,6 +69,19 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     atomic_write(path, write)
 
 
+def link_or_copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link ``src`` to ``dst`` (no bytes copied), falling back to an atomic copy across file systems."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.tmp")
+    try:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        atomic_write(dst, lambda t: shutil.copyfile(src, t))
+
+
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line and fsync (a crash leaves at most a final partial line, which readers skip)."""
     with open(path, "a", encoding="utf-8") as f:

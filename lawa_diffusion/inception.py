@@ -35,6 +35,7 @@ from torch import nn
 
 from lawa_diffusion.config import check
 from lawa_diffusion.files import atomic_write_bytes, atomic_write_json
+from lawa_diffusion.output import say
 
 TF_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 FHP_VERSION = "0.1.3"
@@ -47,10 +48,7 @@ FEATURE_LAYER = "2048"
 ISC_LAYER = "logits_unbiased"
 
 Announce = Callable[[str], None]
-
-
-def _say(message: str) -> None:
-    print(f"[inception] {message}", file=sys.stderr, flush=True)
+_say: Announce = functools.partial(say, who="inception")
 
 
 def cache_root() -> str:
@@ -445,7 +443,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     else:
         print(f"converted Inception weights: {found.path}\nsha256: {found.sha256}")
         if active.path != found.path:
-            print(f"note: {active.path} ({active.source}) takes precedence and is what `lawa-diffusion fid` uses")
+            say(f"{active.path} ({active.source}) takes precedence and is what `lawa-diffusion fid` uses", "note")
     return 0
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator, List, Optional
 
+from lawa_diffusion import runfolder
 from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state, state_file
 
 FIRST_NAME = "lawa"  # engine name of the first EMA: the name LAWAEMAModel and attach() use
@@ -270,7 +271,7 @@ class FIDMonitor:
         self.reference = fid.reference_stats(self.cfg.fid_reference, image_size=size if isinstance(size, int) else None,
                                              weights=self.extractor, accelerator=self.accelerator,
                                              progress=_is_main_process())
-        sampling.check_reference(self.reference, self.extractor)
+        fid.check_weights(self.reference, self.extractor.sha256)
         fid.warn_if_few(self._options().get("num_samples", sampling.FIDConfig().num_samples))
         return True
 
@@ -302,10 +303,10 @@ class FIDMonitor:
         args = self.plugin.script_args
         for i, arg in enumerate(args):
             if arg == "--output_dir" and i + 1 < len(args):
-                return os.path.join(args[i + 1], "metrics.jsonl")
+                return runfolder.metrics_path(args[i + 1])
             if arg.startswith("--output_dir="):
-                return os.path.join(arg.split("=", 1)[1], "metrics.jsonl")
-        return "metrics.jsonl"
+                return runfolder.metrics_path(arg.split("=", 1)[1])
+        return runfolder.METRICS_NAME
 
 
 def make_ema_class(plugin: Plugin, original: type) -> type:

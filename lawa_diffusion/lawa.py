@@ -4,33 +4,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import shutil
-import warnings
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from lawa_diffusion.averaging import (
-    DTYPE_NAMES,
-    accumulation_dtype,
-    all_finite,
-    dtype_from_name,
-    flat_views,
-    foreach_copy,
-)
+from lawa_diffusion import accelerate_hooks
+from lawa_diffusion.averaging import DTYPE_NAMES, accumulation_dtype, dtype_from_name, flat_views, foreach_copy, nonfinite_flag
 from lawa_diffusion.config import LAWAConfig, check
+from lawa_diffusion.files import atomic_dir
+from lawa_diffusion.output import process_rank, warn
 from lawa_diffusion.sources import TensorSource, as_source
-from lawa_diffusion.storage import DiskRing, HostRing, Ring, disk_files, make_ring
+from lawa_diffusion.storage import FiniteCheck, Ring, make_ring
 
 STATE_FORMAT = 1
-
-
-def process_rank() -> int:
-    """This process's rank: torch.distributed's when initialised, else $RANK (0 outside launchers)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -54,6 +41,11 @@ class LAWA:
     """Latest Weight Averaging over a source's tensors (see ``LAWAConfig`` for the options).
 
     Call ``step()`` after every ``ema.step(...)``. Storage is allocated at the first snapshot.
+
+    Each snapshot's NaN/Inf check runs on the device without blocking the training thread; it is
+    read at the next snapshot, average, ``state_dict`` or save. A snapshot that fails it is taken
+    out of the window there (``on_nonfinite='skip'``: with a warning; ``'raise'``: with a
+    ``ValueError`` naming its step); until then it counts in ``snapshot_steps``.
     """
 
     def __init__(self, source: Any, config: LAWAConfig | dict | None = None, *, name: str = "lawa"):
@@ -65,6 +57,8 @@ class LAWA:
         self.defer_source_wait = False  # set by LAWAEMAModel, which waits just before the next EMA update
         self._ring: Optional[Ring] = None
         self._order: List[Tuple[int, int]] = []  # (step, slot), oldest first
+        self._pending: List[Tuple[int, int, FiniteCheck]] = []  # (step, slot, check) not read yet
+        self._checked_ids: List[int] = []  # ids of the source tensors whose layout was last checked
         self._calls = 0
         self._avg: Optional[torch.Tensor] = None
         self._since_exact = 0
@@ -110,27 +104,46 @@ class LAWA:
             return False
         if not self.due(step):
             return False
+        self.resolve_checks()
         tensors = self.source.tensors()
-        if not self._finite_or_skip(step, tensors):
-            return False
-        if not self.holds_snapshots:
+        if not self.holds_snapshots:  # keep the same window (and checks) as the main process
             self._order = (self._order + [(step, -1)])[-self.config.k:]
+            self._pending.append((step, -1, FiniteCheck(nonfinite_flag(tensors))))
             return True
         self._ensure_ring(tensors)
         self._write(step, tensors)
         return True
 
-    def _finite_or_skip(self, step: int, tensors: Sequence[torch.Tensor]) -> bool:
-        if all_finite(tensors):
-            return True
+    # ------------------------------------------------------- NaN/Inf checks
+    def resolve_checks(self) -> None:
+        """Read the pending snapshot checks; take a snapshot that holds NaN/Inf out of the window."""
+        pending, self._pending = self._pending, []
+        bad = [(step, slot) for step, slot, result in pending if not self._passed(slot, result)]
+        for step, slot in bad:
+            self._drop(step, slot)
+        if not bad:
+            return
+        steps = ", ".join(str(step) for step, _ in bad)
         if self.config.on_nonfinite == "raise":
             raise ValueError(
-                f"lawa snapshot at step {step}: the EMA weights hold NaN or Inf; fix the divergence, "
-                "or set on_nonfinite='skip' to leave such snapshots out"
+                f"lawa snapshot at step {steps}: the EMA weights hold NaN or Inf (the snapshot is left out of "
+                "the window); fix the divergence, or set on_nonfinite='skip' to leave such snapshots out"
             )
-        self.skipped_steps.append(step)
-        warnings.warn(f"lawa: skipped the snapshot at step {step} because the EMA weights hold NaN or Inf")
-        return False
+        self.skipped_steps.extend(step for step, _ in bad)
+        warn(f"lawa: skipped the snapshot at step {steps} because the EMA weights hold NaN or Inf")
+
+    def _passed(self, slot: int, result: FiniteCheck) -> bool:
+        # a non-finite flag can be an overflow of finite values: confirm element-wise (rare, synchronous)
+        return result.passed() or (slot >= 0 and self._ring.row_is_finite(slot))
+
+    def _drop(self, step: int, slot: int) -> None:
+        self._order = [o for o in self._order if o[0] != step]
+        if slot < 0:
+            return
+        self._ring.release(slot)
+        if self.config.keep_average:
+            self._avg = self._exact_average() if self._order else None
+            self._since_exact = 0
 
     def _next_slot(self) -> Tuple[int, Optional[int]]:
         """(slot to write, slot evicted or None)."""
@@ -144,18 +157,20 @@ class LAWA:
         slot, evicted = self._next_slot()
         old_row = None
         if self.config.keep_average and evicted is not None and self._avg is not None:
-            old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True)
+            # (non-blocking from a pinned row: the ring's next copy into that slot waits for this stream)
+            old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True, non_blocking=True)
         self._ring.write(slot, step, tensors)
-        if isinstance(self._ring, HostRing) and not self.defer_source_wait and self._ring.cuda:
-            self._ring.wait_on(torch.cuda.current_stream(self._ring.source_device))
+        if not self.defer_source_wait:
+            self._ring.wait_source_read()
+        self._pending.append((step, slot, self._ring.finite_check(slot)))
         self._order = [o for o in self._order if o[1] != slot] + [(step, slot)]
         if self.config.keep_average:
             self._update_running_average(tensors, old_row)
 
     def before_source_update(self) -> None:
         """Order the next in-place update of the source after any pending snapshot copy (GPU-side wait)."""
-        if isinstance(self._ring, HostRing) and self._ring.cuda:
-            self._ring.wait_on(torch.cuda.current_stream(self._ring.source_device))
+        if self._ring is not None:
+            self._ring.wait_source_read()
 
     def _update_running_average(self, tensors: Sequence[torch.Tensor], old_row: Optional[torch.Tensor]) -> None:
         n, k = self.num_snapshots, self.config.k
@@ -182,6 +197,8 @@ class LAWA:
 
     @staticmethod
     def _check_layout(source: Sequence[torch.Size], state: Sequence[torch.Size], what: str) -> None:
+        if [torch.Size(s) for s in source] == [torch.Size(s) for s in state]:
+            return
         check(len(source) == len(state),
               f"lawa source has {len(source)} tensors but the {what} has {len(state)}; "
               "use the same model (and EMA) as the run that saved the state")
@@ -194,15 +211,16 @@ class LAWA:
         return self.source.tensors()[0].device
 
     def _ensure_ring(self, tensors: Sequence[torch.Tensor]) -> None:
-        numel, dtype, shapes = self._layout_of(tensors)
         if self._ring is None:
+            numel, dtype, shapes = self._layout_of(tensors)
             self._ring = make_ring(self.config.storage, self.config.k, numel, dtype, shapes,
                                    tensors[0].device, self.config.snapshot_dir, self.name)
             return
-        self._check_layout(shapes, self._ring.shapes, "LAWA state")
-        ring = self._ring
-        if getattr(ring, "buffer", None) is not None and self.config.storage == "device" and ring.buffer.device != tensors[0].device:
-            ring.buffer = ring.buffer.to(tensors[0].device)
+        ids = list(map(id, tensors))
+        if ids != self._checked_ids:  # the same tensors as last time need no new layout check
+            self._check_layout([t.shape for t in tensors], self._ring.shapes, "LAWA state")
+            self._checked_ids = ids
+        self._ring.follow(tensors[0].device)
 
     # --------------------------------------------------------------- average
     def _require_ready(self) -> None:
@@ -223,6 +241,7 @@ class LAWA:
 
     def average_flat(self, sync_ranks: bool = False) -> torch.Tensor:
         """The mean of the held snapshots as one flat fp32 (or fp64) tensor on the EMA's device."""
+        self.resolve_checks()
         self._require_ready()
         holds = self.holds_snapshots and self._ring is not None
         if sync_ranks and self.config.snapshot_ranks == "main" and torch.distributed.is_initialized():
@@ -270,6 +289,7 @@ class LAWA:
     def snapshot_flat(self, step: int, sync_ranks: bool = False) -> torch.Tensor:
         """The held snapshot of ``step`` (the source's tensors then, in the storage dtype) as one flat tensor
         on the source's device; ``sync_ranks`` sends it from the main process to all (snapshot_ranks='main')."""
+        self.resolve_checks()
         slots = dict(self._order)
         check(step in slots, f"lawa {self.name!r} holds no snapshot of step {step}; it holds steps "
                              f"{self.snapshot_steps}")
@@ -298,8 +318,7 @@ class LAWA:
 
     def save_pretrained(self, path: str | os.PathLike, model: Optional[nn.Module] = None) -> None:
         """Write the LAWA weights as a diffusers model folder (metadata under ``lawa`` in config.json)."""
-        from lawa_diffusion.files import atomic_dir
-
+        self.resolve_checks()
         model = self._template_model(model)
         self.copy_to(model)
         if hasattr(model, "register_to_config"):
@@ -321,18 +340,14 @@ class LAWA:
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict:
         """Everything needed to continue the window exactly (snapshot rows on CPU, or disk file paths)."""
+        self.resolve_checks()
         state = {"format": STATE_FORMAT, "name": self.name, "config": self.config.to_dict(),
                  "snapshot_steps": self.snapshot_steps, "calls": self._calls, "skipped_steps": list(self.skipped_steps)}
         if self._ring is None or not self.holds_snapshots:
             return state
         state["layout"] = {"numel": self._ring.numel, "dtype": _dtype_name(self._ring.dtype),
                            "shapes": [list(s) for s in self._ring.shapes]}
-        if isinstance(self._ring, DiskRing):
-            self._ring.sync()
-            state["files"] = [self._ring.path(step) for step, _ in self._order]
-        else:
-            rows = [self._ring.read(slot).detach().cpu() for _, slot in self._order]
-            state["snapshots"] = torch.stack(rows) if rows else torch.empty(0)
+        state.update(self._ring.export(self._order))
         state["slots"] = [slot for _, slot in self._order]
         return state
 
@@ -343,6 +358,7 @@ class LAWA:
         self._calls = int(state.get("calls", 0))
         self.skipped_steps = list(state.get("skipped_steps", []))
         self._avg, self._since_exact = None, 0
+        self._pending = []
         if "layout" not in state or not self.holds_snapshots:
             self._order = [(s, -1) for s in steps] if not self.holds_snapshots else []
             return
@@ -358,38 +374,16 @@ class LAWA:
         check(DTYPE_NAMES.get(layout["dtype"]) == self._ring.dtype,
               f"lawa saved state stores {layout['dtype']} but this LAWA stores {_dtype_name(self._ring.dtype)}; "
               "set lawa dtype to match the run that saved the state")
-        self._order = []
         slots = self._saved_slots(state, steps)
-        if isinstance(self._ring, DiskRing):
-            self._adopt_files(list(state["files"])[-len(steps):], steps, slots)
-            return
-        rows = state["snapshots"][-len(steps):] if steps else []
-        for slot, step, row in zip(slots, steps, rows):
-            self._ring.load(slot, step, row)
-            self._order.append((step, slot))
+        self._ring.restore(state, steps, slots)
+        self._order = list(zip(steps, slots))
 
     def _saved_slots(self, state: dict, steps: List[int]) -> List[int]:
         """The ring slots the saved snapshots occupied (so sums run in the same order), else 0..n-1."""
-        slots = list(state.get("slots", []))[-len(steps):] if steps else []
-        if len(slots) != len(steps) or sorted(slots) != list(range(len(steps))):
+        slots = [int(s) for s in state.get("slots", [])][-len(steps):] if steps else []
+        if len(slots) != len(steps) or len(set(slots)) != len(slots) or not all(0 <= s < self.config.k for s in slots):
             slots = list(range(len(steps)))
         return slots
-
-    def _adopt_files(self, files: List[str], steps: List[int], slots: List[int]) -> None:
-        ring: DiskRing = self._ring
-        ring.sync()
-        for slot, step, src in zip(slots, steps, files):
-            check(os.path.isfile(src), f"lawa snapshot file {src!r} named by the saved state is missing; "
-                                        "resume from a complete checkpoint")
-            dst = ring.path(step)
-            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-                link_or_copy_atomic(src, dst)
-            ring.adopt(slot, step)
-            self._order.append((step, slot))
-        keep = set(steps)
-        for step, path in disk_files(ring.folder, self.name).items():
-            if step not in keep:  # written after the checkpoint we resume from
-                os.unlink(path)
 
     def close(self) -> None:
         """Flush pending writes (disk storage) and stop the writer thread."""
@@ -398,9 +392,7 @@ class LAWA:
 
     def attach(self, accelerator: Any) -> "LAWA":
         """Make ``accelerator.save_state`` / ``load_state`` carry this engine's state."""
-        from lawa_diffusion.accelerate_hooks import attach
-
-        attach(accelerator, self)
+        accelerate_hooks.attach(accelerator, self)
         return self
 
     def __repr__(self) -> str:
@@ -419,17 +411,3 @@ def swapped_weights(targets: Sequence[torch.Tensor], fill) -> Iterator[None]:
             yield
         finally:
             foreach_copy(targets, saved)
-
-
-def link_or_copy_atomic(src: str, dst: str) -> None:
-    """Hard-link ``src`` to ``dst`` (no bytes copied), falling back to an atomic copy across file systems."""
-    from lawa_diffusion.files import atomic_write
-
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.tmp")
-    try:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        atomic_write(dst, lambda t: shutil.copyfile(src, t))

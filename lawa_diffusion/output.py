@@ -28,10 +28,14 @@ def is_main_process(accelerator: Optional[Any] = None) -> bool:
     return process_rank() == 0
 
 
-def say(message: str, who: str = "lawa-diffusion", *, all_processes: bool = False) -> None:
-    """Print one progress line or note to stderr as ``who: message`` (main process only by default)."""
+def say(message: str, who: Optional[str] = "lawa-diffusion", *, all_processes: bool = False) -> None:
+    """Print one progress line or note to stderr as ``who: message`` (``message`` alone when ``who`` is None),
+    on the main process only by default, above any progress bar on the screen."""
     if all_processes or is_main_process():
-        print(f"{who}: {message}", file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(message if who is None else f"{who}: {message}", file=sys.stderr)
+        sys.stderr.flush()
 
 
 def warn(message: str, stacklevel: int = 2) -> None:

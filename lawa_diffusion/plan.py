@@ -12,7 +12,7 @@ import os
 from typing import List, Optional, Sequence, Tuple
 
 from lawa_diffusion import lag
-from lawa_diffusion.config import LAWAConfig, TrainConfig, check
+from lawa_diffusion.config import LAWAConfig, TrainConfig, check, load_train_config
 from lawa_diffusion.output import say, warn
 
 LAG_NAME = "lag.json"
@@ -142,8 +142,6 @@ def _track_from_args(args, base: lag.EMATrack) -> lag.EMATrack:
 def resolve(args) -> Tuple[lag.EMATrack, LAWAConfig, List[int]]:
     """The track, the LAWA window and the steps that ``plan``'s arguments ask for."""
     if args.config is not None:
-        from lawa_diffusion.train import load_train_config
-
         cfg = load_train_config(args.config, args.overrides)
     else:
         check(not args.overrides, "plan --set needs --config; pass the training config it changes")

@@ -8,11 +8,9 @@ The k × ν ablation over a run's snapshots is :mod:`lawa_diffusion.sweep`.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import inspect
 import json
 import os
-import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,13 +18,21 @@ import torch
 from lawa_diffusion.averaging import average_tensor_lists
 from lawa_diffusion.config import PosthocConfig, check
 from lawa_diffusion.files import atomic_dir
-from lawa_diffusion.tracking import BASE_TRACK, check_track, saved_tracks, snapshot_folder
+from lawa_diffusion.runfolder import (
+    BASE_TRACK,
+    check_track,
+    checkpoint_step,
+    ema_folder,
+    list_checkpoints,
+    saved_tracks,
+    snapshot_files,
+    snapshot_folder,
+    snapshot_step,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_BIN_NAME = "diffusion_pytorch_model.bin"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_SNAPSHOT = re.compile(r"^step-(\d+)\.safetensors$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,28 +56,16 @@ def _is_model_folder(path: str) -> bool:
 
 def _folder_step(folder: str) -> Optional[int]:
     """Step of a model folder: from a ``checkpoint-<step>`` name, else the EMA's optimization_step."""
-    for name in (os.path.basename(folder), os.path.basename(os.path.dirname(folder))):
-        m = _CHECKPOINT.match(name)
-        if m:
-            return int(m.group(1))
+    for path in (folder, os.path.dirname(folder)):
+        if checkpoint_step(path) is not None:
+            return checkpoint_step(path)
     step = _read_json(os.path.join(folder, "config.json")).get("optimization_step")
     return int(step) if isinstance(step, int) else None
 
 
-def snapshot_files(folder: str) -> Dict[int, str]:
-    """EMA snapshot files ``step-<step>.safetensors`` in ``folder``, by step."""
-    found = {}
-    for path in glob.glob(os.path.join(glob.escape(folder), "step-*.safetensors")):
-        m = _SNAPSHOT.match(os.path.basename(path))
-        if m:
-            found[int(m.group(1))] = path
-    return found
-
-
 def _run_folder_sources(path: str, subfolder: str, track: str = BASE_TRACK) -> List[Source]:
-    checkpoints = [d for d in os.listdir(path) if _CHECKPOINT.match(d) and os.path.isdir(os.path.join(path, d))]
-    found = [Source(os.path.join(path, d, subfolder), int(_CHECKPOINT.match(d).group(1)))
-             for d in checkpoints if _is_model_folder(os.path.join(path, d, subfolder))]
+    checkpoints = list_checkpoints(path)
+    found = [Source(os.path.join(d, subfolder), s) for s, d in checkpoints if _is_model_folder(os.path.join(d, subfolder))]
     if checkpoints and not found:
         raise FileNotFoundError(f"no checkpoint-*/ folder in {path!r} holds a {subfolder!r} model folder; "
                                 "pass --subfolder with the folder name the checkpoints use")
@@ -105,8 +99,6 @@ def find_sources(paths: Sequence[str | os.PathLike], subfolder: Optional[str] = 
 
     subfolder: model folder inside checkpoint-<step>/ (default unet_ema, or unet_ema_<track> for another track).
     """
-    from lawa_diffusion.tracks import ema_folder
-
     check(len(paths) >= 1, "average needs at least one DIR")
     subfolder = subfolder or ema_folder(track)
     sources = [s for p in paths for s in _sources_in(os.fspath(p), subfolder, track)]
@@ -148,8 +140,9 @@ def _snapshot_metadata(path: str) -> dict:
 
 
 def _snapshot_step(path: str) -> Optional[int]:
-    m = _SNAPSHOT.match(os.path.basename(path))
-    step = m.group(1) if m else _snapshot_metadata(path).get("step")
+    step = snapshot_step(path)
+    if step is None:
+        step = _snapshot_metadata(path).get("step")
     return int(step) if step is not None else None
 
 

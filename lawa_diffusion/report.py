@@ -13,6 +13,7 @@ import math
 import os
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
+from lawa_diffusion import runfolder
 from lawa_diffusion.config import ReportConfig, check
 from lawa_diffusion.files import atomic_write, atomic_write_json, read_jsonl
 
@@ -135,7 +136,7 @@ def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
     check(metric in METRICS, f"report --metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"run folder {path!r} does not exist; pass a folder written by lawa-diffusion train")
-    metrics = os.path.join(path, "metrics.jsonl")
+    metrics = runfolder.metrics_path(path)
     if not os.path.isfile(metrics):
         raise FileNotFoundError(f"run folder {path!r} has no metrics.jsonl; pass a run folder that has been "
                                 "evaluated at least once (train with eval.every_n_steps > 0)")
@@ -492,14 +493,6 @@ def _half(stats: dict, bound: str) -> float:
     return 0.0 if stats[bound] is None else abs(stats[bound] - stats["mean"])
 
 
-def default_out_dir(run_dirs: Sequence[str]) -> str:
-    """RUN/report for one run; the runs' common parent folder/report for several."""
-    paths = [os.path.abspath(os.fspath(p)) for p in run_dirs]
-    if len(paths) == 1:
-        return os.path.join(paths[0], "report")
-    return os.path.join(os.path.commonpath([os.path.dirname(p) for p in paths]), "report")
-
-
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
     existing = os.path.join(out_dir, JSON_NAME)
     if overwrite or not os.path.exists(existing):
@@ -523,7 +516,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: Optional[str] =
     check(len(run_dirs) >= 1, "report needs at least one RUN_DIR")
     runs = [load_run(p, metric) for p in run_dirs]
     summary = summarize(runs, metric, confidence)
-    out_dir = os.path.abspath(out_dir or default_out_dir([r.path for r in runs]))
+    out_dir = os.path.abspath(out_dir or runfolder.report_dir([r.path for r in runs]))
     _check_out_dir(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, f"report-{metric}.png")

@@ -2,12 +2,11 @@
 
 Sample ``i`` of every variant starts from the same noise (seeded by ``(seed, i)`` only), so the FID difference
 between two variants at one evaluation is a paired comparison. The metric maths (torch-fidelity) are a separate
-step, :func:`variant_metrics`, so that a caller can run them off the training loop.
+step, :func:`lawa_diffusion.fid.metrics_of`, so that a caller can run them off the training loop.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import time
@@ -19,7 +18,8 @@ from torch import nn
 
 from lawa_diffusion import fid
 from lawa_diffusion.config import FIDConfig, check
-from lawa_diffusion.inception import Extractor, load_extractor
+from lawa_diffusion.inception import Extractor
+from lawa_diffusion.output import is_main_process
 
 _D = FIDConfig()  # defaults live in config.py
 
@@ -27,13 +27,11 @@ SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm": "D
                      "euler": "EulerDiscreteScheduler"}
 
 
-def build_scheduler(scheduler: Any = _D.scheduler, scheduler_config: Optional[Mapping] = None):
+def build_scheduler(scheduler: str = _D.scheduler, scheduler_config: Optional[Mapping] = None):
     """A fresh diffusers scheduler: a name from SCHEDULER_CLASSES built from ``scheduler_config`` (the training
-    noise scheduler's config; diffusers defaults when None), or a copy of a scheduler object."""
+    noise scheduler's config; diffusers defaults when None)."""
     import diffusers
 
-    if not isinstance(scheduler, str):
-        return type(scheduler).from_config(scheduler.config)
     check(scheduler in SCHEDULER_CLASSES, f"scheduler must be one of {', '.join(SCHEDULER_CLASSES)}, got {scheduler!r}")
     cls = getattr(diffusers, SCHEDULER_CLASSES[scheduler])
     return cls.from_config(dict(scheduler_config)) if scheduler_config is not None else cls()
@@ -95,89 +93,51 @@ def variant_unet(spec, accelerator) -> Iterator[nn.Module]:
 # --------------------------------------------------------------------------- paired evaluation
 
 
-@dataclasses.dataclass
-class Sampled:
-    """One variant's samples as features, before the metric maths.
-
-    features: {layer: float32 [num_samples, D]} on the CPU, in sample order.
-    seconds: wall time of sampling and feature extraction on this process.
-    meta: what the result rows record about the sampling (num_samples, scheduler, steps, seed, weights, reference).
-    """
-
-    features: dict
-    seconds: float
-    meta: dict
-
-
 def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, reference_key: Optional[str] = None,
-                    num_samples: int = _D.num_samples, batch_size: int = _D.batch_size, scheduler: Any = _D.scheduler,
-                    scheduler_config: Optional[Mapping] = None, num_inference_steps: int = _D.num_inference_steps,
-                    seed: int = _D.seed, eta: float = _D.eta, accelerator=None, progress: bool = True,
-                    isc: bool = False) -> dict:
-    """{name: Sampled} for each variant, every variant from the same noise; all processes take part and all
-    get every feature (the samples are split between processes)."""
+                    scheduler_config: Optional[Mapping] = None, accelerator=None, progress: bool = True,
+                    isc: bool = False, cfg: Optional[FIDConfig] = None, **options) -> dict:
+    """{name: fid.Sampled} for each variant, every variant from the same noise; all processes take part and all
+    get every feature (the samples are split between processes). ``options`` override fields of ``cfg``
+    (num_samples, batch_size, scheduler, num_inference_steps, seed, eta)."""
+    cfg = fid.settings(cfg, **options)
     layers = fid.feature_layers(extractor, isc)
-    show = progress and fid.is_main(accelerator)
-    meta = dict(num_samples=num_samples, inception_sha256=extractor.sha256, reference_key=reference_key,
-                scheduler=scheduler if isinstance(scheduler, str) else type(scheduler).__name__,
-                num_inference_steps=num_inference_steps, seed=seed)
+    show = progress and is_main_process(accelerator)
+    meta = dict(num_samples=cfg.num_samples, inception_sha256=extractor.sha256, reference_key=reference_key,
+                scheduler=cfg.scheduler, num_inference_steps=cfg.num_inference_steps, seed=cfg.seed)
 
     out = {}
     for name, spec in variants.items():
         started = time.perf_counter()
         with variant_unet(spec, accelerator) as unet:
             def images_of(batch, unet=unet):
-                return sample_uint8(unet, build_scheduler(scheduler, scheduler_config), batch, seed=seed, eta=eta,
-                                    num_inference_steps=num_inference_steps)
+                return sample_uint8(unet, build_scheduler(cfg.scheduler, scheduler_config), batch, seed=cfg.seed,
+                                    eta=cfg.eta, num_inference_steps=cfg.num_inference_steps)
 
-            compute = functools.partial(fid.batched_features, images_of, extractor, layers, batch_size=batch_size,
+            compute = functools.partial(fid.batched_features, images_of, extractor, layers, batch_size=cfg.batch_size,
                                         desc=f"sampling {name}", show=show)
-            stacked = fid.map_split(num_samples, compute, accelerator)
-        out[name] = Sampled(fid.split_layers(stacked, layers), time.perf_counter() - started, dict(meta))
+            stacked = fid.map_split(cfg.num_samples, compute, accelerator)
+        out[name] = fid.Sampled(fid.split_layers(stacked, layers), time.perf_counter() - started, dict(meta))
     return out
 
 
-def variant_metrics(sampled: Sampled, reference: fid.ReferenceStats, extractor: Extractor, *, kid: bool = _D.kid,
-                    kid_subsets: int = _D.kid_subsets, kid_subset_size: int = _D.kid_subset_size,
-                    isc: bool = False) -> dict:
-    """{fid, kid_mean, kid_std, ..., sample_seconds, metric_seconds} of one sampled variant."""
-    out = fid.feature_metrics(sampled.features, reference, extractor, kid=kid, kid_subsets=kid_subsets,
-                              kid_subset_size=kid_subset_size, isc=isc)
-    out.update(sampled.meta, sample_seconds=sampled.seconds)
-    return out
-
-
-def evaluate_variants(variants: Mapping[str, Any], reference, *, num_samples: int = _D.num_samples,
-                      batch_size: int = _D.batch_size, scheduler: Any = _D.scheduler,
-                      num_inference_steps: int = _D.num_inference_steps, seed: int = _D.seed, kid: bool = _D.kid,
-                      accelerator=None, weights=None, progress: bool = True, scheduler_config: Optional[Mapping] = None,
-                      eta: float = _D.eta, isc: bool = False, kid_subsets: int = _D.kid_subsets,
-                      kid_subset_size: int = _D.kid_subset_size, device=None) -> dict:
+def evaluate_variants(variants: Mapping[str, Any], reference, *, accelerator=None, weights=None, progress: bool = True,
+                      scheduler_config: Optional[Mapping] = None, isc: bool = False, device=None,
+                      cfg: Optional[FIDConfig] = None, **options) -> dict:
     """FID/KID of each weight variant on the same noise and seeds (common random numbers).
 
     variants: name -> UNet2DModel, or a zero-arg callable returning a context manager that yields the UNet
     with those weights swapped in. reference: ReferenceStats or any ``fid.reference_stats`` source.
+    ``options`` override fields of ``cfg`` (default ``FIDConfig()``).
     Returns {name: {fid, kid_mean, kid_std, num_samples, inception_sha256, ...}} on every process.
     """
-    fid.warn_if_few(num_samples)
+    fid.warn_if_few(options.get("num_samples", (cfg or _D).num_samples))
+    cfg = fid.settings(cfg, **options)
     check(len(variants) >= 1, "variants must name at least one model to evaluate")
-    extractor = load_extractor(weights, device=fid.resolve_device(device, accelerator), isc=isc)
-    if not isinstance(reference, fid.ReferenceStats):
-        reference = fid.reference_stats(reference, weights=extractor, accelerator=accelerator, progress=progress,
-                                        image_size=_reference_size(variants, accelerator))
-    check_reference(reference, extractor)
-    sampled = sample_variants(variants, extractor, reference_key=reference.key, num_samples=num_samples,
-                              batch_size=batch_size, scheduler=scheduler, scheduler_config=scheduler_config,
-                              num_inference_steps=num_inference_steps, seed=seed, eta=eta, accelerator=accelerator,
-                              progress=progress, isc=isc)
-    return {name: variant_metrics(s, reference, extractor, kid=kid, kid_subsets=kid_subsets,
-                                  kid_subset_size=kid_subset_size, isc=isc) for name, s in sampled.items()}
-
-
-def check_reference(reference: fid.ReferenceStats, extractor: Extractor) -> None:
-    check(reference.inception_sha256 in (None, extractor.sha256), f"reference statistics were made with weights "
-          f"sha256 {str(reference.inception_sha256)[:16]}..., not the weights in use ({extractor.sha256[:16]}...); "
-          "recompute them with the same weights")
+    extractor, reference = fid.prepare(reference, weights=weights, device=device, accelerator=accelerator, isc=isc,
+                                       progress=progress, image_size=lambda: _reference_size(variants, accelerator))
+    sampled = sample_variants(variants, extractor, reference_key=reference.key, scheduler_config=scheduler_config,
+                              accelerator=accelerator, progress=progress, isc=isc, cfg=cfg)
+    return {name: fid.metrics_of(s, reference, cfg) for name, s in sampled.items()}
 
 
 def _reference_size(variants: Mapping[str, Any], accelerator) -> Optional[int]:

@@ -1,39 +1,178 @@
 """Snapshot rings: where LAWA keeps its k flat snapshots.
 
-Every ring stores snapshot rows of P elements (the source tensors concatenated) and can
+Every ring stores rows of P elements (the source tensors concatenated, in the storage dtype) and
+answers the engine through one interface:
 
-- ``write(slot, step, tensors)``: copy the source tensors into a slot,
-- ``mean_into(out, slots)``: the fp32 mean of the given slots into the flat ``out`` (on the compute
-  device), streaming host/disk rows in bounded chunks,
-- ``read(slot)`` / ``load(slot, step, row)``: one row out / in (state dicts, O(P) running average).
+- ``write(slot, step, tensors)``: copy the source tensors into a slot (asynchronous on CUDA);
+- ``finite_check(slot)``: a :class:`FiniteCheck` of what the slot holds, computed without a host sync;
+  ``row_is_finite(slot)`` is the exact, synchronous answer that confirms a failed check;
+- ``release(slot)``: forget a slot (disk: delete its file after it is written);
+- ``mean_into(out, slots)``: the fp32 mean of the slots into the flat ``out`` on the compute device;
+  host and disk rows are streamed in chunks, their uploads overlapped with the reduction;
+- ``read(slot)``, ``export(order)``, ``restore(state, steps, slots)``: rows and state dicts;
+- ``wait_source_read()``: make the current CUDA stream wait (on the GPU) for pending copies that
+  still read the source tensors, before their next in-place update;
+- ``follow(device)``, ``sync()``, ``close()``.
 
 "device": one preallocated ``[k, P]`` tensor on the EMA's device; the mean is a single reduction.
-"cpu": a ``[k, P]`` host tensor, pinned when the EMA is on CUDA, filled by non-blocking copies on a
-side stream (synchronised before any read).
-"disk": one safetensors file per snapshot, written atomically by a background thread; the oldest
-file beyond the window is deleted once its successor is safely on disk.
+"cpu": a ``[k, P]`` host tensor, pinned when the EMA is on CUDA, filled on a side stream through a
+bounded device staging buffer (one device-to-host copy per ~64 MB).
+"disk": one safetensors file per snapshot, written atomically by a background thread from one of
+two staging rows (pinned on CUDA; the thread waits for the copy's event); the oldest file beyond
+the window is deleted once its successor is safely on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import math
 import os
 import queue
 import re
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lawa_diffusion.averaging import accumulation_dtype, flat_views, foreach_copy, mean_of_rows
-from lawa_diffusion.files import atomic_save_safetensors
+from lawa_diffusion.averaging import all_finite, flat_views, foreach_copy, mean_of_rows, nonfinite_flag
+from lawa_diffusion.config import check
+from lawa_diffusion.files import atomic_save_safetensors, link_or_copy_atomic
 
-# Host/disk rows are streamed to the compute device in chunks of this many bytes per row.
+# Host/disk rows are streamed to the compute device, and device rows staged to the host, in chunks of
+# about this many bytes.
 CHUNK_BYTES = 64 * 2**20
 
 
 def _chunk_elems(dtype: torch.dtype, rows: int) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(1, CHUNK_BYTES // (itemsize * max(1, rows)))
+
+
+def _on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+class FiniteCheck:
+    """The NaN/Inf status of one snapshot: a device flag copied to pinned host memory behind a CUDA
+    event, so that computing it never blocks and reading it later waits for nothing else."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.flag = flag
+        self.event: Optional[torch.cuda.Event] = None
+        if flag.device.type == "cuda":
+            self.value = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self.value.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(flag.device))
+        else:
+            self.value = flag
+
+    def passed(self) -> bool:
+        """True when the flag is finite (then every element is); waits for the flag's copy only."""
+        if self.event is not None:
+            self.event.synchronize()
+        return math.isfinite(float(self.value))
+
+
+class DeviceToHost:
+    """Copies source tensors into a host row on a side stream, through a bounded device staging buffer.
+
+    Tensors are grouped into ~CHUNK_BYTES pieces of the flat row: one fused device copy (with the cast
+    to the storage dtype) and one device-to-host copy per piece, so the host issues a few calls
+    whatever the number of tensors. The NaN/Inf flag is summed from the staged pieces.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, shapes: Sequence[torch.Size]):
+        self.device, self.dtype = device, dtype
+        self.stream = torch.cuda.Stream(device=device)
+        self.groups = _groups(shapes, _chunk_elems(dtype, 1))
+        capacity = max(stop - start for _, _, start, stop in self.groups)
+        with torch.cuda.stream(self.stream):
+            self.staging = torch.empty(capacity, dtype=dtype, device=device)
+        metas = [torch.empty(s, device="meta") for s in shapes]
+        self.views = [flat_views(self.staging[: stop - start], metas[i0:i1]) for i0, i1, start, stop in self.groups]
+        self.event: Optional[torch.cuda.Event] = None
+        self._reading: List[torch.Tensor] = []
+
+    def copy(self, row: torch.Tensor, tensors: Sequence[torch.Tensor]) -> FiniteCheck:
+        if self.event is not None and not self.event.query():
+            self.event.synchronize()  # the previous copy (ν steps ago) has surely run; release its sources
+        self._reading = list(tensors)  # alive until the copy has read them
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            flag = torch.zeros((), dtype=torch.float32, device=self.device)
+            for (i0, i1, start, stop), views in zip(self.groups, self.views):
+                torch._foreach_copy_(views, self._reading[i0:i1])
+                piece = self.staging[: stop - start]
+                flag.add_(nonfinite_flag([piece]))
+                row[start:stop].copy_(piece, non_blocking=True)
+            result = FiniteCheck(flag)
+            self.event = torch.cuda.Event()
+            self.event.record(self.stream)
+        return result
+
+    def wait_source_read(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+
+    def sync(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+def _groups(shapes: Sequence[torch.Size], chunk: int) -> List[Tuple[int, int, int, int]]:
+    """Consecutive tensors grouped into pieces of about ``chunk`` elements: (first, end, start, stop)."""
+    groups, first, start, offset = [], 0, 0, 0
+    for i, shape in enumerate(shapes):
+        offset += math.prod(shape)
+        if offset - start >= chunk or i == len(shapes) - 1:
+            groups.append((first, i + 1, start, offset))
+            first, start = i + 1, offset
+    return groups
+
+
+def streamed_mean(out: torch.Tensor, readers: Sequence[Callable[[int, int], torch.Tensor]], numel: int,
+                  dtype: torch.dtype, stream: Optional["torch.cuda.Stream"] = None, pinned: bool = False) -> torch.Tensor:
+    """fp32 mean of host rows into ``out``, in column chunks; ``readers[i](start, stop)`` gives row i's piece.
+
+    On CUDA, chunk j+1 is uploaded on ``stream`` while chunk j is reduced on the current stream (two
+    device staging buffers); rows not in pinned memory go through two pinned host staging buffers.
+    """
+    n = len(readers)
+    chunk = min(_chunk_elems(dtype, n), numel)
+    spans = [(a, min(a + chunk, numel)) for a in range(0, numel, chunk)]
+    if out.device.type != "cuda":
+        staging = torch.empty((n, chunk), dtype=dtype)
+        for a, b in spans:
+            for i, read in enumerate(readers):
+                staging[i, : b - a].copy_(read(a, b))
+            mean_of_rows(staging[:, : b - a], out[a:b])
+        return out
+    compute = torch.cuda.current_stream(out.device)
+    stream = stream if stream is not None else torch.cuda.Stream(device=out.device)
+    device_staging = [torch.empty((n, chunk), dtype=dtype, device=out.device) for _ in range(2)]
+    host_staging = None if pinned else [torch.empty((n, chunk), dtype=dtype, pin_memory=True) for _ in range(2)]
+    stream.wait_stream(compute)  # out and the staging buffers may reuse memory the compute stream just freed
+    uploaded = [torch.cuda.Event(), torch.cuda.Event()]
+    reduced = [torch.cuda.Event(), torch.cuda.Event()]
+    for j, (a, b) in enumerate(spans):
+        s, width = j % 2, b - a
+        if host_staging is not None and j >= 2:
+            uploaded[s].synchronize()  # this host staging buffer is free once its last upload ran
+        with torch.cuda.stream(stream):
+            if j >= 2:
+                stream.wait_event(reduced[s])
+            for i, read in enumerate(readers):
+                piece = read(a, b)
+                if host_staging is not None:
+                    host_staging[s][i, :width].copy_(piece)
+                    piece = host_staging[s][i, :width]
+                device_staging[s][i, :width].copy_(piece, non_blocking=True)
+            uploaded[s].record(stream)
+        compute.wait_event(uploaded[s])
+        mean_of_rows(device_staging[s][:, :width], out[a:b])
+        reduced[s].record(compute)
+    return out
 
 
 class Ring:
@@ -52,14 +191,41 @@ class Ring:
             self._views = cache
         return cache[1][slot]
 
+    # in-memory rings: the row is ``buffer[slot]``
+    def finite_check(self, slot: int) -> FiniteCheck:
+        return FiniteCheck(nonfinite_flag([self.read(slot)]))
+
+    def row_is_finite(self, slot: int) -> bool:
+        return all_finite([self.read(slot)])
+
+    def release(self, slot: int) -> None:
+        """Forget a slot (disk: delete its file)."""
+
+    def export(self, order: Sequence[Tuple[int, int]]) -> dict:
+        """The rows of ``order`` [(step, slot)] for a state dict, on the CPU."""
+        rows = [self.read(slot).detach().cpu() for _, slot in order]
+        return {"snapshots": torch.stack(rows) if rows else torch.empty(0)}
+
+    def restore(self, state: dict, steps: Sequence[int], slots: Sequence[int]) -> None:
+        rows = state["snapshots"][-len(steps):] if steps else []
+        for slot, row in zip(slots, rows):
+            self.load(slot, row)
+
+    def load(self, slot: int, row: torch.Tensor) -> None:
+        self.sync()
+        self.buffer[slot].copy_(row)
+
+    def wait_source_read(self) -> None:
+        """Order the next in-place update of the source after pending copies (GPU-side; no-op when synchronous)."""
+
+    def follow(self, device: torch.device) -> None:
+        """The source moved to ``device``."""
+
     def sync(self) -> None:
         """Wait for pending asynchronous writes."""
 
     def close(self) -> None:
         self.sync()
-
-    def release(self, slot: int) -> None:
-        """Forget a slot (disk: delete its file)."""
 
 
 class DeviceRing(Ring):
@@ -69,18 +235,15 @@ class DeviceRing(Ring):
         super().__init__(k, numel, dtype, shapes)
         self.buffer = torch.empty((k, numel), dtype=dtype, device=device)
 
-    @property
-    def device(self) -> torch.device:
-        return self.buffer.device
-
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
         foreach_copy(self.slot_views(slot), tensors)
 
     def read(self, slot: int) -> torch.Tensor:
         return self.buffer[slot]
 
-    def load(self, slot: int, step: int, row: torch.Tensor) -> None:
-        self.buffer[slot].copy_(row)
+    def follow(self, device: torch.device) -> None:
+        if self.buffer.device != device:
+            self.buffer = self.buffer.to(device)
 
     def mean_into(self, out: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
         slots = list(slots)
@@ -92,64 +255,48 @@ class DeviceRing(Ring):
 
 
 class HostRing(Ring):
-    """Ring in host memory; pinned with asynchronous side-stream copies when the EMA is on CUDA."""
+    """Ring in host memory; pinned and filled on a side stream when the EMA is on CUDA."""
 
     def __init__(self, k, numel, dtype, shapes, source_device: torch.device):
         super().__init__(k, numel, dtype, shapes)
-        self.cuda = source_device.type == "cuda" and torch.cuda.is_available()
+        self.cuda = _on_cuda(source_device)
         self.buffer = torch.empty((k, numel), dtype=dtype, pin_memory=self.cuda)
-        self.stream = torch.cuda.Stream(device=source_device) if self.cuda else None
-        self.event: Optional[torch.cuda.Event] = None
-        self.source_device = source_device
+        self.copier = DeviceToHost(source_device, dtype, self.shapes) if self.cuda else None
+        self._checks: Dict[int, FiniteCheck] = {}
 
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
-        self.sync()  # the slot may still be read by a pending copy of the previous cycle
-        dst = self.slot_views(slot)
-        if not self.cuda:
-            foreach_copy(dst, [t.detach().cpu() if t.device.type != "cpu" else t for t in tensors])
+        if self.copier is not None and tensors[0].is_cuda:
+            self._checks[slot] = self.copier.copy(self.buffer[slot], tensors)
             return
-        current = torch.cuda.current_stream(self.source_device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            src = [t if t.dtype == self.dtype else t.to(self.dtype) for t in tensors]
-            for d, s in zip(dst, src):
-                d.copy_(s, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(self.stream)
-        for t in src:  # keep the source memory alive until the copy has run
-            t.record_stream(self.stream)
+        self._checks.pop(slot, None)
+        self.sync()
+        foreach_copy(self.slot_views(slot), tensors)
 
-    def wait_on(self, stream: "torch.cuda.Stream") -> None:
-        """Make ``stream`` (not the host) wait until the pending copy has read the source tensors."""
-        if self.event is not None:
-            stream.wait_event(self.event)
+    def finite_check(self, slot: int) -> FiniteCheck:
+        return self._checks.pop(slot) if slot in self._checks else super().finite_check(slot)
+
+    def wait_source_read(self) -> None:
+        if self.copier is not None:
+            self.copier.wait_source_read()
 
     def sync(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
+        if self.copier is not None:
+            self.copier.sync()
 
     def read(self, slot: int) -> torch.Tensor:
         self.sync()
         return self.buffer[slot]
 
-    def load(self, slot: int, step: int, row: torch.Tensor) -> None:
-        self.sync()
-        self.buffer[slot].copy_(row)
-
     def mean_into(self, out: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
-        self.sync()
         slots = list(slots)
-        if out.device.type == "cpu":
-            return mean_of_rows(self.buffer[slots] if slots != list(range(len(slots))) else self.buffer[: len(slots)], out)
-        chunk = _chunk_elems(self.dtype, len(slots))
-        staging = torch.empty((len(slots), min(chunk, self.numel)), dtype=self.dtype, device=out.device)
-        for start in range(0, self.numel, chunk):
-            stop = min(start + chunk, self.numel)
-            for i, slot in enumerate(slots):
-                staging[i, : stop - start].copy_(self.buffer[slot, start:stop], non_blocking=True)
-            mean_of_rows(staging[:, : stop - start], out[start:stop])
-        return out
+        if out.device.type != "cuda":
+            self.sync()
+            contiguous = slots == list(range(len(slots)))
+            return mean_of_rows(self.buffer[: len(slots)] if contiguous else self.buffer[slots], out)
+        # uploads run on the copier's stream, after any pending snapshot copy: no host wait
+        readers = [lambda a, b, s=slot: self.buffer[s, a:b] for slot in slots]
+        stream = self.copier.stream if self.copier is not None else None
+        return streamed_mean(out, readers, self.numel, self.dtype, stream, pinned=self.cuda)
 
 
 _DISK_NAME = re.compile(r"^(?P<name>.+)-step(?P<step>\d{9,})\.safetensors$")
@@ -170,13 +317,24 @@ def disk_files(folder: str, name: str) -> Dict[int, str]:
 
 
 class DiskRing(Ring):
-    """One safetensors file per snapshot, written by a background thread."""
+    """One safetensors file per snapshot, written by a background thread from a staging row."""
 
-    def __init__(self, k, numel, dtype, shapes, folder: str, name: str):
+    STAGING_ROWS = 2  # at most two snapshots in flight; a third write waits for the oldest file
+
+    def __init__(self, k, numel, dtype, shapes, folder: str, name: str, source_device: torch.device):
         super().__init__(k, numel, dtype, shapes)
         self.folder, self.name = folder, name
         self.slot_step: Dict[int, int] = {}
-        self.queue: "queue.Queue" = queue.Queue(maxsize=1)
+        cuda = _on_cuda(source_device)
+        self.copier = DeviceToHost(source_device, dtype, self.shapes) if cuda else None
+        self.free: "queue.Queue" = queue.Queue()
+        self._row_views: Dict[int, List[torch.Tensor]] = {}  # staging row id -> views shaped like the source
+        for _ in range(self.STAGING_ROWS):
+            row = torch.empty(numel, dtype=dtype, pin_memory=cuda)
+            self._row_views[id(row)] = self.views(row)
+            self.free.put(row)
+        self._checks: Dict[int, FiniteCheck] = {}
+        self.queue: "queue.Queue" = queue.Queue()
         self.error: Optional[BaseException] = None
         self.thread = threading.Thread(target=self._run, name=f"lawa-disk-writer-{name}", daemon=True)
         self.thread.start()
@@ -204,13 +362,21 @@ class DiskRing(Ring):
                     return
                 kind, payload = job
                 if kind == "write":
-                    self._save(*payload)
+                    self._write_file(*payload)
                 elif kind == "delete" and os.path.exists(payload):
                     os.unlink(payload)
-            except BaseException as e:  # surfaced on the next sync()
+            except BaseException as e:  # surfaced on the next write or sync()
                 self.error = e
             finally:
                 self.queue.task_done()
+
+    def _write_file(self, step: int, row: torch.Tensor, event: Optional[torch.cuda.Event]) -> None:
+        try:
+            if event is not None:
+                event.synchronize()  # the device-to-host copy into the staging row has run
+            self._save(step, row)
+        finally:
+            self.free.put(row)
 
     def _check(self) -> None:
         if self.error is not None:
@@ -219,18 +385,32 @@ class DiskRing(Ring):
 
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
         self._check()
-        row = torch.empty(self.numel, dtype=self.dtype)
-        foreach_copy(self.views(row), [t.detach().cpu() for t in tensors])
+        row = self.free.get()  # waits only when two earlier snapshots are still being written
+        if self.copier is not None and tensors[0].is_cuda:
+            self._checks[slot] = self.copier.copy(row, tensors)
+            event = self.copier.event
+        else:
+            foreach_copy(self._row_views[id(row)], tensors)
+            self._checks[slot] = FiniteCheck(nonfinite_flag([row]))
+            event = None
         old = self.slot_step.get(slot)
         self.slot_step[slot] = step
-        self.queue.put(("write", (step, row)))
+        self.queue.put(("write", (step, row, event)))
         if old is not None and old != step:  # evicted: delete after the new file is on disk
             self.queue.put(("delete", self.path(old)))
 
+    def finite_check(self, slot: int) -> FiniteCheck:
+        return self._checks.pop(slot)
+
     def release(self, slot: int) -> None:
+        self._checks.pop(slot, None)
         old = self.slot_step.pop(slot, None)
         if old is not None:
             self.queue.put(("delete", self.path(old)))
+
+    def wait_source_read(self) -> None:
+        if self.copier is not None:
+            self.copier.wait_source_read()
 
     def sync(self) -> None:
         self.queue.join()
@@ -248,33 +428,36 @@ class DiskRing(Ring):
         self.sync()
         return load_file(self.path(self.slot_step[slot]))["snapshot"]
 
-    def load(self, slot: int, step: int, row: torch.Tensor) -> None:
+    def export(self, order: Sequence[Tuple[int, int]]) -> dict:
         self.sync()
-        self.slot_step[slot] = step
-        if not os.path.exists(self.path(step)):
-            self._save(step, row.to(self.dtype).cpu())
+        return {"files": [self.path(step) for step, _ in order]}
 
-    def adopt(self, slot: int, step: int) -> None:
-        """Take a snapshot file that is already in the folder into ``slot``."""
-        self.slot_step[slot] = step
+    def restore(self, state: dict, steps: Sequence[int], slots: Sequence[int]) -> None:
+        """Take the state's snapshot files into the folder (hard links) and drop files written after it."""
+        self.sync()
+        files = list(state["files"])[-len(steps):] if steps else []
+        for slot, step, src in zip(slots, steps, files):
+            check(os.path.isfile(src), f"lawa snapshot file {src!r} named by the saved state is missing; "
+                                        "resume from a complete checkpoint")
+            dst = self.path(step)
+            if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+                link_or_copy_atomic(src, dst)
+            self.slot_step[slot] = step
+        keep = set(steps)
+        for step, path in disk_files(self.folder, self.name).items():
+            if step not in keep:  # written after the checkpoint we resume from
+                os.unlink(path)
 
     def mean_into(self, out: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
         from safetensors import safe_open
 
         self.sync()
-        acc = out if out.dtype == accumulation_dtype(self.dtype) else torch.zeros_like(out, dtype=accumulation_dtype(self.dtype))
-        acc.zero_()
-        chunk = _chunk_elems(self.dtype, 1)
-        for slot in slots:
-            with safe_open(self.path(self.slot_step[slot]), framework="pt") as f:
-                row = f.get_slice("snapshot")
-                for start in range(0, self.numel, chunk):
-                    stop = min(start + chunk, self.numel)
-                    acc[start:stop].add_(row[start:stop].to(device=acc.device, dtype=acc.dtype, non_blocking=True))
-        acc.div_(len(slots))
-        if acc is not out:
-            out.copy_(acc)
-        return out
+        with contextlib.ExitStack() as files:
+            rows = [files.enter_context(safe_open(self.path(self.slot_step[slot]), framework="pt")).get_slice("snapshot")
+                    for slot in slots]
+            readers = [lambda a, b, row=row: row[a:b] for row in rows]
+            stream = self.copier.stream if self.copier is not None else None
+            return streamed_mean(out, readers, self.numel, self.dtype, stream)
 
 
 def make_ring(storage: str, k: int, numel: int, dtype: torch.dtype, shapes, device: torch.device,
@@ -283,4 +466,4 @@ def make_ring(storage: str, k: int, numel: int, dtype: torch.dtype, shapes, devi
         return DeviceRing(k, numel, dtype, shapes, device)
     if storage == "cpu":
         return HostRing(k, numel, dtype, shapes, device)
-    return DiskRing(k, numel, dtype, shapes, folder, name)
+    return DiskRing(k, numel, dtype, shapes, folder, name, device)

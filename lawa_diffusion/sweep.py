@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lawa_diffusion.config import PosthocConfig, check
-from lawa_diffusion.posthoc import Source, average_sources, load_into, shared_model, snapshot_files
-from lawa_diffusion.tracking import BASE_TRACK, SNAPSHOT_DIR, check_track, snapshot_folder, snapshot_tracks
+from lawa_diffusion import runfolder
+from lawa_diffusion.posthoc import Source, average_sources, load_into, shared_model
 # ----------------------------------------------------------------------------- sweep plan
 @dataclasses.dataclass(frozen=True)
 class Cell:
@@ -45,16 +45,9 @@ def sweep_cells(snapshot_steps: Sequence[int], eval_steps: Sequence[int], ks: Se
     return cells
 
 
-def _run_config(run_dir: str) -> dict:
-    from lawa_diffusion.config import read_yaml
-
-    path = os.path.join(run_dir, "config.yaml")
-    return read_yaml(path) if os.path.isfile(path) else {}
-
-
 def snapshot_cadence(run_dir: str, steps: Sequence[int]) -> Tuple[int, int]:
     """(every_n_steps, start_step) of the run's LAWA config, else inferred from the snapshot steps."""
-    lawa = _run_config(run_dir).get("lawa") or {}
+    lawa = runfolder.read_config(run_dir).get("lawa") or {}
     if "every_n_steps" in lawa:
         return int(lawa["every_n_steps"]), int(lawa.get("start_step", 0))
     import math
@@ -65,17 +58,13 @@ def snapshot_cadence(run_dir: str, steps: Sequence[int]) -> Tuple[int, int]:
 
 def evaluation_steps(run_dir: str, snapshot_steps: Sequence[int], steps: str = PosthocConfig.sweep_steps) -> List[int]:
     """Steps to sweep: "eval" (metrics.jsonl's, from the first snapshot on), "final", or a comma list."""
-    from lawa_diffusion.files import read_jsonl
-
     first, last = min(snapshot_steps), max(snapshot_steps)
     if steps == "final":
         return [last]
     if steps == "eval":
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        found = sorted({int(r["step"]) for r in read_jsonl(metrics) if "step" in r}) if os.path.isfile(metrics) else []
-        chosen = [s for s in found if first <= s]
+        chosen = [s for s in runfolder.metric_steps(run_dir) if first <= s]
         check(bool(chosen), f"sweep --steps eval found no evaluation step at or after the first EMA snapshot "
-                            f"({first}) in {metrics!r}; pass --steps final or a list of steps")
+                            f"({first}) in {runfolder.metrics_path(run_dir)!r}; pass --steps final or a list of steps")
         return chosen
     chosen = parse_int_list(steps, "--steps")
     check(all(first <= s for s in chosen), f"sweep --steps {steps!r} asks for a step before the first EMA snapshot "
@@ -149,15 +138,15 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> str:
     return jsonl
 
 
-def _snapshot_index(run_dir: str, track: str = BASE_TRACK) -> Dict[int, str]:
+def _snapshot_index(run_dir: str, track: str = runfolder.BASE_TRACK) -> Dict[int, str]:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder {run_dir!r} does not exist; pass a folder written by lawa-diffusion train")
-    if track != BASE_TRACK:
-        check_track(run_dir, track, "sweep", snapshot_tracks(run_dir))
-        return snapshot_files(snapshot_folder(run_dir, track))
-    files = snapshot_files(os.path.join(run_dir, SNAPSHOT_DIR)) or snapshot_files(run_dir)
+    if track != runfolder.BASE_TRACK:
+        runfolder.check_track(run_dir, track, "sweep", runfolder.snapshot_tracks(run_dir))
+        return dict(runfolder.list_ema_snapshots(run_dir, track))
+    files = dict(runfolder.list_ema_snapshots(run_dir)) or runfolder.snapshot_files(run_dir)
     if not files:
-        raise FileNotFoundError(f"run folder {run_dir!r} has no {SNAPSHOT_DIR}/step-*.safetensors; the sweep needs "
+        raise FileNotFoundError(f"run folder {run_dir!r} has no {runfolder.SNAPSHOT_DIR}/step-*.safetensors; the sweep needs "
                                 "every EMA snapshot, so train with save_ema_snapshots: true")
     return files
 
@@ -194,8 +183,8 @@ def _plot_heatmap(grid: List[list], counts: List[list], ks, multiples, every_n_s
 def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.sweep_k,
               multiples: Sequence[int] = PosthocConfig.sweep_every, *, steps: str = PosthocConfig.sweep_steps,
               evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, metric: str = "fid",
-              heatmap_step: Optional[int] = None, device=None, progress: bool = True, track: str = BASE_TRACK,
-              **eval_options) -> dict:
+              heatmap_step: Optional[int] = None, device=None, progress: bool = True,
+              track: str = runfolder.BASE_TRACK, **eval_options) -> dict:
     """FID of every (k, ν multiple) LAWA window at each evaluation step from the EMA snapshots of ``track``
     (RUN/ema_snapshots for "ema", RUN/ema_snapshots/<track> for the run's other EMA tracks).
 
@@ -212,8 +201,7 @@ def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.swee
     heatmap_step = eval_steps[-1] if heatmap_step is None else heatmap_step
     check(heatmap_step in eval_steps, f"sweep --heatmap-step {heatmap_step} is not a swept step; pick one of "
                                       f"{', '.join(map(str, eval_steps))}")
-    default_dir = PosthocConfig.sweep_dir if track == BASE_TRACK else f"{PosthocConfig.sweep_dir}-{track}"
-    out_dir = os.path.abspath(out_dir or os.path.join(run_dir, default_dir))
+    out_dir = os.path.abspath(out_dir or runfolder.sweep_dir(run_dir, track))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"sweep output {out_dir!r} already exists; choose another -o or pass --overwrite")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -275,7 +263,7 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
     from lawa_diffusion import fid, sampling
     from lawa_diffusion.config import FIDConfig, from_mapping
 
-    config = _run_config(run_dir)
+    config = runfolder.read_config(run_dir)
     ev = dict(config.get("eval") or {})
     check(bool(reference or ev.get("reference")), f"sweep needs the FID reference and {run_dir!r} has no "
                                                   "config.yaml with eval.reference; pass --reference")
@@ -286,13 +274,9 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
     e = from_mapping(FIDConfig, {k: v for k, v in ev.items() if k in fields}, "sweep eval settings")
     weights = weights or ev.get("inception_weights")
     stats = fid.reference_stats(e.reference, image_size=image_size, num_images=ev.get("reference_num_images"),
-                                batch_size=e.batch_size, device=device, weights=weights, resize_mode=e.resize_mode,
-                                features_max=e.reference_features_max, progress=progress)
-    return functools.partial(
-        sampling.evaluate_variants, reference=stats, num_samples=e.num_samples, batch_size=e.batch_size,
-        scheduler=e.scheduler, scheduler_config=_noise_scheduler_config(config),
-        num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, kid=e.kid, kid_subsets=e.kid_subsets,
-        kid_subset_size=e.kid_subset_size, weights=weights, device=device, progress=progress)
+                                device=device, weights=weights, progress=progress, cfg=e)
+    return functools.partial(sampling.evaluate_variants, reference=stats, cfg=e, weights=weights, device=device,
+                             scheduler_config=_noise_scheduler_config(config), progress=progress)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -323,8 +307,9 @@ def register_cli(subparsers) -> None:
     s.add_argument("--k", default=",".join(map(str, d.sweep_k)), help="window sizes, comma-separated")
     s.add_argument("--every", default=",".join(map(str, d.sweep_every)), help="multiples of the run's ν, comma-separated")
     s.add_argument("--steps", default=d.sweep_steps, help="eval (metrics.jsonl's steps), final, or a comma list")
-    s.add_argument("--track", default=BASE_TRACK, help="EMA track whose snapshots to average (default: ema, "
-                                                       "diffusers' warm-up EMA; others: the run's ema_tracks)")
+    s.add_argument("--track", default=runfolder.BASE_TRACK,
+                   help="EMA track whose snapshots to average (default: ema, diffusers' warm-up EMA; others: the "
+                        "run's ema_tracks)")
     s.add_argument("--heatmap-step", type=int, default=None, help="step shown in the heat-map (default: the last)")
     s.add_argument("--metric", default="fid", help="fid or kid_mean, for the heat-map")
     s.add_argument("--reference", default=None, help="FID reference (default: the run's eval.reference)")

@@ -1,106 +1,36 @@
 """FID tracking during training: raw weights, EMA tracks, LAWA windows and their delayed baselines on the same
 noise, one row per variant (with its mean lag) in metrics.jsonl.
 
-Also the run-folder bookkeeping that resuming needs: metrics rows and EMA snapshot files past the
-resumed step are removed, so that a resumed run continues them without duplicates or gaps.
+Where those files live is :mod:`lawa_diffusion.runfolder`'s business.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
-import re
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from lawa_diffusion.config import check
-from lawa_diffusion.files import append_line, atomic_save_safetensors, atomic_write_text, read_jsonl
+from lawa_diffusion import runfolder
+from lawa_diffusion.files import append_line, atomic_save_safetensors
+from lawa_diffusion.output import say
 
-METRICS_NAME = "metrics.jsonl"
-SNAPSHOT_DIR = "ema_snapshots"
-SNAPSHOT_RE = re.compile(r"^step-(\d{9,})\.safetensors$")
-
-
-# ----------------------------------------------------------------------------- run-folder files
-def truncate_metrics(path: str, step: int) -> None:
-    """Keep only the rows of ``path`` with ``step <= step`` (atomic rewrite; nothing to do when none is later)."""
-    if not os.path.isfile(path):
-        return
-    rows = read_jsonl(path)
-    kept = [r for r in rows if int(r.get("step", 0)) <= step]
-    with open(path, encoding="utf-8") as f:
-        torn = not f.read().endswith("\n") and os.path.getsize(path) > 0
-    if len(kept) != len(rows) or torn:
-        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+SAY_LINE = functools.partial(say, who=None)  # metrics lines as they are: "step 600: FID ema ..."
 
 
-BASE_TRACK = "ema"
-
-
-def snapshot_folder(run_dir: str, track: str = BASE_TRACK) -> str:
-    """EMA snapshots of ``track``: ema_snapshots/ for the base EMA "ema", ema_snapshots/<track>/ for the others."""
-    folder = os.path.join(run_dir, SNAPSHOT_DIR)
-    return folder if track == BASE_TRACK else os.path.join(folder, track)
-
-
-def snapshot_path(run_dir: str, step: int, track: str = BASE_TRACK) -> str:
-    return os.path.join(snapshot_folder(run_dir, track), f"step-{step:09d}.safetensors")
-
-
-def list_ema_snapshots(run_dir: str, track: str = BASE_TRACK) -> list[tuple[int, str]]:
-    """(step, path) of the EMA snapshot files of one track of a run, oldest first."""
-    folder = snapshot_folder(run_dir, track)
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder) if (m := SNAPSHOT_RE.match(n))]
-    return sorted(found)
-
-
-def snapshot_tracks(run_dir: str) -> list[str]:
-    """The tracks whose EMA snapshots the run saved ("ema" first)."""
-    folder = os.path.join(run_dir, SNAPSHOT_DIR)
-    others = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
-    return [t for t in [BASE_TRACK] + others if list_ema_snapshots(run_dir, t)]
-
-
-def saved_tracks(run_dir: str) -> list[str]:
-    """The EMA tracks a run folder holds: in its checkpoints (unet_ema[_<track>]/) or as EMA snapshots."""
-    from lawa_diffusion.accelerate_hooks import list_checkpoints
-
-    found = set(snapshot_tracks(run_dir))
-    for _, checkpoint in list_checkpoints(run_dir):
-        for name in os.listdir(checkpoint):
-            if name == "unet_ema" or name.startswith("unet_ema_"):
-                found.add(name[len("unet_ema_"):] or BASE_TRACK)
-    return sorted(found, key=lambda t: (t != BASE_TRACK, t))
-
-
-def check_track(run_dir: str, track: str, command: str, tracks: Optional[list] = None) -> None:
-    """One sentence naming the tracks that were saved when ``track`` is not one of them."""
-    tracks = saved_tracks(run_dir) if tracks is None else tracks
-    check(track in tracks, f"{command} --track {track!r} names a track that {run_dir!r} did not save; it holds "
-                           f"{', '.join(tracks) or 'no track'}")
-
-
-def prune_ema_snapshots(run_dir: str, step: int) -> None:
-    """Delete EMA snapshot files (of every track) written after ``step`` (a resumed run writes them again)."""
-    for track in snapshot_tracks(run_dir):
-        for snap_step, path in list_ema_snapshots(run_dir, track):
-            if snap_step > step:
-                os.unlink(path)
-
-
+# ----------------------------------------------------------------------------- EMA snapshot files
 def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict,
-                      track: str = BASE_TRACK) -> str:
+                      track: str = runfolder.BASE_TRACK) -> str:
     """The EMA weights of ``track`` at ``step`` as fp16 safetensors (UNet parameter names; step, track and model
     config in the metadata)."""
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", torch.float16) for n, p in zip(names, ema.shadow_params)}
-    path = snapshot_path(run_dir, step, track)
+    path = runfolder.snapshot_path(run_dir, step, track)
     atomic_save_safetensors(path, tensors, metadata={"step": str(step), "track": track,
                                                      "model_config": json.dumps(model_config)})
     return path
@@ -179,22 +109,23 @@ class MetricsRecorder:
     to every checkpoint's step, which exact resumption relies on.
     """
 
-    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = print,
-                 **metric_options):
+    def __init__(self, path: str, accelerator, *, background: bool = False, write: Callable[[str], None] = SAY_LINE,
+                 cfg=None):
         self.path, self.accelerator, self.write = path, accelerator, write
-        self.metric_options = metric_options
+        self.cfg = cfg  # FIDConfig of the KID options (None: the defaults)
         self.background = background
         self._pool = None
         self._pending: collections.deque = collections.deque()
 
     def submit(self, step: int, sampled: dict, reference, extractor, lawa, variant_info: Optional[dict] = None) -> None:
-        """Compute the metrics of ``sampled`` ({name: sampling.Sampled}) taken at ``step`` (now, or in the
-        background); rows get ``lawa``'s columns and ``variant_info[name]``'s."""
-        from lawa_diffusion import sampling
+        """Compute the metrics of ``sampled`` ({name: fid.Sampled}) taken at ``step`` (now, or in the
+        background); ``extractor`` made the features. Rows get ``lawa``'s columns and ``variant_info[name]``'s."""
+        from lawa_diffusion import fid
+
+        cfg = fid.settings(self.cfg)
 
         def compute() -> dict:
-            return {name: sampling.variant_metrics(s, reference, extractor, **self.metric_options)
-                    for name, s in sampled.items()}
+            return {name: fid.metrics_of(s, reference, cfg) for name, s in sampled.items()}
 
         if self.background:
             if self._pool is None:
@@ -268,27 +199,24 @@ class Tracker:
     def enabled(self) -> bool:
         return self.eval.every_n_steps > 0 or self.eval.at_end
 
-    def prepare(self, start_step: int, write: Callable[[str], None] = print) -> None:
+    def prepare(self, start_step: int, write: Callable[[str], None] = SAY_LINE) -> None:
         """Feature extractor and reference statistics (cached on disk by the FID module), before the first step."""
         self.last_step = start_step
         if not self.enabled:
             return
-        from lawa_diffusion import fid, inception, sampling
+        from lawa_diffusion import fid, inception
 
         e, acc = self.eval, self.accelerator
-        if e.num_samples < e.warn_below and acc.is_main_process:
-            print(f"note: FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
-                  "with each other (same noise), not with published FIDs", flush=True)
+        if e.num_samples < e.warn_below:
+            say(f"FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
+                "with each other (same noise), not with published FIDs", "note")
         self.extractor = inception.load_extractor(self.weights, device=acc.device)
-        self.reference = fid.reference_stats(
-            e.reference, image_size=self.model_config["sample_size"], num_images=e.reference_num_images,
-            batch_size=e.batch_size, weights=self.extractor, accelerator=acc, resize_mode=e.resize_mode,
-            features_max=e.reference_features_max, progress=acc.is_main_process)
-        sampling.check_reference(self.reference, self.extractor)
-        self.recorder = MetricsRecorder(os.path.join(self.run_dir, METRICS_NAME), acc,
-                                        background=metrics_in_background(e.background_metrics, acc.device),
-                                        write=write, kid=e.kid, kid_subsets=e.kid_subsets,
-                                        kid_subset_size=e.kid_subset_size)
+        stats = fid.reference_stats(e.reference, image_size=self.model_config["sample_size"], cfg=e,
+                                    num_images=e.reference_num_images, weights=self.extractor, accelerator=acc,
+                                    progress=acc.is_main_process)
+        self.reference = fid.check_weights(stats, self.extractor.sha256)
+        self.recorder = MetricsRecorder(runfolder.metrics_path(self.run_dir), acc, cfg=e, write=write,
+                                        background=metrics_in_background(e.background_metrics, acc.device))
 
     def due(self, step: int, final: bool) -> bool:
         e = self.eval
@@ -313,11 +241,9 @@ class Tracker:
         variants, info = self.tracks.variants(e.variants, acc.unwrap_model(self.unet), step)
         if not variants:
             return
-        sampled = sampling.sample_variants(
-            variants, self.extractor, reference_key=self.reference.key, num_samples=e.num_samples,
-            batch_size=e.batch_size, scheduler=e.scheduler, scheduler_config=self.scheduler_config,
-            num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, accelerator=acc,
-            progress=acc.is_main_process)
+        sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key, cfg=e,
+                                           scheduler_config=self.scheduler_config, accelerator=acc,
+                                           progress=acc.is_main_process)
         if acc.is_main_process:
             self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa, info)
         self.last_step = step
@@ -339,7 +265,7 @@ def write_report(run_dir: str) -> Optional[str]:
     try:
         summary = report.write_report([run_dir])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"report: not written ({e})", flush=True)
+        say(f"not written ({e})", "report")
         return None
     print(report.format_table(summary), flush=True)
     path = summary["files"]["json"]

@@ -24,6 +24,7 @@ from lawa_diffusion.config import (
     check,
 )
 from lawa_diffusion.lawa import LAWA
+from lawa_diffusion.runfolder import ema_folder, lawa_folder
 
 
 # ----------------------------------------------------------------------------- lag
@@ -41,17 +42,6 @@ def variant_lag(track: lag.EMATrack, step: int, snapshot_steps: Optional[Sequenc
 def nearest_snapshot(snapshot_steps: Sequence[int], target: float) -> int:
     """The snapshot step nearest ``target`` (ties: the later one, the harder baseline)."""
     return min(snapshot_steps, key=lambda s: (abs(s - target), -s))
-
-
-# ----------------------------------------------------------------------------- run-folder names
-def ema_folder(track: str) -> str:
-    """Checkpoint subfolder of an EMA track's weights (diffusers EMAModel.save_pretrained)."""
-    return "unet_ema" if track == BASE_TRACK else f"unet_ema_{track}"
-
-
-def lawa_folder(window: str) -> str:
-    """Checkpoint subfolder of a LAWA window's averaged weights."""
-    return "unet_lawa" if window == BASE_WINDOW else f"unet_lawa_{window}"
 
 
 # ----------------------------------------------------------------------------- the tracks
@@ -158,6 +148,8 @@ class TrackSet:
 
         specs: Dict[str, Any] = {}
         info: Dict[str, dict] = {}
+        for window in self.windows.values():
+            window.resolve_checks()  # settle the windows (a NaN/Inf snapshot leaves) before choosing from them
         for name in names:
             if name == RAW_TRACK:
                 specs[name], info[name] = unet, {"kind": "raw", "mean_lag": 0.0}

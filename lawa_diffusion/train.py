@@ -12,62 +12,22 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 import yaml
 
-from lawa_diffusion import accelerate_hooks
-from lawa_diffusion.config import TrainConfig, check, read_yaml
+from lawa_diffusion import accelerate_hooks, plan, runfolder
+from lawa_diffusion.config import TrainConfig, check, load_train_config
 from lawa_diffusion.files import atomic_write_text
+from lawa_diffusion.output import say
 from lawa_diffusion.tracks import TrackSet
 
-CONFIG_NAME = "config.yaml"
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
 
 
 # ----------------------------------------------------------------------------- configuration
-def parse_overrides(items: Sequence[str]) -> dict:
-    """Nested mapping from ``key.sub=value`` strings; values are read as YAML (``1e-3``, ``[1, 2]``, ``null``)."""
-    nested: dict = {}
-    for item in items:
-        check("=" in item, f"--set expects KEY=VALUE such as optim.learning_rate=2e-3, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = [p for p in key.strip().split(".")]
-        check(all(parts), f"--set key {key!r} is not a dotted option name such as optim.learning_rate")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            check(isinstance(node, dict), f"--set {key!r} conflicts with another --set of {part!r}")
-        node[parts[-1]] = value
-    return nested
-
-
-def merge_mappings(base: dict, updates: dict) -> dict:
-    """``base`` with ``updates`` merged in, recursively for nested mappings."""
-    merged = dict(base)
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_mappings(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = (),
-                      output_dir: Optional[str] = None) -> TrainConfig:
-    """The ``TrainConfig`` of a YAML file with ``--set`` overrides (unknown keys are refused with the valid list)."""
-    raw = merge_mappings(read_yaml(path), parse_overrides(overrides))
-    if output_dir is not None:
-        raw["output_dir"] = os.fspath(output_dir)
-    return TrainConfig.from_dict(raw)
-
-
 def plain(value: Any) -> Any:
     """``value`` with tuples as lists and mappings as dicts (YAML/JSON safe)."""
     if isinstance(value, dict) or hasattr(value, "items"):
@@ -168,25 +128,23 @@ def resolve_resume(run_dir: str, resume: Optional[str], overwrite: bool) -> tupl
             raise FileExistsError(f"output dir {run_dir!r} already exists; pass --resume latest to continue it, "
                                   "--overwrite to replace it, or choose another --output-dir")
         if busy:
-            check(os.path.isfile(os.path.join(run_dir, CONFIG_NAME)),
-                  f"--overwrite refuses {run_dir!r} because it is not a run folder (no {CONFIG_NAME}); "
+            check(os.path.isfile(runfolder.config_path(run_dir)),
+                  f"--overwrite refuses {run_dir!r} because it is not a run folder (no {runfolder.CONFIG_NAME}); "
                   "choose another --output-dir")
         return None, 0
-    path = accelerate_hooks.latest_checkpoint(run_dir) if resume == "latest" else os.path.abspath(resume)
+    path = runfolder.latest_checkpoint(run_dir) if resume == "latest" else os.path.abspath(resume)
     if path is None:
         return None, 0
-    match = accelerate_hooks.CHECKPOINT_RE.match(os.path.basename(path.rstrip(os.sep)))
-    check(os.path.isdir(path) and match is not None,
+    step = runfolder.checkpoint_step(path)
+    check(os.path.isdir(path) and step is not None,
           f"--resume {resume!r} is not a checkpoint-<step> folder; pass 'latest' or the path of one")
-    return path, int(match.group(1))
+    return path, step
 
 
 def check_same_model(run_dir: str, model: dict) -> None:
     """Refuse to resume a run whose config.yaml names another model architecture."""
-    path = os.path.join(run_dir, CONFIG_NAME)
-    if not os.path.isfile(path):
-        return
-    saved = plain(read_yaml(path).get("model"))
+    path = runfolder.config_path(run_dir)
+    saved = plain(runfolder.read_config(run_dir).get("model"))
     if saved is not None:
         changed = sorted(k for k in set(saved) | set(model) if saved.get(k) != model.get(k))
         check(not changed, f"model settings {', '.join(changed)} differ from {path!r}; resume with the run's "
@@ -195,18 +153,12 @@ def check_same_model(run_dir: str, model: dict) -> None:
 
 def prepare_run_dir(run_dir: str, step: int, overwrite: bool, resolved: dict) -> None:
     """Main process: replace (``overwrite``) or create ``run_dir``, trim what lies past ``step``, write config.yaml."""
-    from lawa_diffusion import tracking
-
     if overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    tracking.truncate_metrics(os.path.join(run_dir, tracking.METRICS_NAME), step)
-    tracking.prune_ema_snapshots(run_dir, step)
-    for later, path in accelerate_hooks.list_checkpoints(run_dir):
-        if later > step:  # resumed from an older checkpoint: the later ones describe steps about to be redone
-            print(f"removing {path}: training continues from step {step}", flush=True)
-            shutil.rmtree(path)
-    atomic_write_text(os.path.join(run_dir, CONFIG_NAME), yaml.safe_dump(resolved, sort_keys=False))
+    for path in runfolder.truncate_after(run_dir, step):
+        say(f"removing {path}: training continues from step {step}", "train")
+    atomic_write_text(runfolder.config_path(run_dir), yaml.safe_dump(resolved, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -311,9 +263,9 @@ def train_step(p: Parts, step: int) -> torch.Tensor:
 
 
 def save_checkpoint(p: Parts, step: int) -> None:
-    accelerate_hooks.save_checkpoint(p.accelerator, os.path.join(p.run_dir, f"checkpoint-{step}"))
+    accelerate_hooks.save_checkpoint(p.accelerator, runfolder.checkpoint_path(p.run_dir, step))
     if p.accelerator.is_main_process and p.cfg.checkpoints_total_limit is not None:
-        accelerate_hooks.prune_checkpoints(p.run_dir, p.cfg.checkpoints_total_limit)
+        runfolder.prune_checkpoints(p.run_dir, p.cfg.checkpoints_total_limit)
 
 
 def log_progress(p: Parts, bar, step: int, loss: torch.Tensor) -> None:
@@ -345,13 +297,6 @@ def run_loop(p: Parts, start_step: int) -> None:
     bar.close()
 
 
-def _write_line(line: str) -> None:
-    """Print above the progress bar."""
-    from tqdm.auto import tqdm
-
-    tqdm.write(line)
-
-
 def flat_hparams(cfg: TrainConfig) -> dict:
     """Scalar config values with dotted names (TensorBoard hparams take scalars only)."""
     out = {}
@@ -380,8 +325,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, step, overwrite and checkpoint is None, resolved)
-        from lawa_diffusion import plan
-
         plan.record(run_dir, cfg)  # says the one-line lag summary and writes RUN/lag.json
     accelerator.wait_for_everyone()
     if checkpoint is not None:
@@ -389,11 +332,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
         check(p.ema.optimization_step == step, f"checkpoint {checkpoint!r} holds EMA step "
               f"{p.ema.optimization_step}, not {step}; resume from an unmodified checkpoint folder")
     elif resume is not None and accelerator.is_main_process:
-        print(f"no checkpoint in {run_dir}: starting a new run", flush=True)
+        say(f"no checkpoint in {run_dir}: starting a new run", "train")
     if cfg.log_with:
         accelerator.init_trackers("lawa", config=flat_hparams(cfg))
     try:
-        p.tracker.prepare(start_step=step, write=_write_line)
+        p.tracker.prepare(start_step=step)
         run_loop(p, step)
     finally:
         try:
@@ -412,7 +355,7 @@ def finish(p: Parts, seconds: float, start_step: int) -> None:
 
     steps = p.cfg.max_train_steps - start_step
     print(f"done: {steps} steps in {seconds:.0f} s; run folder {p.run_dir}", flush=True)
-    metrics = os.path.join(p.run_dir, tracking.METRICS_NAME)
+    metrics = runfolder.metrics_path(p.run_dir)
     if os.path.isfile(metrics):
         print(f"metrics: {metrics}", flush=True)
     if p.cfg.report and os.path.isfile(metrics):

@@ -19,3 +19,7 @@ def perturb_(params, generator: torch.Generator, scale: float = 0.01) -> None:
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * scale)
+
+
+def relative_error(actual: float, expected: float) -> float:
+    return abs(actual - expected) / max(abs(expected), 1e-30)

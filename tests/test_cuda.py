@@ -49,3 +49,25 @@ def test_lawa_ema_model_on_gpu_deferred_wait_is_exact():
     target = [torch.empty_like(s) for s in ema.shadow_params]
     ema.lawa.average_into(target)
     assert max((o.double() - r).abs().max().item() for o, r in zip(target, ref)) <= 1e-6
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_snapshot_does_not_sync_the_host_and_its_check_is_read_later(tmp_path, storage):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    tensors = [torch.randn(s, device="cuda", generator=g) for s in [(64, 9), (33,)]]
+    lawa = LAWA(tensors, LAWAConfig(k=3, every_n_steps=1, storage=storage, dtype="bfloat16", snapshot_dir=str(tmp_path),
+                                    on_nonfinite="skip"))
+    lawa.step(1)
+    lawa.step(2)
+    lawa.resolve_checks()
+    tensors[1][5] = float("nan")
+    torch.cuda.set_sync_debug_mode("error")  # any implicit host sync in the snapshot raises
+    try:
+        assert lawa.step(3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tensors[1][5] = 0.0
+    with pytest.warns(UserWarning, match="step 3 "):
+        lawa.step(4)
+    assert lawa.snapshot_steps == [1, 2, 4] and lawa.skipped_steps == [3]
+    lawa.close()

@@ -115,19 +115,25 @@ def test_fit_to_size_pad_keeps_every_pixel():
     assert data.fit_to_size(images, 16, "resize").shape == (2, 1, 16, 16)
 
 
-def test_make_dataset_range_and_flips():
-    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    plain = data.make_dataset(images, 32)
-    x = plain[0]
-    assert x.dtype == torch.float32 and x.shape == (1, 32, 32)
-    assert torch.allclose(x.double(), data.fit_to_size(images, 32)[0].double() / 127.5 - 1, atol=1e-6)
-    flipping = data.make_dataset(images, 32, random_flip=True)
-    torch.manual_seed(0)
-    seen = {bool(torch.equal(flipping[0], x)) for _ in range(40)}
+def test_training_batches_range_and_flips():
+    """Training images reach the model as float32 uint8/127.5 - 1, mirrored left-right at random when asked."""
+    from lawa_diffusion.train import BatchSource
+
+    images = data.fit_to_size(torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), 32)
+    cpu = torch.device("cpu")
+    plain = BatchSource(images, 4, 1, 0, 0, 1, False, cpu)
+    x, _ = plain.draw(1, 0)
+    assert x.dtype == torch.float32 and x.shape == (4, 1, 32, 32)
+    assert torch.allclose(x.double(), images[plain._permutation(0)].double() / 127.5 - 1, atol=1e-6)
+    flipping = BatchSource(images, 4, 1, 0, 0, 1, True, cpu)
+    seen = set()
+    for step in range(1, 11):  # one batch per epoch: every step draws a new permutation
+        y, _ = flipping.draw(step, 0)
+        expected = images[flipping._permutation(step - 1)].float() / 127.5 - 1
+        for row, want in zip(y, expected):
+            assert torch.equal(row, want) or torch.equal(row, want.flip(-1))
+            seen.add(bool(torch.equal(row, want)))
     assert seen == {True, False}
-    for _ in range(10):
-        y = flipping[0]
-        assert torch.equal(y, x) or torch.equal(y, x.flip(-1))
 
 
 def test_fingerprint_tracks_folder_changes_without_decoding(tmp_path):

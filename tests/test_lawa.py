@@ -1,5 +1,6 @@
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -84,17 +85,84 @@ def test_step_defaults_to_call_count_and_is_idempotent():
         lawa.step(3)
 
 
-def test_nonfinite_raise_and_skip():
-    tensors, _ = make_source()
-    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
-    lawa.step(1)
-    tensors[1][0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf.*on_nonfinite='skip'"):
-        lawa.step(2)
-    skip = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1, on_nonfinite="skip"))
-    with pytest.warns(UserWarning, match="skipped"):
-        assert skip.step(1) is False
-    assert skip.snapshot_steps == [] and skip.skipped_steps == [1]
+def poisoned_run(lawa, bad_steps, num_steps, seed=0):
+    """Drive ``lawa`` one snapshot per step on a random walk whose values hold a NaN exactly at ``bad_steps``;
+    returns float64 copies of what each step stored (the dtype the ring stores), by step."""
+    tensors, g = make_source(seed)
+    lawa.source = type(lawa.source)(tensors)
+    dtype = DTYPE_NAMES[lawa.config.dtype] if lawa.config.dtype else torch.float32
+    clean = [t.clone() for t in tensors]
+    stored = {}
+    for step in range(1, num_steps + 1):
+        for c in clean:
+            c.add_(torch.randn(c.shape, generator=g))
+        for t, c in zip(tensors, clean):
+            t.copy_(c)
+        if step in bad_steps:
+            tensors[1][0] = float("nan")
+        lawa.step(step)
+        stored[step] = [t.to(dtype).double() for t in tensors]
+    return stored
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_nonfinite_raise_is_deferred_and_names_the_bad_step(tmp_path, storage):
+    lawa = LAWA(make_source()[0], LAWAConfig(k=3, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path)))
+    stored = poisoned_run(lawa, {3}, 3)  # step 3 is taken without a host sync...
+    assert lawa.snapshot_steps == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"step 3: the EMA weights hold NaN or Inf.*on_nonfinite='skip'"):
+        lawa.step(4)  # ...and its check is read at the next snapshot
+    assert lawa.snapshot_steps == [1, 2]
+    _, ref = naive_mean({s: stored[s] for s in (1, 2)}, 3)
+    out = [torch.empty(s) for s in SHAPES]
+    lawa.average_into(out)  # the failed snapshot is out of the window
+    assert max((o.double() - r).abs().max().item() for o, r in zip(out, ref)) <= rounding_bound(ref, 3, False)
+    lawa.close()
+
+
+@pytest.mark.parametrize("read_at", ["average_flat", "state_dict"])
+def test_nonfinite_check_is_read_at_average_and_state_dict(read_at):
+    lawa = LAWA(make_source()[0], LAWAConfig(k=2, every_n_steps=1))
+    poisoned_run(lawa, {2}, 2)
+    with pytest.raises(ValueError, match="step 2: the EMA weights hold NaN or Inf"):
+        getattr(lawa, read_at)()
+    assert lawa.snapshot_steps == [1]
+    assert lawa.state_dict()["snapshot_steps"] == [1]  # nothing left to report
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+@pytest.mark.parametrize("keep_average", [False, True])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_nonfinite_skip_drops_exactly_that_snapshot(tmp_path, storage, keep_average, dtype):
+    cfg = LAWAConfig(k=3, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path), dtype=dtype,
+                     keep_average=keep_average, on_nonfinite="skip")
+    lawa = LAWA(make_source()[0], cfg)
+    with pytest.warns(UserWarning, match="skipped the snapshot at step 5 "):
+        stored = poisoned_run(lawa, {5}, 7)
+    # window [3, 4, 5] at step 5 (step 2 evicted); 5 dropped at step 6; then 6, and 7 evicts 3
+    assert lawa.snapshot_steps == [4, 6, 7] and lawa.skipped_steps == [5]
+    _, ref = naive_mean({s: stored[s] for s in (4, 6, 7)}, 3)
+    out = [torch.empty(s) for s in SHAPES]
+    lawa.average_into(out)
+    assert max((o.double() - r).abs().max().item() for o, r in zip(out, ref)) <= rounding_bound(ref, 3, keep_average)
+    resumed = LAWA(make_source()[0], LAWAConfig(**{**cfg.to_dict(), "snapshot_dir": str(tmp_path / "r")}))
+    resumed.load_state_dict(lawa.state_dict())
+    assert resumed.snapshot_steps == [4, 6, 7]
+    if not keep_average:  # (a kept running average is not bitwise the exact mean a resumed engine starts from)
+        assert torch.equal(resumed.average_flat(), lawa.average_flat())
+    if storage == "disk":
+        lawa.close()
+        names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".safetensors"))
+        assert names == [f"lawa-step{s:09d}.safetensors" for s in (4, 6, 7)]
+
+
+def test_nonfinite_skip_on_a_process_that_holds_no_snapshots(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    lawa = LAWA(make_source()[0], LAWAConfig(k=3, every_n_steps=1, on_nonfinite="skip"))
+    assert not lawa.holds_snapshots
+    with pytest.warns(UserWarning, match="step 2 "):
+        poisoned_run(lawa, {2}, 4)
+    assert lawa.snapshot_steps == [1, 3, 4] and lawa.skipped_steps == [2]  # the same window as the main process
 
 
 def test_min_snapshots_error_says_when():
@@ -238,16 +306,41 @@ def test_bad_source_type():
         LAWA("weights.bin", LAWAConfig())
 
 
-def test_large_float16_source_is_not_mistaken_for_nonfinite():
-    # 1e6 finite fp16 values of 0.1: every element is finite, but their L1 norm (1e5) overflows fp16
-    tensors = [torch.full((1_000_000,), 0.1, dtype=torch.float16)]
-    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_finite_values_whose_sum_overflows_are_not_mistaken_for_nonfinite(tmp_path, storage):
+    # every element is finite, but the fused check's sum overflows: the element-wise confirmation keeps it
+    tensors = [torch.full((1000,), 1e38), torch.full((3,), 2.0)]
+    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path)))
     assert lawa.step(1)
-    tensors[0][0] = float("nan")
-    lawa_skip = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1, on_nonfinite="skip"))
-    with pytest.warns(UserWarning):
-        assert not lawa_skip.step(1)
-    assert lawa_skip.skipped_steps == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lawa.step(2) and lawa.average_flat().isfinite().all()
+    assert lawa.snapshot_steps == [1, 2] and lawa.skipped_steps == []
+    tensors[0][0] = float("inf")
+    lawa.step(3)
+    with pytest.raises(ValueError, match="step 3"):
+        lawa.average_flat()
+    lawa.close()
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_host_rows_streamed_in_many_chunks_match_float64(tmp_path, storage, monkeypatch):
+    from lawa_diffusion import storage as storage_mod
+
+    monkeypatch.setattr(storage_mod, "CHUNK_BYTES", 64)  # a few elements per chunk and row
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=4, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path)))
+    expected = drive(lawa, tensors, g, 6)
+    _, ref = naive_mean(expected, 4)
+    flat = torch.empty(sum(t.numel() for t in tensors))
+    storage_mod.streamed_mean(flat, [lambda a, b, s=s: lawa._ring.read(s)[a:b] for _, s in lawa._order],
+                              flat.numel(), torch.float32)
+    out = [torch.empty(s) for s in SHAPES]
+    lawa.average_into(out)
+    ref_flat = torch.cat([r.reshape(-1) for r in ref])
+    assert (flat.double() - ref_flat).abs().max().item() <= rounding_bound(ref, 4, False)
+    assert max((o.double() - r).abs().max().item() for o, r in zip(out, ref)) <= rounding_bound(ref, 4, False)
+    lawa.close()
 
 
 def test_wrapped_window_sums_rows_in_ring_order_and_resume_keeps_slots():

@@ -21,7 +21,7 @@ TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, bl
 @pytest.fixture(autouse=True)
 def _only_this_command(monkeypatch):
     # The CLI under test is this module's subcommand(s) alone, whatever state the other commands are in.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("lawa_diffusion.posthoc", "lawa_diffusion.sweep"))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (cli.posthoc, cli.sweep))
 
 
 def _unet(seed, **changes):

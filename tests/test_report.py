@@ -14,7 +14,7 @@ from lawa_diffusion.report import (Curve, format_table, load_run, mean_ci, reach
 @pytest.fixture(autouse=True)
 def _only_this_command(monkeypatch):
     # The CLI under test is this module's subcommand(s) alone, whatever state the other commands are in.
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("lawa_diffusion.report",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (cli.report,))
 
 
 # ----------------------------------------------------------------------------- hand-computed curves

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lawa_diffusion import cli, tracking
+from lawa_diffusion import cli, runfolder
 from lawa_diffusion import train as train_mod
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
@@ -142,8 +142,8 @@ def test_checkpoints_hold_every_track_and_window_and_snapshots_their_track(track
     assert not torch.equal(fast[0]["conv_in.weight"], fast[1]["conv_in.weight"])
     assert sorted(os.listdir(os.path.join(tracks_run, "lawa_snapshots"))) == [
         f"lawa_fast-step{s:09d}.safetensors" for s in (4, 6, 8)]  # disk storage defaults inside the run folder
-    assert tracking.snapshot_tracks(tracks_run) == ["ema", "fast", "fast_twin", "slow"]
-    with safe_open(tracking.snapshot_path(tracks_run, 8, "slow"), framework="pt") as f:
+    assert runfolder.snapshot_tracks(tracks_run) == ["ema", "fast", "fast_twin", "slow"]
+    with safe_open(runfolder.snapshot_path(tracks_run, 8, "slow"), framework="pt") as f:
         assert f.metadata()["track"] == "slow" and f.metadata()["step"] == "8"
         snap = f.get_tensor("conv_in.weight")
     slow = unet_weights(os.path.join(tracks_run, "checkpoint-8", "unet_ema_slow"))["conv_in.weight"]

@@ -16,9 +16,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lawa_diffusion import cli, tracking
+from lawa_diffusion import cli, runfolder, tracking
 from lawa_diffusion import train as train_mod
-from lawa_diffusion.config import TrainConfig
+from lawa_diffusion.config import TrainConfig, load_train_config
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.inception import stand_in_extractor
 
@@ -95,11 +95,11 @@ def test_run_folder_has_config_metrics_checkpoints_and_snapshots(full_run):
     for step in (4, 8):
         assert os.path.isdir(os.path.join(full_run, f"checkpoint-{step}", "unet_ema"))
         assert os.path.isdir(os.path.join(full_run, f"checkpoint-{step}", "unet_lawa"))
-    assert [s for s, _ in tracking.list_ema_snapshots(full_run)] == [2, 4, 6, 8]
+    assert [s for s, _ in runfolder.list_ema_snapshots(full_run)] == [2, 4, 6, 8]
 
 
 def test_ema_snapshot_holds_the_checkpointed_ema_weights(full_run):
-    path = tracking.snapshot_path(full_run, 8)
+    path = runfolder.snapshot_path(full_run, 8)
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
         snap = {k: f.get_tensor(k) for k in f.keys()}
@@ -152,13 +152,13 @@ def test_resume_mid_run_continues_metrics_and_weights_exactly(full_run, tmp_path
         got, want = unet_weights(out / "checkpoint-8" / sub), unet_weights(os.path.join(full_run, "checkpoint-8", sub))
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-7)
-    assert [s for s, _ in tracking.list_ema_snapshots(str(out))] == [2, 4, 6, 8]
+    assert [s for s, _ in runfolder.list_ema_snapshots(str(out))] == [2, 4, 6, 8]
 
 
 def test_truncate_metrics_drops_later_rows_and_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "variant": "ema"}) + "\n" for s in (2, 4, 6)) + '{"step": 8, "va')
-    tracking.truncate_metrics(str(path), 4)
+    runfolder.truncate_metrics(str(path), 4)
     assert [r["step"] for r in read_jsonl(path)] == [2, 4]
     assert path.read_text().endswith("\n")
 
@@ -181,15 +181,15 @@ def test_unknown_config_key_lists_valid_keys(tmp_path, capsys):
 def test_unknown_nested_and_model_keys_are_refused(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "out"))
     with pytest.raises(ValueError, match="section 'optim' has unknown key.*lr;.*learning_rate"):
-        train_mod.load_train_config(path, ["optim.lr=1e-3"])
-    cfg = train_mod.load_train_config(path, ["model.channels=3"])
+        load_train_config(path, ["optim.lr=1e-3"])
+    cfg = load_train_config(path, ["model.channels=3"])
     with pytest.raises(ValueError, match="model has unknown key.*channels;.*block_out_channels"):
         train_mod.build_unet(cfg.model)
 
 
 def test_overrides_are_typed_and_merged(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "out"))
-    cfg = train_mod.load_train_config(path, ["optim.learning_rate=1e-3", "lawa.k=7", "eval.variants=[ema]",
+    cfg = load_train_config(path, ["optim.learning_rate=1e-3", "lawa.k=7", "eval.variants=[ema]",
                                              "model.sample_size=16", "mixed_precision=no"],
                                        output_dir=str(tmp_path / "x"))
     assert cfg.optim.learning_rate == 1e-3 and cfg.lawa.k == 7 and cfg.eval.variants == ["ema"]
@@ -278,10 +278,10 @@ def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkp
     checkpoint's step is in metrics.jsonl when that checkpoint is saved, even with slow maths."""
     import time as time_mod
 
-    from lawa_diffusion import sampling
+    from lawa_diffusion import fid
 
-    real_metrics, real_save = sampling.variant_metrics, train_mod.save_checkpoint
-    monkeypatch.setattr(sampling, "variant_metrics", lambda *a, **k: (time_mod.sleep(0.3), real_metrics(*a, **k))[1])
+    real_metrics, real_save = fid.metrics_of, train_mod.save_checkpoint
+    monkeypatch.setattr(fid, "metrics_of", lambda *a, **k: (time_mod.sleep(0.3), real_metrics(*a, **k))[1])
     on_disk = {}
 
     def save(parts, step):
@@ -291,7 +291,7 @@ def test_background_metrics_equal_inline_ones_and_are_on_disk_before_each_checkp
     monkeypatch.setattr(train_mod, "save_checkpoint", save)
     background = run(tiny_config(tmp_path / "background", eval={"background_metrics": True}))
     assert on_disk == {4: 4, 8: 8}
-    monkeypatch.setattr(sampling, "variant_metrics", real_metrics)
+    monkeypatch.setattr(fid, "metrics_of", real_metrics)
     inline = run(tiny_config(tmp_path / "inline", eval={"background_metrics": False}))  # full_run: default (CPU)
     rows = {name: read_jsonl(os.path.join(d, "metrics.jsonl")) for name, d in
             (("full", full_run), ("background", background), ("inline", inline))}
@@ -307,7 +307,7 @@ def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch)
     import threading
     from types import SimpleNamespace
 
-    from lawa_diffusion import sampling
+    from lawa_diffusion import fid
 
     gate = threading.Event()
 
@@ -317,12 +317,12 @@ def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch)
             raise ValueError("bad features")
         return {"fid": sampled.meta["value"], "num_samples": 2, "inception_sha256": "abc"}
 
-    monkeypatch.setattr(sampling, "variant_metrics", metrics)
+    monkeypatch.setattr(fid, "metrics_of", metrics)
     path, lines = tmp_path / "m.jsonl", []
     recorder = tracking.MetricsRecorder(str(path), None, background=True, write=lines.append)
     lawa = SimpleNamespace(config=SimpleNamespace(k=2, every_n_steps=5), num_snapshots=1)
     for step in (5, 10):
-        recorder.submit(step, {"ema": sampling.Sampled({}, 0.5, {"value": float(step)})}, None, None, lawa)
+        recorder.submit(step, {"ema": fid.Sampled({}, 0.5, {"value": float(step)})}, None, None, lawa)
         lawa.num_snapshots += 1  # the row keeps the count at the time of the evaluation
     assert recorder.collect() == [] and recorder.pending == 2 and not path.exists()
     gate.set()
@@ -331,7 +331,7 @@ def test_recorder_writes_background_results_in_step_order(tmp_path, monkeypatch)
     assert read_jsonl(path) == rows
     assert lines == ["step 5: FID ema 5.00  lawa -  (k=2, 1 snapshots)", "step 10: FID ema 10.00  lawa -  (k=2, 2 snapshots)"]
     failing = tracking.MetricsRecorder(str(tmp_path / "f.jsonl"), None, background=True, write=lines.append)
-    failing.submit(15, {"ema": sampling.Sampled({}, 0.5, {"value": -1.0})}, None, None, lawa)
+    failing.submit(15, {"ema": fid.Sampled({}, 0.5, {"value": -1.0})}, None, None, lawa)
     with pytest.raises(ValueError, match="bad features"):
         failing.close()
 
@@ -346,5 +346,5 @@ def test_resuming_from_an_older_checkpoint_trims_everything_past_it(tmp_path):
     train_mod.prepare_run_dir(str(run_dir), 2, False, {"seed": 3})
     assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "config.yaml", "ema_snapshots", "metrics.jsonl"]
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]
-    assert [s for s, _ in tracking.list_ema_snapshots(str(run_dir))] == [2]
+    assert [s for s, _ in runfolder.list_ema_snapshots(str(run_dir))] == [2]
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"seed": 3}

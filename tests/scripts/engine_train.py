@@ -181,7 +181,7 @@ def make_engines(args, unet):
 
 
 def resume(args, accelerator, run_dir: str) -> int:
-    from lawa_diffusion.accelerate_hooks import latest_checkpoint
+    from lawa_diffusion.runfolder import latest_checkpoint
 
     if args.resume != "latest":
         return 0
@@ -215,7 +215,8 @@ def train_step(step, args, data, accelerator, unet, optimizer, scheduler):
 
 
 def checkpoint(args, accelerator, run_dir: str, step: int) -> None:
-    from lawa_diffusion.accelerate_hooks import prune_checkpoints, save_checkpoint
+    from lawa_diffusion.accelerate_hooks import save_checkpoint
+    from lawa_diffusion.runfolder import prune_checkpoints
 
     save_checkpoint(accelerator, os.path.join(run_dir, f"checkpoint-{step}"))
     if accelerator.is_main_process:
