@@ -78,6 +78,7 @@ class TrackSet:
             self.windows[w.name] = LAWA(source, w.lawa_config(), name=w.name)
             self.windows[w.name].defer_source_wait = w.over != RAW_TRACK
             self.over[w.name] = w.over
+        self.window_configs = {BASE_WINDOW: cfg.lawa, **{w.name: w.lawa_config() for w in cfg.lawa_windows}}
         self.lag_tracks: Dict[str, lag.EMATrack] = {BASE_TRACK: lag.EMATrack.from_settings(e), RAW_TRACK: lag.raw_weights(),
                                                     **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
 
@@ -130,6 +131,11 @@ class TrackSet:
     def track_lag(self, track: str, step: int, snapshot_steps: Optional[Sequence[int]] = None) -> float:
         """Mean lag at ``step`` of ``track`` (or "raw"), or of a window over it holding ``snapshot_steps``."""
         return variant_lag(self.lag_tracks[track], step, snapshot_steps)
+
+    def lag_lines(self, step: int) -> list:
+        """``lag``'s one-line plan of every window but "lawa" (which ``plan.record`` describes) at ``step``."""
+        return [f"{name}: {lag.summary_line(self.lag_tracks[self.over[name]], self.window_configs[name], step)}"
+                for name, _ in self._extra_windows() if step >= lag.first_snapshot(self.window_configs[name])]
 
     def delayed_step(self, window: str, step: int) -> int:
         """The window's snapshot step nearest step − ΔL, ΔL = the window's mean lag − its track's."""

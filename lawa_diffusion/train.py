@@ -326,6 +326,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, step, overwrite and checkpoint is None, resolved)
         plan.record(run_dir, cfg)  # says the one-line lag summary and writes RUN/lag.json
+        for line in p.tracks.lag_lines(cfg.max_train_steps):
+            say(line, "train")
     accelerator.wait_for_everyone()
     if checkpoint is not None:
         accelerator.load_state(checkpoint)

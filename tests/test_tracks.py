@@ -180,3 +180,14 @@ def test_resume_without_a_track_folder_says_which(tracks_run, tmp_path, capsys):
     cfg["ema_tracks"] = TRACKS + [{"name": "extra", "decay": 0.9}]
     with pytest.raises(ValueError, match="folder .*unet_ema_extra.* of EMA track 'extra' is missing"):
         run(cfg, resume="latest")
+
+
+def test_every_extra_window_gets_a_lag_plan_line(tmp_path):
+    from lawa_diffusion.tracks import TrackSet
+    from tests.helpers import tiny_unet
+
+    tracks = TrackSet(TrainConfig.from_dict(tracks_config(tmp_path)), tiny_unet(), "cpu")
+    lines = tracks.lag_lines(8)
+    assert [line.split(":")[0] for line in lines] == ["lawa_fast", "lawa_raw1"]
+    assert "over constant-decay EMA 0.5" in lines[0] and "over raw weights" in lines[1] and "ΔL" in lines[0]
+    tracks.close()
