@@ -289,6 +289,12 @@ def _paired(runs: Sequence[Run], window: str, baseline: Optional[str], step: flo
     return [b - w for b, w in pairs if b is not None and w is not None]
 
 
+def _values_at(runs: Sequence[Run], variant: Optional[str], step: float, confidence: float) -> dict:
+    """Mean and CI over runs of ``variant``'s value at ``step``."""
+    values = [_value(r, variant, step) for r in runs] if variant else []
+    return mean_ci([v for v in values if v is not None], confidence)
+
+
 def _over_steps(runs: Sequence[Run], window: str, baseline: Optional[str], confidence: float) -> dict:
     """Per run, the mean over evaluation steps of baseline − window; then mean and CI over runs."""
     per_run = []
@@ -324,8 +330,9 @@ def window_comparisons(runs: Sequence[Run], confidence: float = ReportConfig.con
         matched = matched_track(runs, window)
         matched_name = matched["track"] if matched else None
         steps = sorted({s for r in runs for s in r.curves.get(window, Curve([], [])).steps})
-        per_step = [{"step": s,
-                     "window": mean_ci([v for v in (_value(r, window, s) for r in runs) if v is not None], confidence),
+        per_step = [{"step": s, "window": _values_at(runs, window, s, confidence),
+                     "delayed": _values_at(runs, delayed, s, confidence),
+                     "matched": _values_at(runs, matched_name, s, confidence),
                      "mean_lag": _mean_lag_at(runs, window, s),
                      "delayed_minus_window": mean_ci(_paired(runs, window, delayed, s), confidence),
                      "matched_minus_window": mean_ci(_paired(runs, window, matched_name, s), confidence)}
@@ -431,12 +438,13 @@ def format_window(c: dict, metric: str, num_runs: int) -> List[str]:
     lines = ["", f"{c['window']} (LAWA over {c['over']}); differences are baseline - {c['window']}, positive: "
                  f"{c['window']} has the lower {metric}"
                  + (f"; mean [CI] over {num_runs} runs" if num_runs > 1 else ""),
-             f"{'step':>8} {c['window']:>26} {'mean lag':>9} {'delayed - ' + c['window']:>24} "
-             f"{(matched or 'matched EMA') + ' - ' + c['window']:>24}"]
+             f"{'step':>8} {c['window']:>10} {'mean lag':>9} {'delayed':>9} {'delayed - it':>22} "
+             f"{matched or 'matched':>12} {'matched - it':>22}"]
     for row in c["per_step"]:
-        lag = _num(row["mean_lag"], "{:.1f}")
-        lines.append(f"{row['step']:>8} {_with_ci(row['window'], '{:.3f}'):>26} {lag:>9} "
-                     f"{_with_ci(row['delayed_minus_window']):>24} {_with_ci(row['matched_minus_window']):>24}")
+        means = [_num(row[key]["mean"], "{:.3f}") for key in ("window", "delayed", "matched")]
+        lines.append(f"{row['step']:>8} {means[0]:>10} {_num(row['mean_lag'], '{:.1f}'):>9} {means[1]:>9} "
+                     f"{_with_ci(row['delayed_minus_window']):>22} {means[2]:>12} "
+                     f"{_with_ci(row['matched_minus_window']):>22}")
     speed = "; ".join(f"vs {t}: {_with_ci(v, none='n/a')}" for t, v in c["speedup"].items())
     lines.append(f"speed-up of {c['window']} (EMA track step / its step): {speed}")
     spread = f", CI over {num_runs} runs" if num_runs > 1 else ""

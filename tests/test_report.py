@@ -314,3 +314,14 @@ def test_a_run_without_the_ema_lawa_pair_reports_its_windows(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ema and lawa were not both evaluated" in out
     assert "verdict: ws beats the delayed EMA by -1.00 FID; vs the matched-lag EMA (long): 1.00" in out
+
+
+def test_window_table_shows_the_baselines_values(tmp_path, capsys):
+    values = {v: [80.0 - i, 50.0 - i, 40.0 - i] for i, v in enumerate(("short", "long", "ws", "ws@delayed"))}
+    run = _write_tracks_run(tmp_path / "run", values, [300, 600, 900])
+    summary = summarize([load_run(run)])
+    ws = next(c for c in summary["windows"] if c["window"] == "ws")
+    assert [(r["window"]["mean"], r["delayed"]["mean"], r["matched"]["mean"]) for r in ws["per_step"]] == [
+        (78.0, 77.0, 79.0), (48.0, 47.0, 49.0), (38.0, 37.0, 39.0)]
+    row = next(line for line in format_table(summary).splitlines() if line.strip().startswith("600 "))
+    assert row.split()[:4] == ["600", "48.000", "144.4", "47.000"] and "49.000" in row
