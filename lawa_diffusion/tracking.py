@@ -269,5 +269,6 @@ def write_report(run_dir: str) -> Optional[str]:
         return None
     print(report.format_table(summary), flush=True)
     path = summary["files"]["json"]
-    print(f"report: {path}  plot: {summary['files']['png']}", flush=True)
+    lag_png = summary["files"].get("lag_png")
+    print(f"report: {path}  plot: {summary['files']['png']}" + (f"  lag plot: {lag_png}" if lag_png else ""), flush=True)
     return path
