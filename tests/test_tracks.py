@@ -191,3 +191,29 @@ def test_every_extra_window_gets_a_lag_plan_line(tmp_path):
     assert [line.split(":")[0] for line in lines] == ["lawa_fast", "lawa_raw1"]
     assert "over constant-decay EMA 0.5" in lines[0] and "over raw weights" in lines[1] and "ΔL" in lines[0]
     tracks.close()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_evaluate_every_track_and_the_delayed_snapshot_on_both(tmp_path):
+    """Under torchrun (snapshots on the main process only) the delayed baseline reaches the other process: its
+    FID equals the track's own FID at the snapshot step, which needs both processes' samples to match."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_train import TORCHRUN_SCRIPT
+
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    out = tmp_path / "mp"
+    cfg = tracks_config(out, max_train_steps=6, checkpointing_steps=4)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for max_steps, resume in ((4, ""), (6, "latest")):
+        cfg["max_train_steps"] = max_steps
+        subprocess.run([torchrun, "--nproc_per_node", "2", str(script), json.dumps(cfg), resume], check=True,
+                       capture_output=True, timeout=600)
+    rows = rows_by(str(out))
+    assert sorted(rows) == sorted((s, v) for s in (2, 4, 6) for v in VARIANTS)
+    delayed = rows[(6, "lawa_fast@delayed")]
+    assert delayed["fid"] == rows[(delayed["snapshot_step"], "fast")]["fid"]
+    assert rows[(6, "lawa_raw1")]["fid"] == rows[(6, "raw")]["fid"]
