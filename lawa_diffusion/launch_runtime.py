@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 import os
 import sys
+import traceback
 from typing import Any, Callable, Iterator, List, Optional
 
 from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state, state_file
+from lawa_diffusion.config import check
+from lawa_diffusion.files import atomic_write_json
+from lawa_diffusion.output import is_main_process, say
 
+PROG = "lawa_diffusion.launch"
+RUN_FILE = "lawa_launch.json"  # in each checkpoint: the world size that wrote it
+WINDOW_KEYS = ("k", "every_n_steps", "start_step")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 FIRST_NAME = "lawa"  # engine name of the first EMA: the name LAWAEMAModel and attach() use
 
 
@@ -34,10 +44,60 @@ def lawa_folder_for(path: str | os.PathLike) -> str:
     return os.path.join(parent, name + "_lawa")
 
 
-def _is_main_process() -> bool:
-    from lawa_diffusion.launch import is_main_process
+class LAWAInputError(ValueError):
+    """Bad LAWA input found while the script runs; the plugin reports it as one line and exits with code 2."""
 
-    return is_main_process()
+
+def reported_as_input_errors(function: Callable) -> Callable:
+    """Re-raise the ``ValueError`` / ``FileNotFoundError`` this package raises inside ``function`` as
+    ``LAWAInputError`` (errors of the script's own code pass through unchanged)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except LAWAInputError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            last = traceback.extract_tb(e.__traceback__)[-1].filename
+            if os.path.dirname(os.path.abspath(last)) != PACKAGE_DIR:
+                raise
+            raise LAWAInputError(str(e)) from e
+
+    return wrapper
+
+
+def check_world_size(folder: str, world_size: int) -> None:
+    """Refuse a checkpoint written by another number of processes (its LAWA snapshots are per-process)."""
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = int(json.load(f)["world_size"])
+    check(saved == world_size,
+          f"checkpoint {folder!r} was written by {saved} process(es) but this run has {world_size}; "
+          f"resume it with {saved} process(es) (accelerate launch --num_processes {saved})")
+
+
+def check_window(lawa: Any, folder: str) -> None:
+    """Refuse a checkpoint whose LAWA window of ``lawa.name`` has another k, every_n_steps or start_step."""
+    path = state_file(folder, lawa.name)
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        saved = json.loads(f.metadata()["lawa_state"])["config"]
+    now = lawa.config.to_dict()
+    differ = [key for key in WINDOW_KEYS if saved.get(key) != now[key]]
+    check(not differ,
+          f"checkpoint {folder!r} holds a LAWA window with {_options(saved, differ)} but this run has "
+          f"{_options(now, differ)}; resume with {_options(saved, differ, flags=True)}, or start a new output_dir")
+
+
+def _options(values: dict, keys: List[str], flags: bool = False) -> str:
+    return " ".join(f"--lawa_{k} {values[k]}" for k in keys) if flags else ", ".join(f"{k}={values[k]}" for k in keys)
+
 
 
 class Plugin:
@@ -133,7 +193,7 @@ class Plugin:
     def write_lawa(self, ema: Any, folder: str, template: Any = None) -> None:
         """Write the LAWA weights of ``ema`` to ``folder`` (main process; once the window is ready)."""
         lawa = ema.lawa
-        if not (_is_main_process() and lawa.holds_snapshots):
+        if not (is_main_process() and lawa.holds_snapshots):
             return
         if not lawa.ready:
             self.skipped.append(folder)
@@ -145,6 +205,7 @@ class Plugin:
     def _model_save_wrapper(self, original: Callable) -> Callable:
         plugin = self
 
+        @reported_as_input_errors
         def save_pretrained(model, save_directory, *args, **kwargs):
             result = original(model, save_directory, *args, **kwargs)
             ids = {id(p) for p in model.parameters()}
@@ -171,15 +232,22 @@ class Plugin:
             handle.remove()
         plugin = self
 
+        @reported_as_input_errors
         def save_hook(models, weights, output_dir):
-            if accelerator.is_main_process:
+            if plugin.fid is not None:
+                plugin.fid.flush()
+            if accelerator.is_main_process and plugin.emas:
                 for ema in plugin.emas:
                     if ema.lawa.holds_snapshots:
                         save_engine_state(ema.lawa, output_dir)
+                atomic_write_json(os.path.join(output_dir, RUN_FILE), {"world_size": accelerator.num_processes})
 
+        @reported_as_input_errors
         def load_hook(models, input_dir):
             plugin.loaded_from = input_dir
+            check_world_size(input_dir, accelerator.num_processes)
             for ema in plugin.emas:
+                check_window(ema.lawa, input_dir)
                 load_engine_state(ema.lawa, input_dir)
 
         accelerator.__dict__["_lawa_launch_handles"] = (
@@ -194,6 +262,8 @@ class Plugin:
                 f"on every diffusers EMAModel of {script} (patched {', '.join(self.patched)})")
 
     def finish(self) -> None:
+        if self.fid is not None:
+            self.fid.close()
         for ema in self.emas:
             ema.lawa.close()
 
@@ -209,20 +279,20 @@ class Plugin:
 
 
 class FIDMonitor:
-    """FID of the first EMA's EMA and LAWA weights every ``fid_every_n_steps`` steps (all processes take part).
+    """Adapter from a plugin run to the trainer's evaluator (``tracking.Tracker``): FID of the first EMA's
+    EMA and LAWA weights every ``fid_every_n_steps`` steps, all processes sampling.
 
-    Samples with a fresh copy of the EMA's model (``model_cls`` / ``model_config``) and the FID module's
-    sampler built from the script's first noise scheduler; rows go to metrics.jsonl and ``accelerator.log``.
+    The Tracker samples with an uninitialised copy of the EMA's model (``model_cls`` / ``model_config``)
+    holding the EMA or LAWA weights, with private generators, from the script's first noise scheduler;
+    the metric maths run off the step loop as in the trainer. Everything runs with the script's random
+    states set aside, so the script draws the same numbers as without the monitor.
     """
 
     def __init__(self, plugin: Plugin):
         self.plugin, self.cfg = plugin, plugin.options.launch
         self.accelerator = None
         self.scheduler = None
-        self.unet = None
-        self.reference = None
-        self.extractor = None
-        self.recorder = None
+        self.tracker = None
         self.disabled: Optional[str] = None
 
     def accelerator_init_wrapper(self, original: Callable) -> Callable:
@@ -242,59 +312,62 @@ class FIDMonitor:
 
     def maybe_evaluate(self, ema: Any) -> None:
         step = int(ema.optimization_step)
-        if self.disabled is None and step % self.cfg.fid_every_n_steps == 0:
-            if self.unet is None and not self._prepare(ema):
-                from lawa_diffusion.launch import say
-
-                say(f"FID during training is off: {self.disabled}")
+        if self.disabled is not None or step % self.cfg.fid_every_n_steps:
+            return
+        with untouched_rng():
+            if self.tracker is None and not self._prepare(ema):
+                say(f"FID during training is off: {self.disabled}", PROG)
                 return
-            self.evaluate(ema, step)
+            self.tracker.after_step(step, final=False)
+
+    def eval_config(self):
+        """The trainer's ``EvalConfig`` for the ``--lawa_fid_*`` options (unset ones: the trainer's defaults)."""
+        from lawa_diffusion.config import EvalConfig
+
+        given = {"num_samples": self.cfg.fid_num_samples, "batch_size": self.cfg.fid_batch_size,
+                 "num_inference_steps": self.cfg.fid_num_inference_steps}
+        return EvalConfig(every_n_steps=self.cfg.fid_every_n_steps, at_end=False, variants=["ema", "lawa"],
+                          reference=self.cfg.fid_reference, inception_weights=self.cfg.fid_inception_weights,
+                          **{k: v for k, v in given.items() if v is not None})
 
     def _prepare(self, ema: Any) -> bool:
         import inspect
+        import types
 
-        from lawa_diffusion import fid, inception, sampling
+        from diffusers import DDPMScheduler
+
+        from lawa_diffusion import tracking
+        from lawa_diffusion.lawa import uninitialized_model
 
         model_cls, model_config = getattr(ema, "model_cls", None), getattr(ema, "model_config", None)
         if model_cls is None or model_config is None:
             self.disabled = "the EMAModel was made without model_cls= and model_config="
             return False
-        unet = model_cls.from_config(model_config).to(ema.shadow_params[0].device)
-        forward = inspect.signature(unet.forward).parameters
+        forward = inspect.signature(model_cls.forward).parameters
         if "encoder_hidden_states" in forward and forward["encoder_hidden_states"].default is inspect.Parameter.empty:
             self.disabled = f"{model_cls.__name__} needs conditioning; only unconditional UNets are sampled"
             return False
-        self.unet = unet.requires_grad_(False)
-        self.extractor = inception.load_extractor(self.cfg.fid_inception_weights, device=self.unet.device)
-        size = self.unet.config.sample_size
-        self.reference = fid.reference_stats(self.cfg.fid_reference, image_size=size if isinstance(size, int) else None,
-                                             weights=self.extractor, accelerator=self.accelerator,
-                                             progress=_is_main_process())
-        sampling.check_reference(self.reference, self.extractor)
-        fid.warn_if_few(self._options().get("num_samples", sampling.FIDConfig().num_samples))
+        if self.accelerator is None:
+            self.disabled = "the script made no accelerate Accelerator"
+            return False
+        unet = uninitialized_model(model_cls, model_config, ema.shadow_params[0].device).requires_grad_(False)
+        run = types.SimpleNamespace(eval=self.eval_config(), save_ema_snapshots=False)
+        metrics = self.metrics_path()
+        self.tracker = tracking.Tracker(run, os.path.dirname(metrics) or ".", self.accelerator, unet, ema,
+                                        self.scheduler or DDPMScheduler(), dict(unet.config))
+        self.tracker.prepare(0, write=lambda line: say(line, PROG))
+        if self.tracker.recorder is not None:
+            self.tracker.recorder.path = metrics
         return True
 
-    def _options(self) -> dict:
-        names = {"num_samples": self.cfg.fid_num_samples, "batch_size": self.cfg.fid_batch_size,
-                 "num_inference_steps": self.cfg.fid_num_inference_steps}
-        options = {k: v for k, v in names.items() if v is not None}
-        if self.scheduler is not None:
-            options["scheduler_config"] = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
-        return options
+    def flush(self) -> None:
+        """Record the metrics still being computed (before a checkpoint, so its metrics are complete)."""
+        if self.tracker is not None:
+            self.tracker.flush()
 
-    def evaluate(self, ema: Any, step: int) -> list:
-        from lawa_diffusion import sampling, tracking
-        from lawa_diffusion.launch import say
-
-        variants = tracking.weight_variants(["ema", "lawa"], self.unet, ema)
-        sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key,
-                                           accelerator=self.accelerator, progress=_is_main_process(), **self._options())
-        if not _is_main_process():
-            return []
-        if self.recorder is None:
-            self.recorder = tracking.MetricsRecorder(self.metrics_path(), self.accelerator, write=say)
-        self.recorder.submit(step, sampled, self.reference, self.extractor, ema.lawa)
-        return self.recorder.collect(wait=True)
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
     def metrics_path(self) -> str:
         if self.cfg.metrics_file:
@@ -306,6 +379,24 @@ class FIDMonitor:
             if arg.startswith("--output_dir="):
                 return os.path.join(arg.split("=", 1)[1], "metrics.jsonl")
         return "metrics.jsonl"
+
+
+@contextlib.contextmanager
+def untouched_rng() -> Iterator[None]:
+    """The torch (CPU and initialised CUDA), NumPy and ``random`` generators are as they were after the block."""
+    import random
+
+    import numpy as np
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def make_ema_class(plugin: Plugin, original: type) -> type:
@@ -334,6 +425,9 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             # A temporary EMA holds no window: its state must not empty the real EMA's on load_state_dict.
             return self.ema_state_dict() if self._lawa_temporary else super().state_dict()
 
+        load_state_dict = reported_as_input_errors(LAWAEMAModel.load_state_dict)
+
+        @reported_as_input_errors
         def step(self, parameters):
             if self._lawa_temporary:
                 plugin.adopt_late(self)
@@ -351,6 +445,7 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             self._lawa_swapped_ids = None
             super().restore(parameters)
 
+        @reported_as_input_errors
         def save_pretrained(self, path) -> None:
             self._lawa_saving = True
             try:
