@@ -40,11 +40,11 @@ def names_of(extra: list[str]) -> list[str]:
     return ["unet", "prior"] if "--num_emas" in extra else ["unet"]
 
 
-def run(script: Path, out: Path, *extra: str, plugin: bool = False) -> int:
+def run(script: Path, out: Path, *extra: str, plugin: bool = False, plugin_args: tuple = ()) -> int:
     args = ["--output_dir", str(out), "--max_train_steps", str(STEPS), *extra]
     with fresh_accelerate():
         if plugin:
-            return launch.main([*LAWA_ARGS, str(script), *args])
+            return launch.main([*LAWA_ARGS, *plugin_args, str(script), *args])
         launch.run_script(str(script), args)
         return 0
 
@@ -106,6 +106,24 @@ def test_lawa_leaves_a_seeded_run_bitwise_unchanged(way, tmp_path):
         assert_weights_close(weights(out / f"{name}_lawa"), expected_lawa(plain, name, STEPS))
     if way != "api":
         assert (out / f"checkpoint-{NU}" / "unet_lawa").is_dir() and (out / f"checkpoint-{NU}" / "prior_lawa").is_dir()
+
+
+@pytest.mark.filterwarnings("ignore:FID from")
+def test_fid_monitor_leaves_a_seeded_run_bitwise_unchanged(tmp_path, monkeypatch):
+    from lawa_diffusion import inception
+    from lawa_diffusion.files import read_jsonl
+    from tests.test_launch import make_images
+
+    monkeypatch.setattr(inception, "load_extractor", lambda *a, **k: inception.stand_in_extractor(dim=16))
+    extra = ["--checkpointing_steps", str(CKPT)]
+    plain, out = tmp_path / "plain", tmp_path / "fid"
+    run(SCRIPT, plain, *extra)
+    fid = ["--lawa_fid_every_n_steps", str(NU), "--lawa_fid_reference", str(make_images(tmp_path / "images")),
+           "--lawa_fid_num_samples", "4", "--lawa_fid_batch_size", "4", "--lawa_fid_num_inference_steps", "2"]
+    assert run(SCRIPT, out, *extra, plugin=True, plugin_args=tuple(fid)) == 0
+    assert_same_training(out, plain, ["unet"])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in range(NU, STEPS + 1, NU) for v in ("ema", "lawa")]
 
 
 def _generator_states() -> tuple:
