@@ -243,12 +243,15 @@ def installed(options: PluginOptions, script: str = "the script", script_args: S
     plugin.script_args = list(script_args)
     plugin.install()
     say(plugin.describe(script), PROG)
+    finished = False
     try:
         yield plugin
+        finished = True
     finally:
         try:
             plugin.finish()
-            say(plugin.summary(script), PROG)
+            if finished:
+                say(plugin.summary(script), PROG)
         finally:
             plugin.uninstall()
 

@@ -2,8 +2,9 @@
 
 ``Plugin.install`` swaps diffusers' ``EMAModel`` for a ``LAWAEMAModel`` subclass everywhere it is
 importable from, wraps ``ModelMixin.save_pretrained`` (LAWA sibling of a model saved with the EMA
-weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints);
-``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps`` it also records the script's
+weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints; on
+one process ``save_state`` writes a temp folder renamed into place, so a killed save never leaves a
+half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps`` it also records the script's
 Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first EMA's EMA and LAWA weights.
 """
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import json
 import os
+import shutil
 import sys
 import traceback
 from typing import Any, Callable, Iterator, List, Optional
 
 from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state, state_file
 from lawa_diffusion.config import check
-from lawa_diffusion.files import atomic_write_json
+from lawa_diffusion.files import atomic_dir, atomic_write_json
 from lawa_diffusion.output import is_main_process, say
 
 PROG = "lawa_diffusion.launch"
@@ -42,6 +45,24 @@ def lawa_folder_for(path: str | os.PathLike) -> str:
     if name == "ema":
         return os.path.join(parent, "lawa")
     return os.path.join(parent, name + "_lawa")
+
+
+def saved_whole(save: Callable[[str], Any], folder: str) -> str:
+    """``save(temp_folder)``, then one rename to ``folder``: a process killed while saving leaves a hidden
+    temp folder, never a ``checkpoint-N`` that looks complete (one process; the script's save hooks
+    write into the temp folder too). An existing ``folder`` is moved aside under a hidden name first."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent, name = os.path.split(folder)
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    old = os.path.join(parent, f".{name}.replaced")
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    with atomic_dir(folder) as tmp:
+        save(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 class LAWAInputError(ValueError):
@@ -95,6 +116,18 @@ def check_window(lawa: Any, folder: str) -> None:
           f"{_options(now, differ)}; resume with {_options(saved, differ, flags=True)}, or start a new output_dir")
 
 
+def check_unsharded(ema: Any) -> None:
+    """Refuse an EMA of sharded parameters (FSDP2 / DTensor): its LAWA folders would need every process."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor shards nothing
+        return
+    check(not any(isinstance(p, DTensor) for p in ema.shadow_params),
+          "the launch plugin cannot keep LAWA over a sharded EMA (FSDP / DTensor parameters), since writing its "
+          "*_lawa folders would need every process at every save; make the EMA from the unsharded model "
+          "(before accelerator.prepare) or run the script without the plugin")
+
+
 def _options(values: dict, keys: List[str], flags: bool = False) -> str:
     return " ".join(f"--lawa_{k} {values[k]}" for k in keys) if flags else ", ".join(f"{k}={values[k]}" for k in keys)
 
@@ -133,7 +166,7 @@ class Plugin:
                 self._set(module, "EMAModel", self.ema_class)
                 self.patched.append(f"{name}.EMAModel")
         self._wrap(ModelMixin, "save_pretrained", self._model_save_wrapper)
-        self._wrap(accelerate.Accelerator, "save_state", self._state_wrapper)
+        self._wrap(accelerate.Accelerator, "save_state", self._save_state_wrapper)
         self._wrap(accelerate.Accelerator, "load_state", self._state_wrapper)
         self.patched += ["ModelMixin.save_pretrained", "Accelerator.save_state/load_state"]
         if self.options.launch.fid_every_n_steps:
@@ -225,6 +258,17 @@ class Plugin:
             return original(accelerator, *args, **kwargs)
 
         return state_method
+
+    def _save_state_wrapper(self, original: Callable) -> Callable:
+        plugin = self
+
+        def save_state(accelerator, output_dir=None, *args, **kwargs):
+            plugin.hooks_last(accelerator)
+            if output_dir is None or accelerator.num_processes > 1:
+                return original(accelerator, output_dir, *args, **kwargs)
+            return saved_whole(lambda tmp: original(accelerator, tmp, *args, **kwargs), output_dir)
+
+        return save_state
 
     def hooks_last(self, accelerator: Any) -> None:
         """(Re-)register the LAWA save/load pre-hooks so they run after the script's own hooks."""
@@ -408,8 +452,10 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
         __module__ = original.__module__
         __qualname__ = original.__qualname__
 
+        @reported_as_input_errors
         def __init__(self, parameters, *args, **kwargs):
             super().__init__(parameters, *args, lawa=plugin.lawa_config(), **kwargs)
+            check_unsharded(self)
             self._lawa_swapped_ids: Optional[set] = None
             self._lawa_saving = False
             self._lawa_temporary = True

@@ -253,3 +253,16 @@ def test_ema_that_no_longer_matches_the_window_is_refused(checkpointed, tmp_path
     with fresh_accelerate():
         err = _one_error_line(launch.main([*LAWA_ARGS, str(SCRIPT), *args]), capsys)
     assert "has shape" in err and "use the same model" in err
+
+
+@pytest.mark.slow
+def test_sharded_fsdp_ema_is_refused_in_one_line(tmp_path):
+    script = Path(__file__).parent / "scripts" / "fsdp_ema.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lawa_diffusion.launch", *LAWA_ARGS, str(script), "--output_dir", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "lawa_diffusion.launch: error:" in line]
+    assert len(errors) == 1 and "sharded EMA (FSDP / DTensor parameters)" in errors[0], done.stderr[-3000:]
+    assert "lawa_diffusion/" not in done.stderr  # no traceback through the package: the one line says it all

@@ -9,6 +9,8 @@ Flags pick the pattern; every combination trains on CPU in seconds:
   when DeepSpeed is not installed);
 - ``--api``: LAWA through the library API (``LAWAEMAModel`` + ``attach``) with ``--api_k`` /
   ``--api_every_n_steps``; without it the script knows nothing of LAWA.
+``--sleep_in_save`` holds the process inside each save hook and ``--print_steps`` tells each step, so
+that a test can kill it at a chosen moment.
 The load hook reads each EMA back with ``EMAModel.from_pretrained`` + ``load_state_dict``.
 
 Noise, timesteps and a flip decision come from the global torch / ``random`` / NumPy generators, as in
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -49,6 +52,9 @@ def parse_args():
     parser.add_argument("--api_k", type=int, default=2)
     parser.add_argument("--api_every_n_steps", type=int, default=2)
     parser.add_argument("--crash_after_step", type=int, default=None)
+    parser.add_argument("--sleep_in_save", type=float, default=0.0,
+                        help="print 'saving' and wait this long inside each save hook (to be killed there)")
+    parser.add_argument("--print_steps", action="store_true", help="print 'step N' after each optimizer step")
     return parser.parse_args()
 
 
@@ -85,6 +91,9 @@ def main(args):
             ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
             if ema_prior is not None:
                 ema_prior.save_pretrained(os.path.join(output_dir, "prior_ema"))
+            if args.sleep_in_save:
+                print("saving", flush=True)
+                time.sleep(args.sleep_in_save)
             for name, model in zip(NAMES, models):
                 model.save_pretrained(os.path.join(output_dir, name))
             weights.clear()
@@ -139,7 +148,7 @@ def main(args):
             ema.to(accelerator.device)
 
     step = 0
-    if args.resume_from_checkpoint:
+    if args.resume_from_checkpoint and os.path.isdir(args.output_dir):
         found = sorted((int(d.split("-")[1]), d) for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))
         if found:
             accelerator.load_state(os.path.join(args.output_dir, found[-1][1]))
@@ -164,6 +173,8 @@ def main(args):
             if args.offload_ema:
                 ema.to("cpu", non_blocking=True)
         step += 1
+        if args.print_steps:
+            print(f"step {step}", flush=True)
         if accelerator.is_main_process and step % args.checkpointing_steps == 0:
             accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{step}"))
         if args.crash_after_step is not None and step == args.crash_after_step:
