@@ -4,8 +4,9 @@
 importable from, wraps ``ModelMixin.save_pretrained`` (LAWA sibling of a model saved with the EMA
 weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints; on
 one process ``save_state`` writes a temp folder renamed into place, so a killed save never leaves a
-half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps`` it also records the script's
-Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first EMA's EMA and LAWA weights.
+half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps``
+it also records the script's Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first
+EMA's EMA and LAWA weights with the trainer's evaluator.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def reported_as_input_errors(function: Callable) -> Callable:
 
 
 def check_world_size(folder: str, world_size: int) -> None:
-    """Refuse a checkpoint written by another number of processes (its LAWA snapshots are per-process)."""
+    """Refuse a checkpoint written by another number of processes (``RUN_FILE``, written by the plugin)."""
     path = os.path.join(folder, RUN_FILE)
     if not os.path.isfile(path):
         return
@@ -130,7 +131,6 @@ def check_unsharded(ema: Any) -> None:
 
 def _options(values: dict, keys: List[str], flags: bool = False) -> str:
     return " ".join(f"--lawa_{k} {values[k]}" for k in keys) if flags else ", ".join(f"{k}={values[k]}" for k in keys)
-
 
 
 class Plugin:
