@@ -1,11 +1,13 @@
 """LAWA for an unmodified diffusers training script, through ``accelerate launch -m``.
 
     accelerate launch [accelerate options] -m lawa_diffusion.launch [--lawa_* options] SCRIPT.py [script args]
+    accelerate launch [accelerate options] -m lawa_diffusion.launch [--lawa_* options] -m pkg.module [args]
 
-The ``--lawa_<name>`` options (``LAWAConfig`` and ``LaunchConfig`` fields) go before the script;
-``LAWA_<NAME>`` environment variables and a YAML file (``--lawa_config`` / ``LAWA_CONFIG``) give
-the same options, with precedence command line > environment > YAML > defaults. The script runs
-as ``__main__`` with the ``sys.argv`` / ``sys.path`` Python would give it, while:
+The ``--lawa_<name>`` options (``LAWAConfig`` and ``LaunchConfig`` fields, declared once by
+``add_lawa_arguments``, the builder patched scripts use too) go before the script; ``LAWA_<NAME>``
+environment variables and a YAML file (``--lawa_config`` / ``LAWA_CONFIG``) give the same options,
+with precedence command line > environment > YAML > defaults. The script runs as ``__main__`` with
+the ``sys.argv`` / ``sys.path`` Python would give it, while:
 
 - diffusers' ``EMAModel`` is replaced by a ``LAWAEMAModel`` subclass, so every EMA the script makes
   feeds a LAWA engine from ``step``;
@@ -13,26 +15,33 @@ as ``__main__`` with the ``sys.argv`` / ``sys.path`` Python would give it, while
   snapshots, and a model saved while the EMA weights are copied into it (``store`` / ``copy_to`` /
   save / ``restore``, as for the final pipeline) gets a ``<folder>_lawa`` sibling;
 - ``Accelerator.save_state`` / ``load_state`` carry the LAWA state (same files as
-  ``lawa_diffusion.attach``), so ``--resume_from_checkpoint`` continues the window exactly.
+  ``lawa_diffusion.attach``), so ``--resume_from_checkpoint`` continues the window exactly; a
+  checkpoint written with another k, every_n_steps, start_step or number of processes is refused.
+
+LAWA only observes: it draws no random numbers the script would draw and changes no weights of the
+script's. Bad LAWA input, before or while the script runs, is one ``error:`` line and exit code 2.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import runpy
 import sys
 import typing
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from lawa_diffusion.config import LAWAConfig, LaunchConfig, check, from_mapping, read_yaml
+from lawa_diffusion.launch_runtime import PROG, LAWAInputError, Plugin, lawa_folder_for
+from lawa_diffusion.output import is_main_process, say
 
-PROG = "lawa_diffusion.launch"
 OPTION_PREFIX = "--lawa_"
 ENV_PREFIX = "LAWA_"
 CONFIG_OPTION = "config"  # --lawa_config / LAWA_CONFIG: the YAML file
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-USAGE = (f"accelerate launch [accelerate options] -m {PROG} [--lawa_* options] SCRIPT.py [script args]")
+USAGE = (f"accelerate launch [accelerate options] -m {PROG} [--lawa_* options] (SCRIPT.py | -m MODULE) [script args]")
 
 
 @dataclasses.dataclass
@@ -41,11 +50,20 @@ class PluginOptions:
     launch: LaunchConfig
 
 
+@dataclasses.dataclass
+class Target:
+    """What the plugin runs: a script path or (``module``) a module name, with its own arguments."""
+
+    name: str
+    args: List[str]
+    module: bool = False
+
+
 # --------------------------------------------------------------------------------------- options
-def option_types() -> Dict[str, Any]:
-    """Option name (without prefix) -> its type, for every LAWAConfig and LaunchConfig field."""
+def option_types(launch_options: bool = True) -> Dict[str, Any]:
+    """Option name (without prefix) -> its type, for every LAWAConfig (and LaunchConfig) field."""
     types: Dict[str, Any] = {}
-    for cls in (LAWAConfig, LaunchConfig):
+    for cls in (LAWAConfig, LaunchConfig) if launch_options else (LAWAConfig,):
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             types[field.name] = hints[field.name]
@@ -75,35 +93,70 @@ def convert(value: str, typ: Any, where: str) -> Any:
     return value
 
 
-def split_argv(argv: Sequence[str]) -> Tuple[Dict[str, str], str, List[str]]:
-    """Split ``[--lawa_* options] SCRIPT.py [script args]`` into (options, script, script args)."""
-    types = option_types()
-    values: Dict[str, str] = {}
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        token = argv[i]
-        name, has_value, value = token.partition("=")
-        check(name.startswith(OPTION_PREFIX),
-              f"option {token!r} comes before the script but is not a --lawa_* option; "
+def add_lawa_arguments(parser: argparse.ArgumentParser, launch_options: bool = False) -> argparse.ArgumentParser:
+    """Add the ``--lawa_<name>`` options (every ``LAWAConfig`` field, ``--lawa_config``, and with
+    ``launch_options`` the plugin's ``LaunchConfig`` fields) to an argparse parser. Values stay text
+    (None when not given) so that ``LAWA_*`` environment variables and the YAML file fill the rest."""
+    defaults = {**dataclasses.asdict(LAWAConfig()), **dataclasses.asdict(LaunchConfig()), CONFIG_OPTION: None}
+    group = parser.add_argument_group("LAWA (Latest Weight Averaging over the EMA weights)")
+    for name in option_types(launch_options):
+        group.add_argument(OPTION_PREFIX + name, type=str, default=None, metavar=name.upper(),
+                           help=f"default {defaults[name]}; environment variable {ENV_PREFIX}{name.upper()}")
+    return parser
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(f"{message}; usage: {USAGE}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The plugin's parser: ``--lawa_*`` options, then the script (or ``-m MODULE``) and everything after it."""
+    parser = _OneLineParser(prog=PROG, usage=USAGE, add_help=False, allow_abbrev=False,
+                            description="Run a diffusers training script with LAWA over every EMA it keeps.")
+    add_lawa_arguments(parser, launch_options=True)
+    parser.add_argument("-m", "--module", action="store_true",
+                        help="run the target as a module (as python -m does), not as a script path")
+    parser.add_argument("target", nargs="?", help="the training script (or module with -m)")
+    parser.add_argument("target_args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    return parser
+
+
+def parse_argv(argv: Sequence[str], environ: Optional[Mapping[str, str]] = None) -> tuple:
+    """(PluginOptions, Target) from the plugin's command line."""
+    args, extras = build_parser().parse_known_args(list(argv))
+    for extra in extras:
+        check(not extra.startswith(OPTION_PREFIX),
+              f"unknown option {extra.split('=')[0]}; valid options are: {', '.join(option_names())}")
+        check(not extra.startswith("-"),
+              f"option {extra!r} comes before the script but is not a --lawa_* option; "
               f"the script's own options go after the script: {USAGE}")
-        key = name[len(OPTION_PREFIX):]
-        check(key in types, f"unknown option {name}; valid options are: {', '.join(option_names())}")
-        if not has_value:
-            takes_word = types[key] is not bool or (i + 1 < len(argv) and argv[i + 1].lower() in BOOL_WORDS)
-            check(not takes_word or i + 1 < len(argv), f"option {name} needs a value, e.g. {name} VALUE")
-            value, i = (argv[i + 1], i + 1) if takes_word else ("true", i)
-        values[key] = value
-        i += 1
-    check(i < len(argv), f"no training script given; usage: {USAGE}")
-    script, script_args = argv[i], list(argv[i + 1:])
-    misplaced = next((a for a in script_args if a.startswith(OPTION_PREFIX)), None)
+    check(args.target is not None, f"no training script given; usage: {USAGE}")
+    target = Target(args.target, list(args.target_args), args.module)
+    misplaced = next((a for a in target.args if a.startswith(OPTION_PREFIX)), None)
     check(misplaced is None,
-          f"option {misplaced} comes after the script name {script!r}, so it would be passed to the script; "
-          f"put --lawa_* options between '-m {PROG}' and the script: ... -m {PROG} {misplaced} ... {script} [script args]")
-    if not os.path.isfile(script):
-        raise FileNotFoundError(f"training script {script!r} does not exist; pass the path of the script "
-                                f"after the --lawa_* options: {USAGE}")
-    return values, script, script_args
+          f"option {misplaced} comes after the script name {target.name!r}, so it would be passed to the script; "
+          f"put --lawa_* options between '-m {PROG}' and the script: ... -m {PROG} {misplaced} ... {target.name} [script args]")
+    check_target(target)
+    cli = {name: value for name in option_types() if (value := getattr(args, "lawa_" + name)) is not None}
+    return resolve_options(cli, os.environ if environ is None else environ), target
+
+
+def check_target(target: Target) -> None:
+    """The script exists, or the module can be imported, as Python would look for it."""
+    if not target.module:
+        if not os.path.isfile(target.name):
+            raise FileNotFoundError(f"training script {target.name!r} does not exist; pass the path of the script "
+                                    f"after the --lawa_* options: {USAGE}")
+        return
+    try:
+        found = importlib.util.find_spec(target.name)
+    except (ImportError, ValueError) as e:
+        found, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = f"no module named {target.name!r}"
+    check(found is not None, f"module {target.name!r} given with -m cannot be imported ({why}); "
+                             "run from the folder that holds its package, or add that folder to PYTHONPATH")
 
 
 def _yaml_values(path: str) -> Dict[str, Any]:
@@ -139,31 +192,7 @@ def resolve_options(cli: Mapping[str, str], environ: Mapping[str, str]) -> Plugi
     return PluginOptions(lawa=lawa, launch=launch)
 
 
-def parse_argv(argv: Sequence[str], environ: Optional[Mapping[str, str]] = None) -> Tuple[PluginOptions, str, List[str]]:
-    cli, script, script_args = split_argv(argv)
-    return resolve_options(cli, os.environ if environ is None else environ), script, script_args
-
-
-def help_text() -> str:
-    lines = [f"usage: {USAGE}", "", "options (also LAWA_<NAME> environment variables or keys of the --lawa_config YAML):"]
-    defaults = {**dataclasses.asdict(LAWAConfig()), **dataclasses.asdict(LaunchConfig()), CONFIG_OPTION: None}
-    for name in option_types():
-        lines.append(f"  {OPTION_PREFIX}{name:<20} default: {defaults[name]}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------- helpers for patched scripts
-def add_lawa_arguments(parser: Any) -> Any:
-    """Add the LAWA options (``--lawa_k`` ...) to a script's argparse parser; unset ones fall back to
-    ``LAWA_*`` environment variables, the ``--lawa_config`` YAML and the defaults."""
-    lawa_names = [f.name for f in dataclasses.fields(LAWAConfig)] + [CONFIG_OPTION]
-    group = parser.add_argument_group("LAWA (Latest Weight Averaging over the EMA weights)")
-    for name in lawa_names:
-        group.add_argument(OPTION_PREFIX + name, type=str, default=None,
-                           help=f"LAWA {name} (environment variable {ENV_PREFIX}{name.upper()})")
-    return parser
-
-
 def lawa_config_from_args(args: Any, environ: Optional[Mapping[str, str]] = None) -> LAWAConfig:
     """The ``LAWAConfig`` given by ``add_lawa_arguments`` options, environment and YAML."""
     cli = {name: value for name in option_types()
@@ -176,8 +205,6 @@ def save_lawa_next_to(ema: Any, ema_folder: str | os.PathLike) -> Optional[str]:
 
     Does nothing (returns None) before the window holds a snapshot or on a process that holds none.
     """
-    from lawa_diffusion.launch_runtime import lawa_folder_for
-
     lawa = ema.lawa
     if not (lawa.holds_snapshots and lawa.ready and is_main_process()):
         return None
@@ -187,49 +214,44 @@ def save_lawa_next_to(ema: Any, ema_folder: str | os.PathLike) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------- running
-def is_main_process() -> bool:
-    from lawa_diffusion.lawa import process_rank
-
-    return process_rank() == 0
-
-
-def say(message: str) -> None:
-    if is_main_process():
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+def run_target(target: Target) -> None:
+    """Run the script (or module) as ``__main__`` with the argv and sys.path Python would give it."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [target.name, *target.args]
+    try:
+        if target.module:  # python -m: sys.path[0] is the working folder, argv[0] the module's file
+            sys.path[0:1] = [os.getcwd()]
+            runpy.run_module(target.name, run_name="__main__", alter_sys=True)
+        else:
+            path = os.path.abspath(target.name)
+            sys.path[0:1] = [os.path.dirname(path)]
+            runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+        sys.path[:] = saved_path
 
 
 def run_script(script: str, script_args: Sequence[str]) -> None:
-    """Run ``script`` as ``__main__`` with the argv and sys.path Python would give it."""
-    path = os.path.abspath(script)
-    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
-    sys.argv = [script, *script_args]
-    if sys.path:
-        sys.path[0] = os.path.dirname(path)
-    else:
-        sys.path.insert(0, os.path.dirname(path))
-    try:
-        runpy.run_path(path, run_name="__main__")
-    finally:
-        sys.argv = saved_argv
-        if saved_path0 is not None:
-            sys.path[0] = saved_path0
+    """Run a script path as ``__main__`` (as ``python SCRIPT.py ARGS`` would)."""
+    run_target(Target(script, list(script_args)))
 
 
 @contextlib.contextmanager
-def installed(options: PluginOptions, script: str = "the script", script_args: Sequence[str] = ()) -> Iterator[Any]:
+def installed(options: PluginOptions, script: str = "the script", script_args: Sequence[str] = ()) -> Iterator[Plugin]:
     """Patch diffusers and accelerate for the duration of the block (restored on exit)."""
-    from lawa_diffusion.launch_runtime import Plugin
-
     plugin = Plugin(options)
     plugin.script_args = list(script_args)
     plugin.install()
-    say(plugin.describe(script))
+    say(plugin.describe(script), PROG)
+    finished = False
     try:
         yield plugin
+        finished = True
     finally:
         try:
             plugin.finish()
-            say(plugin.summary(script))
+            if finished:
+                say(plugin.summary(script), PROG)
         finally:
             plugin.uninstall()
 
@@ -237,16 +259,19 @@ def installed(options: PluginOptions, script: str = "the script", script_args: S
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["-h"], ["--help"], ["--lawa_help"]):
-        print(help_text())
+        print(build_parser().format_help())
         return 0
     try:
-        options, script, script_args = parse_argv(argv)
+        options, target = parse_argv(argv)
     except (ValueError, FileNotFoundError) as e:
-        if is_main_process():
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+        say(f"error: {e}", PROG)
         return 2
-    with installed(options, script, script_args):
-        run_script(script, script_args)
+    try:
+        with installed(options, target.name, target.args):
+            run_target(target)
+    except LAWAInputError as e:  # bad LAWA input found while the script ran (the script's own errors pass)
+        say(f"error: {e}", PROG)
+        return 2
     return 0
 
 

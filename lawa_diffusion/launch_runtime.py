@@ -2,21 +2,35 @@
 
 ``Plugin.install`` swaps diffusers' ``EMAModel`` for a ``LAWAEMAModel`` subclass everywhere it is
 importable from, wraps ``ModelMixin.save_pretrained`` (LAWA sibling of a model saved with the EMA
-weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints);
-``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps`` it also records the script's
-Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first EMA's EMA and LAWA weights.
+weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints; on
+one process ``save_state`` writes a temp folder renamed into place, so a killed save never leaves a
+half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps``
+it also records the script's Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first
+EMA's EMA and LAWA weights with the trainer's evaluator.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import glob
+import json
 import os
+import shutil
 import sys
+import traceback
 from typing import Any, Callable, Iterator, List, Optional
 
-from lawa_diffusion import runfolder
 from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state, state_file
+from lawa_diffusion.config import check
+from lawa_diffusion.files import atomic_dir, atomic_write_json
+from lawa_diffusion.launch_fid import FIDMonitor
+from lawa_diffusion.output import is_main_process
 
+PROG = "lawa_diffusion.launch"
+RUN_FILE = "lawa_launch.json"  # in each checkpoint: the world size that wrote it
+WINDOW_KEYS = ("k", "every_n_steps", "start_step")
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 FIRST_NAME = "lawa"  # engine name of the first EMA: the name LAWAEMAModel and attach() use
 
 
@@ -35,10 +49,89 @@ def lawa_folder_for(path: str | os.PathLike) -> str:
     return os.path.join(parent, name + "_lawa")
 
 
-def _is_main_process() -> bool:
-    from lawa_diffusion.launch import is_main_process
+def saved_whole(save: Callable[[str], Any], folder: str) -> str:
+    """``save(temp_folder)``, then one rename to ``folder``: a process killed while saving leaves a hidden
+    temp folder, never a ``checkpoint-N`` that looks complete (one process; the script's save hooks
+    write into the temp folder too). An existing ``folder`` is moved aside under a hidden name first."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent, name = os.path.split(folder)
+    for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.*.tmp")):  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
+    old = os.path.join(parent, f".{name}.replaced")
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    with atomic_dir(folder) as tmp:
+        save(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
-    return is_main_process()
+
+class LAWAInputError(ValueError):
+    """Bad LAWA input found while the script runs; the plugin reports it as one line and exits with code 2."""
+
+
+def reported_as_input_errors(function: Callable) -> Callable:
+    """Re-raise the ``ValueError`` / ``FileNotFoundError`` this package raises inside ``function`` as
+    ``LAWAInputError`` (errors of the script's own code pass through unchanged)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except LAWAInputError:
+            raise
+        except (ValueError, FileNotFoundError) as e:
+            last = traceback.extract_tb(e.__traceback__)[-1].filename
+            if os.path.dirname(os.path.abspath(last)) != PACKAGE_DIR:
+                raise
+            raise LAWAInputError(str(e)) from e
+
+    return wrapper
+
+
+def check_world_size(folder: str, world_size: int) -> None:
+    """Refuse a checkpoint written by another number of processes (``RUN_FILE``, written by the plugin)."""
+    path = os.path.join(folder, RUN_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = int(json.load(f)["world_size"])
+    check(saved == world_size,
+          f"checkpoint {folder!r} was written by {saved} process(es) but this run has {world_size}; "
+          f"resume it with {saved} process(es) (accelerate launch --num_processes {saved})")
+
+
+def check_window(lawa: Any, folder: str) -> None:
+    """Refuse a checkpoint whose LAWA window of ``lawa.name`` has another k, every_n_steps or start_step."""
+    path = state_file(folder, lawa.name)
+    if not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        saved = json.loads(f.metadata()["lawa_state"])["config"]
+    now = lawa.config.to_dict()
+    differ = [key for key in WINDOW_KEYS if saved.get(key) != now[key]]
+    check(not differ,
+          f"checkpoint {folder!r} holds a LAWA window with {_options(saved, differ)} but this run has "
+          f"{_options(now, differ)}; resume with {_options(saved, differ, flags=True)}, or start a new output_dir")
+
+
+def check_unsharded(ema: Any) -> None:
+    """Refuse an EMA of sharded parameters (FSDP2 / DTensor): its LAWA folders would need every process."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor shards nothing
+        return
+    check(not any(isinstance(p, DTensor) for p in ema.shadow_params),
+          "the launch plugin cannot keep LAWA over a sharded EMA (FSDP / DTensor parameters), since writing its "
+          "*_lawa folders would need every process at every save; make the EMA from the unsharded model "
+          "(before accelerator.prepare) or run the script without the plugin")
+
+
+def _options(values: dict, keys: List[str], flags: bool = False) -> str:
+    return " ".join(f"--lawa_{k} {values[k]}" for k in keys) if flags else ", ".join(f"{k}={values[k]}" for k in keys)
 
 
 class Plugin:
@@ -74,11 +167,11 @@ class Plugin:
                 self._set(module, "EMAModel", self.ema_class)
                 self.patched.append(f"{name}.EMAModel")
         self._wrap(ModelMixin, "save_pretrained", self._model_save_wrapper)
-        self._wrap(accelerate.Accelerator, "save_state", self._state_wrapper)
+        self._wrap(accelerate.Accelerator, "save_state", self._save_state_wrapper)
         self._wrap(accelerate.Accelerator, "load_state", self._state_wrapper)
         self.patched += ["ModelMixin.save_pretrained", "Accelerator.save_state/load_state"]
         if self.options.launch.fid_every_n_steps:
-            self.fid = FIDMonitor(self)
+            self.fid = FIDMonitor(self.options.launch, self.script_args, PROG)
             self._wrap(accelerate.Accelerator, "__init__", self.fid.accelerator_init_wrapper)
             from diffusers.configuration_utils import ConfigMixin
 
@@ -134,7 +227,7 @@ class Plugin:
     def write_lawa(self, ema: Any, folder: str, template: Any = None) -> None:
         """Write the LAWA weights of ``ema`` to ``folder`` (main process; once the window is ready)."""
         lawa = ema.lawa
-        if not (_is_main_process() and lawa.holds_snapshots):
+        if not (is_main_process() and lawa.holds_snapshots):
             return
         if not lawa.ready:
             self.skipped.append(folder)
@@ -146,6 +239,7 @@ class Plugin:
     def _model_save_wrapper(self, original: Callable) -> Callable:
         plugin = self
 
+        @reported_as_input_errors
         def save_pretrained(model, save_directory, *args, **kwargs):
             result = original(model, save_directory, *args, **kwargs)
             ids = {id(p) for p in model.parameters()}
@@ -166,21 +260,39 @@ class Plugin:
 
         return state_method
 
+    def _save_state_wrapper(self, original: Callable) -> Callable:
+        plugin = self
+
+        def save_state(accelerator, output_dir=None, *args, **kwargs):
+            plugin.hooks_last(accelerator)
+            if output_dir is None or accelerator.num_processes > 1:
+                return original(accelerator, output_dir, *args, **kwargs)
+            return saved_whole(lambda tmp: original(accelerator, tmp, *args, **kwargs), output_dir)
+
+        return save_state
+
     def hooks_last(self, accelerator: Any) -> None:
         """(Re-)register the LAWA save/load pre-hooks so they run after the script's own hooks."""
         for handle in accelerator.__dict__.pop("_lawa_launch_handles", ()):
             handle.remove()
         plugin = self
 
+        @reported_as_input_errors
         def save_hook(models, weights, output_dir):
-            if accelerator.is_main_process:
+            if plugin.fid is not None:
+                plugin.fid.flush()
+            if accelerator.is_main_process and plugin.emas:
                 for ema in plugin.emas:
                     if ema.lawa.holds_snapshots:
                         save_engine_state(ema.lawa, output_dir)
+                atomic_write_json(os.path.join(output_dir, RUN_FILE), {"world_size": accelerator.num_processes})
 
+        @reported_as_input_errors
         def load_hook(models, input_dir):
             plugin.loaded_from = input_dir
+            check_world_size(input_dir, accelerator.num_processes)
             for ema in plugin.emas:
+                check_window(ema.lawa, input_dir)
                 load_engine_state(ema.lawa, input_dir)
 
         accelerator.__dict__["_lawa_launch_handles"] = (
@@ -195,6 +307,8 @@ class Plugin:
                 f"on every diffusers EMAModel of {script} (patched {', '.join(self.patched)})")
 
     def finish(self) -> None:
+        if self.fid is not None:
+            self.fid.close()
         for ema in self.emas:
             ema.lawa.close()
 
@@ -209,106 +323,6 @@ class Plugin:
         return f"{steps}; wrote {len(self.written)} LAWA folder(s){where}{early}"
 
 
-class FIDMonitor:
-    """FID of the first EMA's EMA and LAWA weights every ``fid_every_n_steps`` steps (all processes take part).
-
-    Samples with a fresh copy of the EMA's model (``model_cls`` / ``model_config``) and the FID module's
-    sampler built from the script's first noise scheduler; rows go to metrics.jsonl and ``accelerator.log``.
-    """
-
-    def __init__(self, plugin: Plugin):
-        self.plugin, self.cfg = plugin, plugin.options.launch
-        self.accelerator = None
-        self.scheduler = None
-        self.unet = None
-        self.reference = None
-        self.extractor = None
-        self.recorder = None
-        self.disabled: Optional[str] = None
-
-    def accelerator_init_wrapper(self, original: Callable) -> Callable:
-        def __init__(accelerator, *args, **kwargs):
-            original(accelerator, *args, **kwargs)
-            self.accelerator = accelerator
-
-        return __init__
-
-    def scheduler_config_wrapper(self, original: Callable) -> Callable:
-        def register_to_config(obj, **kwargs):
-            original(obj, **kwargs)
-            if self.scheduler is None and hasattr(obj, "add_noise") and hasattr(obj, "set_timesteps"):
-                self.scheduler = obj
-
-        return register_to_config
-
-    def maybe_evaluate(self, ema: Any) -> None:
-        step = int(ema.optimization_step)
-        if self.disabled is None and step % self.cfg.fid_every_n_steps == 0:
-            if self.unet is None and not self._prepare(ema):
-                from lawa_diffusion.launch import say
-
-                say(f"FID during training is off: {self.disabled}")
-                return
-            self.evaluate(ema, step)
-
-    def _prepare(self, ema: Any) -> bool:
-        import inspect
-
-        from lawa_diffusion import fid, inception, sampling
-
-        model_cls, model_config = getattr(ema, "model_cls", None), getattr(ema, "model_config", None)
-        if model_cls is None or model_config is None:
-            self.disabled = "the EMAModel was made without model_cls= and model_config="
-            return False
-        unet = model_cls.from_config(model_config).to(ema.shadow_params[0].device)
-        forward = inspect.signature(unet.forward).parameters
-        if "encoder_hidden_states" in forward and forward["encoder_hidden_states"].default is inspect.Parameter.empty:
-            self.disabled = f"{model_cls.__name__} needs conditioning; only unconditional UNets are sampled"
-            return False
-        self.unet = unet.requires_grad_(False)
-        self.extractor = inception.load_extractor(self.cfg.fid_inception_weights, device=self.unet.device)
-        size = self.unet.config.sample_size
-        self.reference = fid.reference_stats(self.cfg.fid_reference, image_size=size if isinstance(size, int) else None,
-                                             weights=self.extractor, accelerator=self.accelerator,
-                                             progress=_is_main_process())
-        fid.check_weights(self.reference, self.extractor.sha256)
-        fid.warn_if_few(self._options().get("num_samples", sampling.FIDConfig().num_samples))
-        return True
-
-    def _options(self) -> dict:
-        names = {"num_samples": self.cfg.fid_num_samples, "batch_size": self.cfg.fid_batch_size,
-                 "num_inference_steps": self.cfg.fid_num_inference_steps}
-        options = {k: v for k, v in names.items() if v is not None}
-        if self.scheduler is not None:
-            options["scheduler_config"] = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
-        return options
-
-    def evaluate(self, ema: Any, step: int) -> list:
-        from lawa_diffusion import sampling, tracking
-        from lawa_diffusion.launch import say
-
-        variants = tracking.weight_variants(["ema", "lawa"], self.unet, ema)
-        sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key,
-                                           accelerator=self.accelerator, progress=_is_main_process(), **self._options())
-        if not _is_main_process():
-            return []
-        if self.recorder is None:
-            self.recorder = tracking.MetricsRecorder(self.metrics_path(), self.accelerator, write=say)
-        self.recorder.submit(step, sampled, self.reference, self.extractor, ema.lawa)
-        return self.recorder.collect(wait=True)
-
-    def metrics_path(self) -> str:
-        if self.cfg.metrics_file:
-            return self.cfg.metrics_file
-        args = self.plugin.script_args
-        for i, arg in enumerate(args):
-            if arg == "--output_dir" and i + 1 < len(args):
-                return runfolder.metrics_path(args[i + 1])
-            if arg.startswith("--output_dir="):
-                return runfolder.metrics_path(arg.split("=", 1)[1])
-        return runfolder.METRICS_NAME
-
-
 def make_ema_class(plugin: Plugin, original: type) -> type:
     """A ``LAWAEMAModel`` subclass standing in for diffusers' ``EMAModel`` while the plugin is installed."""
     from lawa_diffusion.ema import LAWAEMAModel
@@ -318,8 +332,10 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
         __module__ = original.__module__
         __qualname__ = original.__qualname__
 
+        @reported_as_input_errors
         def __init__(self, parameters, *args, **kwargs):
             super().__init__(parameters, *args, lawa=plugin.lawa_config(), **kwargs)
+            check_unsharded(self)
             self._lawa_swapped_ids: Optional[set] = None
             self._lawa_saving = False
             self._lawa_temporary = True
@@ -335,6 +351,9 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             # A temporary EMA holds no window: its state must not empty the real EMA's on load_state_dict.
             return self.ema_state_dict() if self._lawa_temporary else super().state_dict()
 
+        load_state_dict = reported_as_input_errors(LAWAEMAModel.load_state_dict)
+
+        @reported_as_input_errors
         def step(self, parameters):
             if self._lawa_temporary:
                 plugin.adopt_late(self)
@@ -352,6 +371,7 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             self._lawa_swapped_ids = None
             super().restore(parameters)
 
+        @reported_as_input_errors
         def save_pretrained(self, path) -> None:
             self._lawa_saving = True
             try:

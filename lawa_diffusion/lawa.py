@@ -335,7 +335,7 @@ class LAWA:
         check(model_cls is not None and model_config is not None,
               "lawa save_pretrained needs the model class and config: create the EMAModel with model_cls= and "
               "model_config=, or pass model=<a module of the right architecture>")
-        return model_cls.from_config(model_config)
+        return uninitialized_model(model_cls, model_config)
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict:
@@ -411,3 +411,24 @@ def swapped_weights(targets: Sequence[torch.Tensor], fill) -> Iterator[None]:
             yield
         finally:
             foreach_copy(targets, saved)
+
+
+
+def uninitialized_model(model_cls: Any, model_config: Any, device: Any = "cpu") -> nn.Module:
+    """``model_cls.from_config(model_config)`` without random initialisation: no generator is drawn from.
+
+    Parameters are built on the meta device (accelerate's ``init_empty_weights``), then given empty
+    storage on ``device``; buffers are built as usual. Fill the parameters before use.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = model_cls.from_config(model_config)
+    real: dict = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in real:  # tied parameters stay tied
+                    real[id(param)] = nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+                module._parameters[name] = real[id(param)]
+    return model.to(device)

@@ -237,7 +237,7 @@ def test_lawa_option_after_the_script_explains_the_order(capsys):
 def test_bad_values_are_one_line_errors(capsys):
     assert "--lawa_k must be an integer" in _error_of(["--lawa_k", "five", str(SCRIPT)], capsys)
     assert "lawa k must be >= 1" in _error_of(["--lawa_k", "0", str(SCRIPT)], capsys)
-    assert "needs a value" in _error_of(["--lawa_storage"], capsys)
+    assert "--lawa_storage: expected one argument" in _error_of(["--lawa_storage"], capsys)
     assert "no training script" in _error_of(["--lawa_k", "2"], capsys)
 
 
@@ -251,10 +251,13 @@ def test_precedence_cli_over_env_over_yaml_over_defaults(tmp_path):
     assert launch.resolve_options({}, {}).lawa == launch.LAWAConfig()
 
 
-def test_split_argv_leaves_script_args_untouched():
-    args = ["--output_dir", "o", "--flag", "--lr=3", "pos"]
-    values, script, rest = launch.split_argv(["--lawa_k=4", "--lawa_keep_average", str(SCRIPT), *args])
-    assert values == {"k": "4", "keep_average": "true"} and script == str(SCRIPT) and rest == args
+def test_parse_argv_leaves_script_args_untouched():
+    args = ["--output_dir", "o", "--flag", "--lr=3", "pos", "-m", "x", "-h", "--", "--lawa"]
+    options, target = launch.parse_argv(["--lawa_k=4", "--lawa_keep_average", "yes", str(SCRIPT), *args], environ={})
+    assert (options.lawa.k, options.lawa.keep_average) == (4, True)
+    assert (target.name, target.args, target.module) == (str(SCRIPT), args, False)
+    options, target = launch.parse_argv(["--lawa_every_n_steps", "7", "-m", "json.tool", *args], environ={})
+    assert options.lawa.every_n_steps == 7 and (target.name, target.args, target.module) == ("json.tool", args, True)
 
 
 def test_yaml_with_unknown_key_is_refused(tmp_path):
