@@ -238,7 +238,6 @@ class FIDConfig:
 
 
 # ----------------------------------------------------------------------------- training
-EVAL_VARIANTS = ("raw", "ema", "lawa")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

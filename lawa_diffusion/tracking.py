@@ -46,19 +46,6 @@ def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield module
 
 
-def weight_variants(names: list[str], unet: torch.nn.Module, ema) -> dict[str, Any]:
-    """name -> module or context-manager factory for ``sampling.evaluate_variants`` (lawa only once it is ready)."""
-    out: dict[str, Any] = {}
-    for name in names:
-        if name == "raw":
-            out[name] = unet
-        elif name == "ema":
-            out[name] = lambda: ema_swapped(ema, unet)
-        elif name == "lawa" and ema.lawa.ready:
-            out[name] = lambda: ema.lawa.swapped_into(unet, sync_ranks=True)
-    return out
-
-
 # ----------------------------------------------------------------------------- metric rows
 def lawa_info(lawa) -> dict:
     """The LAWA columns of a metrics row, read when the evaluation's weights were taken."""
@@ -182,10 +169,14 @@ class Tracker:
 
     def __init__(self, cfg, run_dir: str, accelerator, unet, tracks, noise_scheduler, model_config: dict,
                  weights: Any = None):
-        """``tracks``: the run's ``tracks.TrackSet`` (EMA tracks and LAWA windows)."""
+        """``tracks``: the run's ``tracks.TrackSet`` (EMA tracks and LAWA windows), or one EMAModel carrying
+        its LAWA window as ``.lawa`` (the tracks "ema" and "lawa")."""
+        from lawa_diffusion.tracks import TrackSet
+
         self.cfg, self.eval = cfg, cfg.eval
         self.run_dir, self.accelerator, self.unet = run_dir, accelerator, unet
-        self.tracks, self.ema = tracks, tracks.base
+        self.tracks = tracks if isinstance(tracks, TrackSet) else TrackSet.of_ema(tracks, unet)
+        self.ema = self.tracks.base
         self.scheduler_config = {k: v for k, v in noise_scheduler.config.items() if not k.startswith("_")}
         self.model_config = model_config
         self.weights = weights if weights is not None else self.eval.inception_weights

@@ -79,6 +79,17 @@ class TrackSet:
             self.windows[w.name].defer_source_wait = w.over != RAW_TRACK
             self.over[w.name] = w.over
         self.window_configs = {BASE_WINDOW: cfg.lawa, **{w.name: w.lawa_config() for w in cfg.lawa_windows}}
+
+    @classmethod
+    def of_ema(cls, ema: Any, unet: Optional[torch.nn.Module] = None) -> "TrackSet":
+        """The track set of one diffusers EMAModel carrying a LAWA window as ``ema.lawa`` (the launch plugin's):
+        the track "ema" and the window "lawa" over it."""
+        tracks = cls.__new__(cls)
+        tracks.unet, tracks.base = unet, ema
+        tracks.emas, tracks.windows, tracks.over = {BASE_TRACK: ema}, {BASE_WINDOW: ema.lawa}, {BASE_WINDOW: BASE_TRACK}
+        tracks.lag_tracks = {BASE_TRACK: lag.EMATrack.from_settings(ema), RAW_TRACK: lag.raw_weights()}
+        tracks.window_configs = {BASE_WINDOW: ema.lawa.config}
+        return tracks
         self.lag_tracks: Dict[str, lag.EMATrack] = {BASE_TRACK: lag.EMATrack.from_settings(e), RAW_TRACK: lag.raw_weights(),
                                                     **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
 
