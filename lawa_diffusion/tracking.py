@@ -175,7 +175,7 @@ class Tracker:
 
         self.cfg, self.eval = cfg, cfg.eval
         self.run_dir, self.accelerator, self.unet = run_dir, accelerator, unet
-        self.tracks = tracks if isinstance(tracks, TrackSet) else TrackSet.of_ema(tracks, unet)
+        self.tracks = tracks if isinstance(tracks, TrackSet) else TrackSet.of_ema(tracks)
         self.ema = self.tracks.base
         self.scheduler_config = {k: v for k, v in noise_scheduler.config.items() if not k.startswith("_")}
         self.model_config = model_config

@@ -49,49 +49,51 @@ class TrackSet:
     """Every EMA track and LAWA window of a run, stepped together after each optimizer step.
 
     emas: name -> EMAModel ("ema" is the ``LAWAEMAModel`` ``base``); windows: name -> LAWA ("lawa" is
-    ``base.lawa``); over: window name -> the track it averages, or "raw".
+    ``base.lawa``); over: window name -> the track it averages, or "raw"; lag_tracks: name (and "raw") ->
+    ``lag.EMATrack`` for the mean lags; window_configs: window name -> its ``LAWAConfig``.
     """
 
-    def __init__(self, cfg: TrainConfig, unet: torch.nn.Module, device):
+    def __init__(self, base: Any, emas: Dict[str, Any], windows: Dict[str, LAWA], over: Dict[str, str],
+                 lag_tracks: Dict[str, lag.EMATrack], window_configs: Dict[str, Any]):
+        self.base, self.emas, self.windows, self.over = base, emas, windows, over
+        self.lag_tracks, self.window_configs = lag_tracks, window_configs
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, unet: torch.nn.Module, device) -> "TrackSet":
+        """The tracks and windows of a training config over ``unet`` (the unwrapped model being trained)."""
         from diffusers import UNet2DModel
         from diffusers.training_utils import EMAModel
 
         from lawa_diffusion.ema import LAWAEMAModel
 
         e = cfg.ema
-        self.unet = unet
-        self.base = LAWAEMAModel(unet.parameters(), decay=e.decay, use_ema_warmup=e.use_ema_warmup,
-                                 inv_gamma=e.inv_gamma, power=e.power, update_after_step=e.update_after_step,
-                                 foreach=True, model_cls=UNet2DModel, model_config=unet.config, lawa=cfg.lawa)
-        self.emas: Dict[str, Any] = {BASE_TRACK: self.base}
+        base = LAWAEMAModel(unet.parameters(), decay=e.decay, use_ema_warmup=e.use_ema_warmup, inv_gamma=e.inv_gamma,
+                            power=e.power, update_after_step=e.update_after_step, foreach=True,
+                            model_cls=UNet2DModel, model_config=unet.config, lawa=cfg.lawa)
+        emas: Dict[str, Any] = {BASE_TRACK: base}
         for t in cfg.ema_tracks:
             d = t.constant_decay
-            self.emas[t.name] = EMAModel(unet.parameters(), decay=d, min_decay=d, use_ema_warmup=False,
-                                         update_after_step=0, foreach=True, model_cls=UNet2DModel,
-                                         model_config=unet.config)
-        for ema in self.emas.values():
+            emas[t.name] = EMAModel(unet.parameters(), decay=d, min_decay=d, use_ema_warmup=False, update_after_step=0,
+                                    foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+        for ema in emas.values():
             ema.to(device)
-        self.windows: Dict[str, LAWA] = {BASE_WINDOW: self.base.lawa}
-        self.over: Dict[str, str] = {BASE_WINDOW: BASE_TRACK}
+        windows: Dict[str, LAWA] = {BASE_WINDOW: base.lawa}
         for w in cfg.lawa_windows:
-            source = unet if w.over == RAW_TRACK else self.emas[w.over]
-            self.windows[w.name] = LAWA(source, w.lawa_config(), name=w.name)
-            self.windows[w.name].defer_source_wait = w.over != RAW_TRACK
-            self.over[w.name] = w.over
-        self.window_configs = {BASE_WINDOW: cfg.lawa, **{w.name: w.lawa_config() for w in cfg.lawa_windows}}
+            windows[w.name] = LAWA(unet if w.over == RAW_TRACK else emas[w.over], w.lawa_config(), name=w.name)
+            windows[w.name].defer_source_wait = w.over != RAW_TRACK  # waited for in step(), before the EMA update
+        over = {BASE_WINDOW: BASE_TRACK, **{w.name: w.over for w in cfg.lawa_windows}}
+        lag_tracks = {BASE_TRACK: lag.EMATrack.from_settings(e), RAW_TRACK: lag.raw_weights(),
+                      **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
+        window_configs = {BASE_WINDOW: cfg.lawa, **{w.name: w.lawa_config() for w in cfg.lawa_windows}}
+        return cls(base, emas, windows, over, lag_tracks, window_configs)
 
     @classmethod
-    def of_ema(cls, ema: Any, unet: Optional[torch.nn.Module] = None) -> "TrackSet":
+    def of_ema(cls, ema: Any) -> "TrackSet":
         """The track set of one diffusers EMAModel carrying a LAWA window as ``ema.lawa`` (the launch plugin's):
         the track "ema" and the window "lawa" over it."""
-        tracks = cls.__new__(cls)
-        tracks.unet, tracks.base = unet, ema
-        tracks.emas, tracks.windows, tracks.over = {BASE_TRACK: ema}, {BASE_WINDOW: ema.lawa}, {BASE_WINDOW: BASE_TRACK}
-        tracks.lag_tracks = {BASE_TRACK: lag.EMATrack.from_settings(ema), RAW_TRACK: lag.raw_weights()}
-        tracks.window_configs = {BASE_WINDOW: ema.lawa.config}
-        return tracks
-        self.lag_tracks: Dict[str, lag.EMATrack] = {BASE_TRACK: lag.EMATrack.from_settings(e), RAW_TRACK: lag.raw_weights(),
-                                                    **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
+        return cls(ema, {BASE_TRACK: ema}, {BASE_WINDOW: ema.lawa}, {BASE_WINDOW: BASE_TRACK},
+                   {BASE_TRACK: lag.EMATrack.from_settings(ema), RAW_TRACK: lag.raw_weights()},
+                   {BASE_WINDOW: ema.lawa.config})
 
     # ------------------------------------------------------------------ training
     def _extra_windows(self) -> Iterable[Tuple[str, LAWA]]:

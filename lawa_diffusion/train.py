@@ -221,7 +221,7 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
                                     beta_schedule=cfg.noise.beta_schedule, prediction_type=cfg.noise.prediction_type)
     optimizer, lr_scheduler = make_optimization(cfg, unet, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    tracks = TrackSet(cfg, accelerator.unwrap_model(unet), accelerator.device)
+    tracks = TrackSet.from_config(cfg, accelerator.unwrap_model(unet), accelerator.device)
     tracks.register(accelerator)
     batches = BatchSource(images, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.seed,
                           accelerator.process_index, accelerator.num_processes, cfg.data.random_flip,

@@ -186,7 +186,7 @@ def test_every_extra_window_gets_a_lag_plan_line(tmp_path):
     from lawa_diffusion.tracks import TrackSet
     from tests.helpers import tiny_unet
 
-    tracks = TrackSet(TrainConfig.from_dict(tracks_config(tmp_path)), tiny_unet(), "cpu")
+    tracks = TrackSet.from_config(TrainConfig.from_dict(tracks_config(tmp_path)), tiny_unet(), "cpu")
     lines = tracks.lag_lines(8)
     assert [line.split(":")[0] for line in lines] == ["lawa_fast", "lawa_raw1"]
     assert "over constant-decay EMA 0.5" in lines[0] and "over raw weights" in lines[1] and "ΔL" in lines[0]
