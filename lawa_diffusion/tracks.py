@@ -39,6 +39,20 @@ def variant_lag(track: lag.EMATrack, step: int, snapshot_steps: Optional[Sequenc
     return sum(lag.mean_lag(lag.profile(track, s, d)) + step - s for s in snapshot_steps) / len(snapshot_steps)
 
 
+def lag_tracks_of(cfg: TrainConfig) -> Dict[str, lag.EMATrack]:
+    """``lag``'s track of each EMA track of a training config, and of "raw"."""
+    return {BASE_TRACK: lag.EMATrack.from_settings(cfg.ema), RAW_TRACK: lag.raw_weights(),
+            **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
+
+
+def window_of(cfg: TrainConfig, name: str = BASE_WINDOW) -> Tuple[lag.EMATrack, Any]:
+    """(``lag`` track it averages, its ``LAWAConfig``) of the LAWA window ``name`` of a training config."""
+    windows = {BASE_WINDOW: cfg.lawa, **{w.name: w for w in cfg.lawa_windows}}
+    check(name in windows, f"--window {name!r} is not a LAWA window of the config; use one of {', '.join(windows)}")
+    over = BASE_TRACK if name == BASE_WINDOW else windows[name].over
+    return lag_tracks_of(cfg)[over], windows[name]
+
+
 def nearest_snapshot(snapshot_steps: Sequence[int], target: float) -> int:
     """The snapshot step nearest ``target`` (ties: the later one, the harder baseline)."""
     return min(snapshot_steps, key=lambda s: (abs(s - target), -s))
@@ -82,8 +96,7 @@ class TrackSet:
             windows[w.name] = LAWA(unet if w.over == RAW_TRACK else emas[w.over], w.lawa_config(), name=w.name)
             windows[w.name].defer_source_wait = w.over != RAW_TRACK  # waited for in step(), before the EMA update
         over = {BASE_WINDOW: BASE_TRACK, **{w.name: w.over for w in cfg.lawa_windows}}
-        lag_tracks = {BASE_TRACK: lag.EMATrack.from_settings(e), RAW_TRACK: lag.raw_weights(),
-                      **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
+        lag_tracks = lag_tracks_of(cfg)
         window_configs = {BASE_WINDOW: cfg.lawa, **{w.name: w.lawa_config() for w in cfg.lawa_windows}}
         return cls(base, emas, windows, over, lag_tracks, window_configs)
 

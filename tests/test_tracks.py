@@ -217,3 +217,20 @@ def test_two_cpu_processes_evaluate_every_track_and_the_delayed_snapshot_on_both
     delayed = rows[(6, "lawa_fast@delayed")]
     assert delayed["fid"] == rows[(delayed["snapshot_step"], "fast")]["fid"]
     assert rows[(6, "lawa_raw1")]["fid"] == rows[(6, "raw")]["fid"]
+
+
+def test_plan_takes_a_window_of_the_config(tmp_path, capsys):
+    import json
+
+    path = write_yaml(tmp_path / "c.yaml", tracks_config(tmp_path / "out"))
+    assert cli.main(["plan", "--config", path, "--window", "lawa_fast", "--steps", "8", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    d = 0.5  # the track "fast": lag after its first (copying) update is Σ_{j=1..s-1} d^j
+    lag = {s: sum(d ** j for j in range(1, s)) for s in (4, 6, 8)}
+    assert row["snapshot_steps"] == [4, 6, 8] and row["ema_lag"] == pytest.approx(lag[8])
+    assert row["lawa_lag"] == pytest.approx(sum(lag[s] + 8 - s for s in (4, 6, 8)) / 3)
+    assert cli.main(["plan", "--config", path, "--window", "lawa_raw1", "--steps", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["lawa_lag"] == 0.0  # k=1, ν=1 over raw: the weights now
+    assert cli.main(["plan", "--config", path, "--window", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'nope'" in err and "lawa, lawa_fast, lawa_raw1" in err
