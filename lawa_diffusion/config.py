@@ -407,7 +407,10 @@ class LAWAWindowConfig(LAWAConfig):
         _check_name("lawa_windows", self.name)
         check(isinstance(self.over, str), f"lawa_windows {self.name!r} over must be a track name or 'raw', "
                                           f"got {self.over!r}")
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as e:  # "lawa k must be ..." -> "lawa_windows 'w' k must be ..."
+            raise ValueError(str(e).replace("lawa ", f"lawa_windows {self.name!r} ", 1)) from None
 
     def lawa_config(self) -> LAWAConfig:
         """The window's engine options (without name and over)."""

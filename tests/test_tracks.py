@@ -78,6 +78,7 @@ def test_nearest_snapshot_breaks_ties_towards_the_later_step():
     ({"ema_tracks": [{"name": "a", "decay": 0.5}, {"name": "a", "decay": 0.6}]}, ["two EMA tracks", "'a'"]),
     ({"ema_tracks": [{"name": "lawa", "decay": 0.5}]}, ["LAWA window", "EMA track", "'lawa'"]),
     ({"eval": {"variants": ["ema", "w@delayed"]}}, ["'w@delayed'", "lawa@delayed"]),
+    ({"lawa_windows": [{"name": "w", "over": "raw", "k": 0}]}, ["lawa_windows 'w' k", ">= 1", "got 0"]),
 ])
 def test_bad_tracks_are_one_sentence_exit_2(tmp_path, capsys, change, words):
     cfg = {**tiny_config(tmp_path / "out"), **{k: v for k, v in change.items() if k != "eval"}}
