@@ -59,9 +59,14 @@ def image_shape(unet: nn.Module) -> tuple:
 
 @torch.no_grad()
 def sample_uint8(unet: nn.Module, scheduler, indices: Sequence[int], *, seed: int = _D.seed,
-                 num_inference_steps: int = _D.num_inference_steps, eta: float = _D.eta) -> torch.Tensor:
-    """uint8 [len(indices), C, H, W] (CPU) from ``unet``; sample i's noise depends only on (seed, i)."""
+                 num_inference_steps: int = _D.num_inference_steps, eta: float = _D.eta,
+                 precision: Optional[str] = None) -> torch.Tensor:
+    """uint8 [len(indices), C, H, W] (CPU) from ``unet``; sample i's noise depends only on (seed, i).
+
+    precision: "bf16" / "fp16" runs the UNet under autocast (the sampler's arithmetic stays float32)."""
     from diffusers.utils.torch_utils import randn_tensor
+
+    from lawa_diffusion.fast_path import autocast
 
     param = next(unet.parameters())
     generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, i)) for i in indices]
@@ -70,7 +75,8 @@ def sample_uint8(unet: nn.Module, scheduler, indices: Sequence[int], *, seed: in
     x = x * scheduler.init_noise_sigma
     extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
-        eps = unet(scheduler.scale_model_input(x, t), t).sample
+        with autocast(param.device, precision):
+            eps = unet(scheduler.scale_model_input(x, t), t).sample
         x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
     return to_uint8(x).cpu()
 
@@ -113,9 +119,10 @@ def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, refere
                     num_samples: int = _D.num_samples, batch_size: int = _D.batch_size, scheduler: Any = _D.scheduler,
                     scheduler_config: Optional[Mapping] = None, num_inference_steps: int = _D.num_inference_steps,
                     seed: int = _D.seed, eta: float = _D.eta, accelerator=None, progress: bool = True,
-                    isc: bool = False) -> dict:
+                    isc: bool = False, precision: Optional[str] = None) -> dict:
     """{name: Sampled} for each variant, every variant from the same noise; all processes take part and all
-    get every feature (the samples are split between processes)."""
+    get every feature (the samples are split between processes). precision: autocast of the UNet
+    (:func:`sample_uint8`)."""
     layers = fid.feature_layers(extractor, isc)
     show = progress and fid.is_main(accelerator)
     meta = dict(num_samples=num_samples, inception_sha256=extractor.sha256, reference_key=reference_key,
@@ -128,7 +135,7 @@ def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, refere
         with variant_unet(spec, accelerator) as unet:
             def images_of(batch, unet=unet):
                 return sample_uint8(unet, build_scheduler(scheduler, scheduler_config), batch, seed=seed, eta=eta,
-                                    num_inference_steps=num_inference_steps)
+                                    num_inference_steps=num_inference_steps, precision=precision)
 
             compute = functools.partial(fid.batched_features, images_of, extractor, layers, batch_size=batch_size,
                                         desc=f"sampling {name}", show=show)

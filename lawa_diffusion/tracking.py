@@ -217,6 +217,7 @@ class Tracker:
         self.extractor = None
         self.recorder: Optional[MetricsRecorder] = None
         self.last_step: Optional[int] = None
+        self.sample_precision: Optional[str] = None  # autocast for sampling ("bf16", "fp16"; the fast path sets it)
 
     @property
     def enabled(self) -> bool:
@@ -270,7 +271,7 @@ class Tracker:
             variants, self.extractor, reference_key=self.reference.key, num_samples=e.num_samples,
             batch_size=e.batch_size, scheduler=e.scheduler, scheduler_config=self.scheduler_config,
             num_inference_steps=e.num_inference_steps, seed=e.seed, eta=e.eta, accelerator=acc,
-            progress=acc.is_main_process)
+            progress=acc.is_main_process, precision=self.sample_precision)
         if acc.is_main_process:
             self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa)
         self.last_step = step
