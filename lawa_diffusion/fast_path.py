@@ -27,6 +27,12 @@ def enabled(setting: str, device) -> bool:
     return setting != "off" and cuda
 
 
+def compile_mode(accumulation_steps: int) -> str:
+    """CUDA graphs for one micro-step per optimizer step; with gradient accumulation the gradients of one
+    micro-step must outlive the next graph replay, so kernels are compiled without graphs."""
+    return COMPILE_MODE if accumulation_steps == 1 else "default"
+
+
 def adamw_options(fast: bool) -> dict:
     """Extra ``torch.optim.AdamW`` arguments: the fused CUDA kernel on the fast path."""
     return {"fused": True} if fast else {}
