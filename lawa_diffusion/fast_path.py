@@ -27,10 +27,11 @@ def enabled(setting: str, device) -> bool:
     return setting != "off" and cuda
 
 
-def compile_mode(accumulation_steps: int) -> str:
-    """CUDA graphs for one micro-step per optimizer step; with gradient accumulation the gradients of one
-    micro-step must outlive the next graph replay, so kernels are compiled without graphs."""
-    return COMPILE_MODE if accumulation_steps == 1 else "default"
+def compile_mode(accumulation_steps: int, num_processes: int = 1) -> str:
+    """CUDA graphs for one process taking one micro-step per optimizer step. Otherwise kernels are compiled
+    without graphs: with gradient accumulation the gradients of one micro-step must outlive the next graph
+    replay, and DDP's gradient all-reduce hooks run between the backward's pieces."""
+    return COMPILE_MODE if accumulation_steps == 1 and num_processes == 1 else "default"
 
 
 def adamw_options(fast: bool) -> dict:

@@ -313,7 +313,8 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
     tracker.sample_precision = cfg.mixed_precision if fast else None
     return Parts(cfg, run_dir, accelerator, unet, ema, optimizer, lr_scheduler, noise_scheduler, batches,
                  tracker, model_config,
-                 fast_path.TrainForward(unet, fast, fast_path.compile_mode(cfg.gradient_accumulation_steps)))
+                 fast_path.TrainForward(unet, fast, fast_path.compile_mode(cfg.gradient_accumulation_steps,
+                                                                            accelerator.num_processes)))
 
 
 def loss_target(noise_scheduler, clean, noise, timesteps):

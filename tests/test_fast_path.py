@@ -40,6 +40,7 @@ def test_switch_falls_back_on_cpu_with_one_warning():
     assert fast_path.enabled("auto", "cuda:0") and fast_path.enabled("on", "cuda") and not fast_path.enabled("off", "cuda")
     assert fast_path.adamw_options(False) == {}
     assert fast_path.compile_mode(1) == "reduce-overhead" and fast_path.compile_mode(2) == "default"
+    assert fast_path.compile_mode(1, num_processes=2) == "default"
 
 
 def test_fast_path_on_trains_the_same_weights_on_cpu(tmp_path):

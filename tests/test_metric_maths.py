@@ -111,3 +111,17 @@ def test_sqrt_factor_of_a_singular_matrix():
     assert torch.allclose(r @ r.T, sigma, atol=1e-10)
     assert not torch.isnan(r).any()
     np.testing.assert_allclose(metric_maths.trace_sqrt_product(r, sigma).item(), sigma.trace().item(), rtol=1e-7)
+
+
+@pytest.mark.cuda
+def test_gpu_features_take_the_device_path_and_match_torch_fidelity():
+    gen, ref = features(1500, 256, 12, shift=0.2), features(2000, 256, 13)
+    reference = reference_of(ref)
+    kw = dict(kid=True, kid_subsets=20, kid_subset_size=500)
+    cpu = fid.metrics_from_features(gen, reference, **kw)
+    gpu = fid.metrics_from_features(gen.cuda(), reference, **kw)
+    assert fid.relative_error(gpu["fid"], fidelity_fid(gen, ref)) <= 1e-6
+    assert fid.relative_error(gpu["fid"], cpu["fid"]) <= 1e-6
+    expected = kid_features_to_metric(gen.double(), ref.double(), kid_subsets=20, kid_subset_size=500, verbose=False)
+    assert gpu["kid_mean"] == pytest.approx(expected[KEY_METRIC_KID_MEAN], rel=1e-9)
+    assert gpu["kid_std"] == pytest.approx(expected[KEY_METRIC_KID_STD], rel=1e-9)
