@@ -36,7 +36,7 @@ if [ "$TINY" = 1 ]; then
          --set eval.num_inference_steps=2 --set eval.reference_num_images=64 --set eval.kid_subsets=10
          --set eval.kid_subset_size=16)
   EVAL_ARGS="--bench trainer,evaluation --warmup 2 --train-steps 5"
-  RUN_SIZES=(--set max_train_steps=20 --set lawa.every_n_steps=5 --set eval.every_n_steps=10
+  RUN_SIZES=(--set max_train_steps=10 --set lawa.every_n_steps=5 --set eval.every_n_steps=10
              --set log_every_n_steps=5 --set checkpointing_steps=10)
   REF_ARGS="--num-images 64"
 else
@@ -81,7 +81,11 @@ train() {  # train SEED LIMIT_S: one run of $CONFIG into $RUNS/seed<SEED>, log i
     --output-dir "$RUNS/seed$1" > "$RUNS/train_seed$1.log" 2>&1
   echo "seed $1: exit $? after $((SECONDS - start)) s" >> "$RUNS/walls.txt"
 }
-show() { grep -aE "^step [0-9]+:|^done|rror|warning" "$RUNS/train_seed$1.log" | tail -n 10; grep -a "^seed $1:" "$RUNS/walls.txt" | tail -n 1; }
+show() {  # the evaluation lines, warnings, errors and wall time of seed $1 (progress bars dropped)
+  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aE "^step [0-9]+:|^done|rror|warning" | tail -n 10
+  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aoE "[0-9.]+step/s" | tail -n 1 | sed "s/^/last rate: /"
+  grep -a "^seed $1:" "$RUNS/walls.txt" | tail -n 1
+}
 
 log "one seed alone: $CONFIG (limit ${T_ALONE} s; goal <= 90 s)"
 rm -rf "$RUNS/seed9"; train 9 "$T_ALONE"; show 9
@@ -101,6 +105,6 @@ log "end"
 {
 echo "== figures"
 grep -aE '"bench": "(snapshot|average|train_step_overhead|metric_maths|trainer|trainer_speedup|evaluation)"' "$OUT/gpu_check.log"
-cat "$RUNS/walls.txt" 2>/dev/null
+for s in 9 0 1 2; do [ -f "$RUNS/train_seed$s.log" ] && echo "-- seed $s" && show "$s"; done
 } | tee "$OUT/figures.txt"
 tar czf "$OUT/runs.tar.gz" -C "$RUNS" --exclude='checkpoint-*' --exclude='ema_snapshots' . 2>/dev/null || true
