@@ -53,6 +53,18 @@ else
   REF_ARGS="--batch-size 1250"
 fi
 
+train() {  # train SEED LIMIT_S: one run of $CONFIG into $RUNS/seed<SEED>, log in $RUNS/train_seed<SEED>.log
+  local start=$SECONDS
+  timeout "$2" $PY -m lawa_diffusion train --config "$CONFIG" "${SIZES[@]}" "${RUN_SIZES[@]}" --set seed="$1" \
+    --output-dir "$RUNS/seed$1" > "$RUNS/train_seed$1.log" 2>&1
+  echo "seed $1: exit $? after $((SECONDS - start)) s" >> "$RUNS/walls.txt"
+}
+show() {  # the evaluation lines, warnings, errors and wall time of seed $1 (progress bars dropped)
+  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aE "^step [0-9]+:|^done|rror|warning" | tail -n 10
+  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aoE "[0-9.]+step/s" | tail -n 1 | sed "s/^/last rate: /"
+  grep -a "^seed $1:" "$RUNS/walls.txt" | tail -n 1
+}
+
 {
 log "device ($DEVICE)"
 if [ "$DEVICE" = cuda ]; then nvidia-smi -L; fi
@@ -75,17 +87,6 @@ log "reference statistics (cached for the runs; limit ${T_REF} s)"
 timeout "$T_REF" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" $REF_ARGS 2>&1 | tail -n 2
 
 rm -rf "$RUNS"; mkdir -p "$RUNS"
-train() {  # train SEED LIMIT_S: one run of $CONFIG into $RUNS/seed<SEED>, log in $RUNS/train_seed<SEED>.log
-  local start=$SECONDS
-  timeout "$2" $PY -m lawa_diffusion train --config "$CONFIG" "${SIZES[@]}" "${RUN_SIZES[@]}" --set seed="$1" \
-    --output-dir "$RUNS/seed$1" > "$RUNS/train_seed$1.log" 2>&1
-  echo "seed $1: exit $? after $((SECONDS - start)) s" >> "$RUNS/walls.txt"
-}
-show() {  # the evaluation lines, warnings, errors and wall time of seed $1 (progress bars dropped)
-  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aE "^step [0-9]+:|^done|rror|warning" | tail -n 10
-  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aoE "[0-9.]+step/s" | tail -n 1 | sed "s/^/last rate: /"
-  grep -a "^seed $1:" "$RUNS/walls.txt" | tail -n 1
-}
 
 log "one seed alone: $CONFIG (limit ${T_ALONE} s; goal <= 90 s)"
 rm -rf "$RUNS/seed9"; train 9 "$T_ALONE"; show 9
