@@ -42,13 +42,13 @@ if [ "$TINY" = 1 ]; then
 else
   DEVICE=cuda
   TESTS="tests/test_cuda.py tests/test_fast_path.py tests/test_metric_maths.py"
-  : "${T_TESTS:=45}" "${T_LAWA:=90}" "${T_FID:=25}" "${T_EVAL:=70}" "${T_REF:=20}" "${T_ALONE:=90}" \
+  : "${T_TESTS:=50}" "${T_LAWA:=90}" "${T_FID:=25}" "${T_EVAL:=65}" "${T_REF:=20}" "${T_ALONE:=90}" \
     "${T_THREE:=120}" "${T_REPORT:=15}"
   # bench_lawa's size flags (the one line to adjust when its flags change)
   LAWA_ARGS="--train_repeats 3"
-  FID_ARGS="--num-images 5000 --reference-images 10000 --batch-size 1250 --only maths"
+  FID_ARGS="--num-images 5000 --reference-images 5000 --batch-size 1250 --only maths"
   SIZES=()
-  EVAL_ARGS="--bench trainer --warmup 20 --train-steps 200"  # evaluation: see the runs' lines
+  EVAL_ARGS="--bench trainer --warmup 15 --train-steps 150"  # evaluation: see the runs' lines
   RUN_SIZES=()
   REF_ARGS="--batch-size 1250"
 fi
@@ -61,7 +61,7 @@ train() {  # train SEED LIMIT_S: one run of $CONFIG into $RUNS/seed<SEED>, log i
 }
 show() {  # the evaluation lines, warnings, errors and wall time of seed $1 (progress bars dropped)
   tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aE "^step [0-9]+:|^done|rror|warning" | tail -n 10
-  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aoE "[0-9.]+step/s" | tail -n 1 | sed "s/^/last rate: /"
+  tr '\r' '\n' < "$RUNS/train_seed$1.log" | grep -aoE "[0-9.]+(step/s|s/step)" | tail -n 1 | sed "s/^/last rate: /"
   grep -a "^seed $1:" "$RUNS/walls.txt" | tail -n 1
 }
 

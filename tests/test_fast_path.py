@@ -114,6 +114,27 @@ def test_sampling_runs_the_unet_in_the_training_precision():
     assert (mixed.int() - plain.int()).abs().float().mean() < 2.0
 
 
+@pytest.mark.slow
+def test_compiled_fused_trainer_matches_the_plain_one_on_cpu(tmp_path, monkeypatch):
+    """The fast path's pieces (compiled forward, fused AdamW) forced on the CPU: the trainer runs them without
+    falling back and ends near the plain path's weights (not bitwise: other kernels, other rounding)."""
+    from torch._dynamo.utils import counters
+
+    plain = tmp_path / "plain"
+    run(tiny_config(plain, fast_path="off", max_train_steps=4, checkpointing_steps=0, eval=NO_EVAL))
+    monkeypatch.setattr(fast_path, "enabled", lambda setting, device: setting != "off")
+    fast = tmp_path / "fast"
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(tiny_config(fast, fast_path="on", max_train_steps=4, checkpointing_steps=0, eval=NO_EVAL))
+    assert not [w for w in caught if "fast_path" in str(w.message)]
+    want, got = (load_file(d / "checkpoint-4" / "model.safetensors") for d in (plain, fast))
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled forward did run
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.cuda
 def test_fast_path_keeps_the_first_losses_on_the_gpu(tmp_path, monkeypatch):
     """The same first losses (bf16 tolerance) with and without the fast path, on the same batches and noise."""
