@@ -19,7 +19,7 @@ import torch
 
 Array = Union[np.ndarray, torch.Tensor]
 
-_FACTORS: dict = {}  # (id(sigma), device) -> R with R R^T = sigma, dropped when sigma is collected
+_CACHE: dict = {}  # (what, id(array), device) -> tensor made from a reference array, dropped with the array
 
 
 def as_float64(x: Array, device) -> torch.Tensor:
@@ -40,13 +40,21 @@ def sqrt_factor(sigma: torch.Tensor) -> torch.Tensor:
     return v * w.clamp(min=0).sqrt()
 
 
-def cached_sqrt_factor(sigma: Array, device) -> torch.Tensor:
-    """:func:`sqrt_factor` of a reference covariance, computed once per array and device."""
-    key = (id(sigma), str(torch.device(device)))
-    if key not in _FACTORS:
-        _FACTORS[key] = sqrt_factor(as_float64(sigma, device))
-        weakref.finalize(sigma, _FACTORS.pop, key, None)
-    return _FACTORS[key]
+def cached(make, array: Array, device) -> torch.Tensor:
+    """``make(array, device)``, computed once per reference array (NumPy or torch) and device."""
+    key = (make.__name__, id(array), str(torch.device(device)))
+    if key not in _CACHE:
+        made = make(array, device)
+        if made is array:  # nothing to keep (and keeping it would keep the array alive)
+            return made
+        _CACHE[key] = made
+        weakref.finalize(array, _CACHE.pop, key, None)
+    return _CACHE[key]
+
+
+def factor_of(sigma: Array, device) -> torch.Tensor:
+    """:func:`sqrt_factor` of ``sigma`` in float64 on ``device``."""
+    return sqrt_factor(as_float64(sigma, device))
 
 
 def trace_sqrt_product(factor: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,7 @@ def fid(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: Array, sigma2: Array,
 def fid_from_features(features: torch.Tensor, mu_ref: Array, sigma_ref: Array) -> torch.Tensor:
     """FID of features [N, D] against reference statistics (NumPy or torch), on the features' device."""
     mu, sigma = statistics(features)
-    return fid(mu, sigma, mu_ref, sigma_ref, cached_sqrt_factor(sigma_ref, features.device))
+    return fid(mu, sigma, mu_ref, sigma_ref, cached(factor_of, sigma_ref, features.device))
 
 
 def kid_subset_indices(num_1: int, num_2: int, subsets: int, subset_size: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -96,7 +104,8 @@ def kid(features_1: torch.Tensor, features_2: Array, *, subsets: int, subset_siz
         degree: Optional[int] = None, gamma: Optional[float] = None, coef0: Optional[float] = None,
         seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the polynomial-kernel MMD² over ``subsets`` random subsets, as ``kid_features_to_metric``
-    (features_1 the generated set, features_2 the reference); float64 0-d tensors on features_1's device.
+    (features_1 the generated set, features_2 the reference, kept on the device between calls); float64 0-d
+    tensors on features_1's device.
 
     Unset kernel options and seed are torch-fidelity's defaults.
     """
@@ -105,7 +114,7 @@ def kid(features_1: torch.Tensor, features_2: Array, *, subsets: int, subset_siz
     given = {"degree": degree, "gamma": gamma, "coef0": coef0, "seed": seed}
     opts = {k: given[k] if given[k] is not None else v for k, v in kid_protocol().items()}
     device = features_1.device
-    f1, f2 = features_1.to(torch.float64), as_float64(features_2, device)
+    f1, f2 = features_1.to(torch.float64), cached(as_float64, features_2, device)
     idx_1, idx_2 = kid_subset_indices(f1.shape[0], f2.shape[0], subsets, subset_size, opts["seed"])
     idx_1, idx_2 = idx_1.to(device), idx_2.to(device)
     mmds = torch.stack([poly_mmd(f1[i1], f2[i2], opts["degree"], opts["gamma"], opts["coef0"])

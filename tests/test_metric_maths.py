@@ -98,10 +98,10 @@ def test_reference_factor_is_cached_per_array_and_never_stale():
         for r, s in zip(refs, stats):
             got = metric_maths.fid_from_features(gen, s["mu"], s["sigma"]).item()
             assert fid.relative_error(got, fidelity_fid(gen, r)) <= 1e-6
-    key = (id(stats[0]["sigma"]), "cpu")
-    assert key in metric_maths._FACTORS
+    key = ("factor_of", id(stats[0]["sigma"]), "cpu")
+    assert key in metric_maths._CACHE
     del stats[0]
-    assert key not in metric_maths._FACTORS
+    assert key not in metric_maths._CACHE
 
 
 def test_sqrt_factor_of_a_singular_matrix():
