@@ -412,9 +412,10 @@ class TrainConfig:
     log_with: accelerate tracker ("tensorboard") or null; log_every_n_steps: loss logging period.
     report: write the speed-up report at the end.
     fast_path: "on" / "auto" (the default) on a CUDA device: fused AdamW, the training forward compiled with
-        CUDA graphs (torch.compile, mode "reduce-overhead"; the first steps pay the compile time) and
-        sampling under autocast in ``mixed_precision``; falls back to the plain path with one warning line
-        where that cannot work (CPU, compile error). "off": the plain path everywhere.
+        CUDA graphs (torch.compile, mode "reduce-overhead"; without graphs under gradient accumulation or
+        several processes; the first steps pay the compile time) and sampling under autocast in
+        ``mixed_precision``; falls back to the plain path with one warning line where that cannot work
+        (CPU, compile error). "off": the plain path everywhere.
     """
 
     output_dir: str = "runs/lawa"
