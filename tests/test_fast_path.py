@@ -43,6 +43,8 @@ def test_switch_falls_back_on_cpu_with_one_warning():
     assert fast_path.compile_mode(1, num_processes=2) == "default"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainer takes the GPU where there is one; "
+                    "test_fast_path_keeps_the_first_losses_on_the_gpu covers it there")
 def test_fast_path_on_trains_the_same_weights_on_cpu(tmp_path):
     outs = {}
     for setting in ("off", "on"):
