@@ -240,6 +240,7 @@ class FIDConfig:
 EVAL_VARIANTS = ("raw", "ema", "lawa")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FAST_PATH = ("auto", "on", "off")
 
 
 def _default_unet() -> dict:
@@ -402,6 +403,11 @@ class TrainConfig:
     save_ema_snapshots: also write the EMA weights (fp16 safetensors) at every LAWA snapshot step.
     log_with: accelerate tracker ("tensorboard") or null; log_every_n_steps: loss logging period.
     report: write the speed-up report at the end.
+    fast_path: "on" / "auto" (the default) on a CUDA device: fused AdamW, the training forward compiled with
+        CUDA graphs (torch.compile, mode "reduce-overhead"; without graphs under gradient accumulation or
+        several processes; the first steps pay the compile time) and sampling under autocast in
+        ``mixed_precision``; falls back to the plain path with one warning line where that cannot work
+        (CPU, compile error). "off": the plain path everywhere.
     """
 
     output_dir: str = "runs/lawa"
@@ -416,6 +422,7 @@ class TrainConfig:
     log_with: Optional[str] = "tensorboard"
     log_every_n_steps: int = 10
     report: bool = True
+    fast_path: str = "auto"
     model: dict = dataclasses.field(default_factory=_default_unet)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
@@ -441,6 +448,10 @@ class TrainConfig:
         _check_int("train config", "checkpoints_total_limit", self.checkpoints_total_limit, 1, allow_none=True)
         if self.mixed_precision is False:  # YAML reads an unquoted ``no`` as false
             self.mixed_precision = "no"
+        if isinstance(self.fast_path, bool):  # YAML reads unquoted on / off as booleans
+            self.fast_path = "on" if self.fast_path else "off"
+        check(self.fast_path in FAST_PATH,
+              f"fast_path must be one of {', '.join(FAST_PATH)}, got {self.fast_path!r}")
         check(self.mixed_precision in MIXED_PRECISION,
               f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(self.log_with in (None, "tensorboard"), f"log_with must be 'tensorboard' or null, got {self.log_with!r}")
