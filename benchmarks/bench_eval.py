@@ -1,6 +1,19 @@
-"""FID tracking during training: metric maths in a background thread vs inline, side by side in one run.
+"""The trainer and its evaluations, each measured side by side in one run; prints one JSON object per line.
 
-Both runs train the same UNet for the same steps with the same evaluations (EMA and LAWA, sampled and
+--bench trainer: optimizer steps per second of the trainer (``train.train_step``: forward, backward, AdamW,
+  EMA and LAWA) on the model and batch of --config, with ``fast_path: off`` and ``on``; the first
+  --warmup steps (compilation, CUDA graph capture) are timed apart, and the host synchronisations of a
+  few later steps are counted (torch's sync debug mode, CUDA only).
+  {"bench": "trainer", "fast_path": "on", "steps_per_s": ..., "warmup_s": ..., "host_syncs_per_step": ...}
+  {"bench": "trainer_speedup", "ratio": on / off}
+--bench evaluation: one evaluation as the trainer runs it: the eval variants of --config (two: ema, lawa)
+  x eval.num_samples, sampled with eval.scheduler / num_inference_steps and turned into features by the
+  Inception network, in float32 and under autocast in the training precision; then the FID/KID maths of
+  both variants by torch-fidelity (CPU) and by the float64 device maths.
+  {"bench": "evaluation", "sample_s": {...}, "metric_s": {...}, "evaluation_s": fast sampling + device maths, ...}
+--bench background: metric maths in a background thread vs inline (below).
+
+Background vs inline: both runs train the same UNet for the same steps with the same evaluations (EMA and LAWA, sampled and
 turned into 2048-dim features by the stand-in feature network, so that the FID/KID maths cost what
 they cost on Inception features while the network itself stays cheap). The runs alternate
 (inline, background, inline, ...) so that machine noise hits both. Prints one JSON object per line:
@@ -8,12 +21,14 @@ they cost on Inception features while the network itself stays cheap). The runs 
   {"bench": "background_metrics", "ratio": background wall / inline wall (median over repeats), ...}
 
 and checks that both runs wrote the same FID/KID rows.
-Usage: python benchmarks/bench_eval.py [--device cpu|cuda] [--steps 100] [--eval-every 50] [--num-samples 500]
-       [--repeats 1]
+Usage: python benchmarks/bench_eval.py --bench trainer,evaluation [--config configs/fashion_mnist_gpu.yaml]
+       [--set KEY=VALUE ...] [--warmup 30] [--train-steps 200] [--device cpu|cuda]
+       python benchmarks/bench_eval.py --bench background [--steps 100] [--eval-every 50] [--num-samples 500]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,11 +36,16 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+
+def _relative(actual: float, expected: float) -> float:
+    return abs(actual - expected) / max(abs(expected), 1e-30)
 
 def config(out: str, args, background: bool) -> dict:
     return {
@@ -56,8 +76,148 @@ def one_run(work: str, name: str, args, background: bool, extractor) -> tuple[fl
     return seconds, rows
 
 
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_config(args, work: str, *changes: str):
+    from lawa_diffusion.train import load_train_config
+
+    fixed = ["eval.every_n_steps=0", "eval.at_end=false", "log_with=null", "report=false", "checkpointing_steps=0",
+             "save_ema_snapshots=false"]
+    return load_train_config(args.config, [*fixed, *args.set, *changes], output_dir=work)
+
+
+@contextlib.contextmanager
+def counting_host_syncs(device):
+    """Count the synchronising CUDA calls of the block (torch's sync debug mode, in warning mode)."""
+    found: list = []
+    if torch.device(device).type != "cuda":
+        yield found
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found.extend(w for w in caught if "synchroniz" in str(w.message))
+
+
+def trainer_steps(args, work: str, fast: str) -> dict:
+    """Steps/s of ``train_step`` with ``fast_path`` = ``fast`` (after ``--warmup`` steps)."""
+    from lawa_diffusion import train
+
+    cfg = bench_config(args, os.path.join(work, f"trainer-{fast}"), f"fast_path={fast}")
+    accelerator = train.make_accelerator(cfg, cfg.output_dir)
+    p = train.build_parts(cfg, accelerator, cfg.output_dir)
+    p.unet.train()
+    device = accelerator.device
+    try:
+        sync(device)
+        start = time.perf_counter()
+        for step in range(1, args.warmup + 1):
+            train.train_step(p, step)
+        sync(device)
+        warmup_s, start = time.perf_counter() - start, time.perf_counter()
+        for step in range(args.warmup + 1, args.warmup + args.train_steps + 1):
+            loss = train.train_step(p, step)
+        sync(device)
+        seconds = time.perf_counter() - start
+        counted = 5
+        with counting_host_syncs(device) as syncs:
+            for step in range(args.warmup + args.train_steps + 1, args.warmup + args.train_steps + counted + 1):
+                train.train_step(p, step)
+        row = dict(bench="trainer", fast_path=fast, compiled=p.forward.is_compiled, device=str(device),
+                   params=sum(t.numel() for t in p.unet.parameters()), batch=cfg.train_batch_size,
+                   mixed_precision=cfg.mixed_precision, warmup_steps=args.warmup, warmup_s=round(warmup_s, 2),
+                   steps=args.train_steps, steps_per_s=round(args.train_steps / seconds, 2),
+                   final_loss=round(float(loss), 4),
+                   host_syncs_per_step=round(len(syncs) / counted, 2) if device.type == "cuda" else None,
+                   sync_sites=sorted({str(w.filename).rsplit("/", 1)[-1] + ":" + str(w.lineno) for w in syncs})[:6])
+    finally:
+        p.ema.lawa.close()
+        accelerator.end_training()
+    return row
+
+
+def bench_trainer(args, work: str) -> None:
+    rows = {fast: trainer_steps(args, work, fast) for fast in ("off", "on")}
+    for row in rows.values():
+        emit(**row)
+    emit(bench="trainer_speedup", ratio=round(rows["on"]["steps_per_s"] / rows["off"]["steps_per_s"], 3), goal=3.0)
+
+
+def bench_evaluation(args, work: str) -> None:
+    """One evaluation: sampling (+ features) per precision, then the metric maths on the CPU and the device."""
+    from lawa_diffusion import fid, inception, sampling, train
+
+    cfg = bench_config(args, os.path.join(work, "evaluation"))
+    e, device = cfg.eval, torch.device(args.device)
+    unet = train.build_unet(cfg.model).to(device)
+    extractor = (inception.stand_in_extractor(dim=2048, device=device) if args.stand_in
+                 else inception.load_extractor(e.inception_weights, device=device))
+    start = time.perf_counter()
+    reference = fid.reference_stats(e.reference, image_size=cfg.model["sample_size"], num_images=e.reference_num_images,
+                                    batch_size=e.batch_size, weights=extractor, resize_mode=e.resize_mode,
+                                    features_max=e.reference_features_max, progress=False)
+    reference_s = time.perf_counter() - start
+    variants = {name: unet for name in ("ema", "lawa")}
+    options = dict(num_samples=e.num_samples, batch_size=e.batch_size, scheduler=e.scheduler,
+                   num_inference_steps=e.num_inference_steps, seed=e.seed, progress=False)
+    sampling.sample_variants({"warmup": unet}, extractor, **{**options, "num_samples": min(e.batch_size, 64)})
+    sample_s, sampled = {}, {}
+    for precision in ("no", cfg.mixed_precision):
+        sync(device)
+        start = time.perf_counter()
+        sampled[precision] = sampling.sample_variants(variants, extractor, precision=precision, **options)
+        sync(device)
+        sample_s[precision] = round(time.perf_counter() - start, 3)
+    import torchmetrics.image.kid  # noqa: F401  (imported once per process; not part of the maths' time)
+
+    metric_s, results = {}, {}
+    feats = {name: s.features[extractor.layer] for name, s in sampled[cfg.mixed_precision].items()}
+    for where in ("cpu", "device"):
+        start = time.perf_counter()
+        results[where] = {name: fid.metrics_from_features(f.to(device) if where == "device" else f, reference,
+                                                          kid=e.kid, kid_subsets=e.kid_subsets,
+                                                          kid_subset_size=e.kid_subset_size,
+                                                          on_device=where == "device")
+                          for name, f in feats.items()}
+        metric_s[where] = round(time.perf_counter() - start, 3)
+    fast = cfg.mixed_precision
+
+    def device_fid(s) -> float:
+        return fid.metrics_from_features(s.features[extractor.layer].to(device), reference, kid=False,
+                                         on_device=True)["fid"]
+
+    emit(bench="evaluation", device=str(device), extractor=extractor.name, variants=list(variants),
+         num_samples=e.num_samples, batch_size=e.batch_size, scheduler=e.scheduler, steps=e.num_inference_steps,
+         reference_images=reference.num_images, reference_s=round(reference_s, 2), sample_s=sample_s, metric_s=metric_s,
+         evaluation_s_before=round(sample_s["no"] + metric_s["cpu"], 3),
+         evaluation_s=round(sample_s[fast] + metric_s["device"], 3), goal_s=6.0,
+         fid_rel_diff_device_vs_cpu=max(_relative(results["device"][n]["fid"], results["cpu"][n]["fid"])
+                                        for n in feats),
+         kid_rel_diff_device_vs_cpu=max(_relative(results["device"][n]["kid_mean"], results["cpu"][n]["kid_mean"])
+                                        for n in feats) if e.kid else None,
+         fid_precision_shift=max(_relative(device_fid(sampled[fast][n]), device_fid(sampled["no"][n]))
+                                 for n in feats) if fast != "no" else 0.0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench", default="background", help="comma list of trainer, evaluation, background")
+    p.add_argument("--config", default="configs/fashion_mnist_gpu.yaml", help="trainer / evaluation: the run's config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer / evaluation: override")
+    p.add_argument("--warmup", type=int, default=30, help="trainer: steps before timing (compilation included)")
+    p.add_argument("--train-steps", type=int, default=200, help="trainer: timed steps")
+    p.add_argument("--stand-in", action="store_true", help="evaluation: the stand-in feature network, not Inception")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=50)
@@ -68,6 +228,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
+    benches = args.bench.split(",")
+    with tempfile.TemporaryDirectory() as work:
+        if "trainer" in benches:
+            bench_trainer(args, work)
+        if "evaluation" in benches:
+            bench_evaluation(args, work)
+    return background_bench(args) if "background" in benches else 0
+
+
+def background_bench(args) -> int:
     from lawa_diffusion.inception import stand_in_extractor
 
     extractor = stand_in_extractor(dim=2048, device=args.device)

@@ -5,10 +5,14 @@
    ``torch_fidelity.calculate_metrics(input1=folder, input2=reference folder)`` with torch-fidelity's own
    reference cache warmed. Sampling is left out: it costs the same in both workflows.
 2. "reference_stats_cache": ``reference_stats`` recomputed vs served from the cache.
+3. "metric_maths": FID and KID of the same Inception features by torch-fidelity's functions (NumPy, CPU) and
+   by ``lawa_diffusion.metric_maths`` (float64 torch on --device; forced there on a CPU too): seconds of each
+   (the device's first FID call also factors the reference covariance, reported apart) and their relative
+   differences.
 
 Images are Fashion-MNIST (test split as the evaluated set, train split as the reference), padded to
 32x32. Defaults: few images on CPU, more on CUDA.
-Usage: python benchmarks/bench_fid.py [--num-images N] [--reference-images M] [--device cuda|cpu]
+Usage: python benchmarks/bench_fid.py [--num-images N] [--reference-images M] [--device cuda|cpu] [--only maths]
 """
 from __future__ import annotations
 
@@ -21,8 +25,13 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
+
+
+def _relative(actual: float, expected: float) -> float:
+    return abs(actual - expected) / max(abs(expected), 1e-30)
 
 def _timed(fn):
     start = time.perf_counter()
@@ -87,12 +96,64 @@ def bench_cache(args, device, weights, reference) -> dict:
             "recompute_s": round(recompute_s, 3), "hit_s": round(hit_s, 4), "ratio": round(recompute_s / hit_s, 1)}
 
 
+def _synced(fn, device):
+    def run():
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+    return _timed(run)
+
+
+def bench_metric_maths(args, device, weights, generated, reference) -> dict:
+    """torch-fidelity's FID/KID maths on the CPU vs the float64 device maths, on the same features."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+
+    from lawa_diffusion import fid, metric_maths
+
+    stats = fid.reference_stats(reference, weights=weights.path, device=device, batch_size=args.batch_size,
+                                progress=False)
+    feats = fid.extract_features(generated, fid.load_extractor(weights.path, device=device),
+                                 batch_size=args.batch_size, progress=False)
+    size = min(args.kid_subset_size, feats.shape[0], stats.features.shape[0])
+    ref = {"mu": stats.mu.astype(np.float32), "sigma": stats.sigma}
+
+    def fidelity_fid():
+        return fid_statistics_to_metric(fid_features_to_statistics(feats), ref, verbose=False)[KEY_METRIC_FID]
+
+    def fidelity_kid():
+        return kid_features_to_metric(feats, stats.features, kid_subsets=args.kid_subsets, kid_subset_size=size,
+                                      verbose=False)[KEY_METRIC_KID_MEAN]
+
+    import torchmetrics.image.kid  # noqa: F401  (imported once per process; not part of the maths' time)
+
+    on_dev = feats.to(device)
+    cpu_fid, cpu_fid_s = _timed(fidelity_fid)
+    cpu_kid, cpu_kid_s = _timed(fidelity_kid)
+    dev_fid_first, first_s = _synced(lambda: metric_maths.fid_from_features(on_dev, stats.mu, stats.sigma).item(), device)
+    dev_fid, dev_fid_s = _synced(lambda: metric_maths.fid_from_features(on_dev, stats.mu, stats.sigma).item(), device)
+    dev_kid, dev_kid_s = _synced(lambda: metric_maths.kid(on_dev, stats.features, subsets=args.kid_subsets,
+                                                          subset_size=size)[0].item(), device)
+    return {"bench": "metric_maths", "device": str(device), "num_images": int(feats.shape[0]),
+            "reference_images": int(stats.features.shape[0]), "kid_subsets": args.kid_subsets, "kid_subset_size": size,
+            "fid_cpu_s": round(cpu_fid_s, 4), "fid_device_s": round(dev_fid_s, 4),
+            "fid_device_first_s": round(first_s, 4), "kid_cpu_s": round(cpu_kid_s, 4),
+            "kid_device_s": round(dev_kid_s, 4), "fid": dev_fid,
+            "fid_rel_diff": _relative(dev_fid, cpu_fid), "kid_mean": dev_kid,
+            "kid_rel_diff": _relative(dev_kid, cpu_kid)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-images", type=int, default=None, help="evaluated images (CPU 32, CUDA 2048)")
     parser.add_argument("--reference-images", type=int, default=None, help="reference images (CPU 64, CUDA 10000)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--kid-subsets", type=int, default=100)
+    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--only", choices=("all", "maths"), default="all",
+                        help="maths: only the metric-maths comparison (skips the PNG-folder workflow)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -112,8 +173,10 @@ def main() -> int:
         header["gpu"] = torch.cuda.get_device_name(device)
     print(json.dumps(header), flush=True)
     try:
-        print(json.dumps(bench_in_memory_vs_folder(args, device, weights, generated, reference, work)), flush=True)
-        print(json.dumps(bench_cache(args, device, weights, reference)), flush=True)
+        if args.only == "all":
+            print(json.dumps(bench_in_memory_vs_folder(args, device, weights, generated, reference, work)), flush=True)
+            print(json.dumps(bench_cache(args, device, weights, reference)), flush=True)
+        print(json.dumps(bench_metric_maths(args, device, weights, generated, reference)), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

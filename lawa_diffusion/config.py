@@ -240,6 +240,7 @@ class FIDConfig:
 # ----------------------------------------------------------------------------- training
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FAST_PATH = ("auto", "on", "off")
 
 
 def _default_unet() -> dict:
@@ -508,6 +509,11 @@ class TrainConfig:
     ema_tracks: more EMA tracks, each {name, decay | half_life} (``EMATrackConfig``).
     lawa_windows: more LAWA windows, each {name, over, k, every_n_steps, ...} (``LAWAWindowConfig``).
     LAWA with ``storage: disk`` and no snapshot_dir keeps its files in <output_dir>/lawa_snapshots.
+    fast_path: "on" / "auto" (the default) on a CUDA device: fused AdamW, the training forward compiled with
+        CUDA graphs (torch.compile, mode "reduce-overhead"; without graphs under gradient accumulation or
+        several processes; the first steps pay the compile time) and sampling under autocast in
+        ``mixed_precision``; falls back to the plain path with one warning line where that cannot work
+        (CPU, compile error). "off": the plain path everywhere.
     """
 
     output_dir: str = "runs/lawa"
@@ -522,6 +528,7 @@ class TrainConfig:
     log_with: Optional[str] = "tensorboard"
     log_every_n_steps: int = 10
     report: bool = True
+    fast_path: str = "auto"
     model: dict = dataclasses.field(default_factory=_default_unet)
     ema_tracks: list = dataclasses.field(default_factory=list)
     lawa_windows: list = dataclasses.field(default_factory=list)
@@ -556,6 +563,10 @@ class TrainConfig:
         _check_int("train config", "checkpoints_total_limit", self.checkpoints_total_limit, 1, allow_none=True)
         if self.mixed_precision is False:  # YAML reads an unquoted ``no`` as false
             self.mixed_precision = "no"
+        if isinstance(self.fast_path, bool):  # YAML reads unquoted on / off as booleans
+            self.fast_path = "on" if self.fast_path else "off"
+        check(self.fast_path in FAST_PATH,
+              f"fast_path must be one of {', '.join(FAST_PATH)}, got {self.fast_path!r}")
         check(self.mixed_precision in MIXED_PRECISION,
               f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(self.log_with in (None, "tensorboard"), f"log_with must be 'tensorboard' or null, got {self.log_with!r}")

@@ -284,12 +284,17 @@ def split_layers(stacked: torch.Tensor, layers: Sequence[str]) -> dict:
 
 
 def metrics_from_features(features: torch.Tensor, reference: ReferenceStats, *, kid: bool = _D.kid,
-                          kid_subsets: int = _D.kid_subsets, kid_subset_size: int = _D.kid_subset_size) -> dict:
-    """FID (and KID) of generated ``features`` against ``reference``, with torch-fidelity's functions."""
+                          kid_subsets: int = _D.kid_subsets, kid_subset_size: int = _D.kid_subset_size,
+                          on_device: Optional[bool] = None) -> dict:
+    """FID (and KID) of generated ``features`` against ``reference``: torch-fidelity's functions on the CPU,
+    the same maths in float64 on the features' device (:mod:`lawa_diffusion.metric_maths`) when they are on a
+    GPU or ``on_device`` is true."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     check(features.shape[0] >= 2, f"FID needs at least 2 generated images, got {features.shape[0]}")
+    if features.is_cuda if on_device is None else on_device:
+        return _metrics_on_device(features, reference, kid, kid_subsets, kid_subset_size)
     stats = fid_features_to_statistics(features)
     ref = {"mu": reference.mu.astype(stats["mu"].dtype, copy=False),
            "sigma": reference.sigma.astype(stats["sigma"].dtype, copy=False)}
@@ -297,13 +302,33 @@ def metrics_from_features(features: torch.Tensor, reference: ReferenceStats, *, 
           f"extractor gives {stats['mu'].shape[0]}; recompute the reference with the same weights")
     out = {"fid": float(fid_statistics_to_metric(stats, ref, verbose=False)[KEY_METRIC_FID])}
     if kid:
-        check(reference.features is not None, f"reference {reference.source!r} keeps no features, which KID needs; "
-              "pass --no-kid or recompute the reference with `lawa-diffusion ref-stats`")
-        size = min(kid_subset_size, features.shape[0], reference.features.shape[0])
+        size = _kid_subset_size(features, reference, kid_subset_size)
         metric = kid_features_to_metric(features, reference.features, kid_subsets=kid_subsets,
                                         kid_subset_size=size, verbose=False)
         out.update(kid_mean=metric[KEY_METRIC_KID_MEAN], kid_std=metric[KEY_METRIC_KID_STD], kid_subset_size=size)
     return out
+
+
+def _kid_subset_size(features: torch.Tensor, reference: ReferenceStats, kid_subset_size: int) -> int:
+    check(reference.features is not None, f"reference {reference.source!r} keeps no features, which KID needs; "
+          "pass --no-kid or recompute the reference with `lawa-diffusion ref-stats`")
+    return min(kid_subset_size, features.shape[0], reference.features.shape[0])
+
+
+def _metrics_on_device(features: torch.Tensor, reference: ReferenceStats, kid: bool, kid_subsets: int,
+                       kid_subset_size: int) -> dict:
+    """:func:`metrics_from_features` in float64 on the features' device; one host sync, at the end."""
+    from lawa_diffusion import metric_maths
+
+    check(reference.mu.shape[0] == features.shape[1], f"reference statistics have {reference.mu.shape[0]} features "
+          f"but the extractor gives {features.shape[1]}; recompute the reference with the same weights")
+    values = {"fid": metric_maths.fid_from_features(features, reference.mu, reference.sigma)}
+    if kid:
+        size = _kid_subset_size(features, reference, kid_subset_size)
+        values["kid_mean"], values["kid_std"] = metric_maths.kid(features, reference.features, subsets=kid_subsets,
+                                                                 subset_size=size)
+    out = dict(zip(values, torch.stack(list(values.values())).tolist()))
+    return {**out, "kid_subset_size": size} if kid else out
 
 
 def isc_from_logits(logits: torch.Tensor) -> dict:
@@ -323,11 +348,14 @@ class Sampled:
     features: {layer: float32 [num_samples, D]} on the CPU, in sample order (ISC logits when asked for).
     seconds: wall time of sampling and feature extraction on this process (None for given images).
     meta: what the result records about the images (num_samples, weights, reference, sampler settings).
+    device: where the metric maths run (the extractor's device: float64 maths there when it is a GPU);
+        None: torch-fidelity's maths on the CPU.
     """
 
     features: dict
     seconds: Optional[float]
     meta: dict
+    device: Optional[torch.device] = None
 
 
 def settings(cfg: Optional[FIDConfig] = None, **options) -> FIDConfig:
@@ -352,6 +380,8 @@ def metrics_of(sampled: Sampled, reference: ReferenceStats, cfg: FIDConfig = _D)
     place where features become metrics (``metric_seconds`` is the wall time of the maths)."""
     started = time.perf_counter()
     pool = next(f for layer, f in sampled.features.items() if layer != ISC_LAYER)
+    if sampled.device is not None:
+        pool = pool.to(sampled.device)  # the maths run where the features were made (float64 on a GPU)
     out = metrics_from_features(pool, reference, kid=cfg.kid, kid_subsets=cfg.kid_subsets,
                                 kid_subset_size=cfg.kid_subset_size)
     if ISC_LAYER in sampled.features:
@@ -383,4 +413,4 @@ def fid_of_images(images: torch.Tensor, reference, *, weights=None, accelerator=
     feats = extract_features(images, extractor, batch_size=cfg.batch_size, accelerator=accelerator,
                              progress=progress, desc="features", isc=isc)
     meta = dict(num_samples=int(images.shape[0]), inception_sha256=extractor.sha256, reference_key=reference.key)
-    return metrics_of(Sampled(feats if isc else {extractor.layer: feats}, None, meta), reference, cfg)
+    return metrics_of(Sampled(feats if isc else {extractor.layer: feats}, None, meta, extractor.device), reference, cfg)

@@ -57,9 +57,14 @@ def image_shape(unet: nn.Module) -> tuple:
 
 @torch.no_grad()
 def sample_uint8(unet: nn.Module, scheduler, indices: Sequence[int], *, seed: int = _D.seed,
-                 num_inference_steps: int = _D.num_inference_steps, eta: float = _D.eta) -> torch.Tensor:
-    """uint8 [len(indices), C, H, W] (CPU) from ``unet``; sample i's noise depends only on (seed, i)."""
+                 num_inference_steps: int = _D.num_inference_steps, eta: float = _D.eta,
+                 precision: Optional[str] = None) -> torch.Tensor:
+    """uint8 [len(indices), C, H, W] (CPU) from ``unet``; sample i's noise depends only on (seed, i).
+
+    precision: "bf16" / "fp16" runs the UNet under autocast (the sampler's arithmetic stays float32)."""
     from diffusers.utils.torch_utils import randn_tensor
+
+    from lawa_diffusion.fast_path import autocast
 
     param = next(unet.parameters())
     generators = [torch.Generator("cpu").manual_seed(sample_seed(seed, i)) for i in indices]
@@ -68,7 +73,8 @@ def sample_uint8(unet: nn.Module, scheduler, indices: Sequence[int], *, seed: in
     x = x * scheduler.init_noise_sigma
     extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
-        eps = unet(scheduler.scale_model_input(x, t), t).sample
+        with autocast(param.device, precision):
+            eps = unet(scheduler.scale_model_input(x, t), t).sample
         x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
     return to_uint8(x).cpu()
 
@@ -95,10 +101,12 @@ def variant_unet(spec, accelerator) -> Iterator[nn.Module]:
 
 def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, reference_key: Optional[str] = None,
                     scheduler_config: Optional[Mapping] = None, accelerator=None, progress: bool = True,
-                    isc: bool = False, cfg: Optional[FIDConfig] = None, **options) -> dict:
+                    isc: bool = False, cfg: Optional[FIDConfig] = None, precision: Optional[str] = None,
+                    **options) -> dict:
     """{name: fid.Sampled} for each variant, every variant from the same noise; all processes take part and all
     get every feature (the samples are split between processes). ``options`` override fields of ``cfg``
-    (num_samples, batch_size, scheduler, num_inference_steps, seed, eta)."""
+    (num_samples, batch_size, scheduler, num_inference_steps, seed, eta); ``precision`` is the UNet's
+    autocast (:func:`sample_uint8`)."""
     cfg = fid.settings(cfg, **options)
     layers = fid.feature_layers(extractor, isc)
     show = progress and is_main_process(accelerator)
@@ -111,12 +119,13 @@ def sample_variants(variants: Mapping[str, Any], extractor: Extractor, *, refere
         with variant_unet(spec, accelerator) as unet:
             def images_of(batch, unet=unet):
                 return sample_uint8(unet, build_scheduler(cfg.scheduler, scheduler_config), batch, seed=cfg.seed,
-                                    eta=cfg.eta, num_inference_steps=cfg.num_inference_steps)
+                                    eta=cfg.eta, num_inference_steps=cfg.num_inference_steps, precision=precision)
 
             compute = functools.partial(fid.batched_features, images_of, extractor, layers, batch_size=cfg.batch_size,
                                         desc=f"sampling {name}", show=show)
             stacked = fid.map_split(cfg.num_samples, compute, accelerator)
-        out[name] = fid.Sampled(fid.split_layers(stacked, layers), time.perf_counter() - started, dict(meta))
+        out[name] = fid.Sampled(fid.split_layers(stacked, layers), time.perf_counter() - started, dict(meta),
+                                extractor.device)
     return out
 
 

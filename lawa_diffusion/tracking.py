@@ -185,6 +185,7 @@ class Tracker:
         self.extractor = None
         self.recorder: Optional[MetricsRecorder] = None
         self.last_step: Optional[int] = None
+        self.sample_precision: Optional[str] = None  # autocast for sampling ("bf16", "fp16"; the fast path sets it)
 
     @property
     def enabled(self) -> bool:
@@ -234,7 +235,7 @@ class Tracker:
             return
         sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key, cfg=e,
                                            scheduler_config=self.scheduler_config, accelerator=acc,
-                                           progress=acc.is_main_process)
+                                           progress=acc.is_main_process, precision=self.sample_precision)
         if acc.is_main_process:
             self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa, info)
         self.last_step = step

@@ -7,6 +7,7 @@ unet_ema[_<track>]/ and unet_lawa[_<window>]/), optionally ema_snapshots/ and la
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lawa_diffusion import accelerate_hooks, plan, runfolder
+from lawa_diffusion import accelerate_hooks, fast_path, plan, runfolder
 from lawa_diffusion.config import TrainConfig, check, load_train_config
 from lawa_diffusion.files import atomic_write_text
 from lawa_diffusion.output import say
@@ -178,6 +179,7 @@ class Parts:
     batches: BatchSource
     tracker: Any
     model_config: dict
+    forward: Any = None  # fast_path.TrainForward over unet
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: str):
@@ -190,13 +192,14 @@ def make_accelerator(cfg: TrainConfig, run_dir: str):
                        mixed_precision=cfg.mixed_precision, log_with=cfg.log_with, project_config=project)
 
 
-def make_optimization(cfg: TrainConfig, unet, num_processes: int):
-    """AdamW and its warm-up + schedule (stepped once per process per optimizer step, as accelerate does)."""
+def make_optimization(cfg: TrainConfig, unet, num_processes: int, fast: bool = False):
+    """AdamW (fused on the fast path) and its warm-up + schedule (stepped once per process per optimizer step,
+    as accelerate does)."""
     from diffusers.optimization import get_scheduler
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(unet.parameters(), lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2),
-                                  weight_decay=o.adam_weight_decay, eps=o.adam_epsilon)
+                                  weight_decay=o.adam_weight_decay, eps=o.adam_epsilon, **fast_path.adamw_options(fast))
     try:
         scheduler = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps * num_processes,
                                   num_training_steps=cfg.max_train_steps * num_processes)
@@ -219,7 +222,8 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
     images = load_training_images(cfg.data, unet.config.sample_size, unet.config.in_channels)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.noise.num_train_timesteps,
                                     beta_schedule=cfg.noise.beta_schedule, prediction_type=cfg.noise.prediction_type)
-    optimizer, lr_scheduler = make_optimization(cfg, unet, accelerator.num_processes)
+    fast = fast_path.enabled(cfg.fast_path, accelerator.device)
+    optimizer, lr_scheduler = make_optimization(cfg, unet, accelerator.num_processes, fast)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     tracks = TrackSet.from_config(cfg, accelerator.unwrap_model(unet), accelerator.device)
     tracks.register(accelerator)
@@ -227,8 +231,11 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
                           accelerator.process_index, accelerator.num_processes, cfg.data.random_flip,
                           accelerator.device)
     tracker = tracking.Tracker(cfg, run_dir, accelerator, unet, tracks, noise_scheduler, model_config, fid_weights)
+    tracker.sample_precision = cfg.mixed_precision if fast else None
     return Parts(cfg, run_dir, accelerator, unet, tracks.base, tracks, optimizer, lr_scheduler, noise_scheduler,
-                 batches, tracker, model_config)
+                 batches, tracker, model_config,
+                 fast_path.TrainForward(unet, fast, fast_path.compile_mode(cfg.gradient_accumulation_steps,
+                                                                            accelerator.num_processes)))
 
 
 def loss_target(noise_scheduler, clean, noise, timesteps):
@@ -240,6 +247,14 @@ def loss_target(noise_scheduler, clean, noise, timesteps):
     return clean
 
 
+def forward_backward(p: Parts, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The loss of one micro-batch, back-propagated."""
+    pred = p.forward(p.noise_scheduler.add_noise(clean, noise, t), t)
+    loss = F.mse_loss(pred.float(), loss_target(p.noise_scheduler, clean, noise, t).float())
+    p.accelerator.backward(loss)
+    return loss
+
+
 def train_step(p: Parts, step: int) -> torch.Tensor:
     """One optimizer step (``gradient_accumulation_steps`` micro-steps) and the EMA/LAWA updates; the mean loss."""
     acc, losses = p.accelerator, []
@@ -249,9 +264,8 @@ def train_step(p: Parts, step: int) -> torch.Tensor:
             noise = torch.randn(clean.shape, generator=g, device=clean.device)
             t = torch.randint(0, p.noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                               generator=g, device=clean.device)
-            pred = p.unet(p.noise_scheduler.add_noise(clean, noise, t), t, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), loss_target(p.noise_scheduler, clean, noise, t).float())
-            acc.backward(loss)
+            loss = p.forward.run(functools.partial(forward_backward, p, clean, noise, t),
+                                 reset=lambda: p.optimizer.zero_grad(set_to_none=True))
             if acc.sync_gradients and p.cfg.optim.max_grad_norm is not None:
                 acc.clip_grad_norm_(p.unet.parameters(), p.cfg.optim.max_grad_norm)
             p.optimizer.step()
