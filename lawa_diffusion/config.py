@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 import yaml
@@ -237,7 +238,6 @@ class FIDConfig:
 
 
 # ----------------------------------------------------------------------------- training
-EVAL_VARIANTS = ("raw", "ema", "lawa")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FAST_PATH = ("auto", "on", "off")
@@ -351,6 +351,81 @@ class EMASettings:
         _check_int("ema", "update_after_step", self.update_after_step, 0)
 
 
+TRACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RAW_TRACK, BASE_TRACK, BASE_WINDOW, DELAYED_SUFFIX = "raw", "ema", "lawa", "@delayed"
+
+
+def _check_name(where: str, name: Any) -> None:
+    check(isinstance(name, str) and TRACK_NAME_RE.match(name) is not None and name != RAW_TRACK,
+          f"{where} name must be letters, digits, '_', '.' or '-' (not 'raw'), got {name!r}; "
+          "it names the variant, its checkpoint folder and its metrics rows")
+
+
+@dataclasses.dataclass
+class EMATrackConfig:
+    """A constant-decay EMA kept beside diffusers' warm-up EMA (``ema_tracks:`` entry).
+
+    name: the track's name (variant, ``unet_ema_<name>/`` in checkpoints, ``over:`` of LAWA windows).
+    decay: constant decay d in [0, 1) (mean lag d / (1 - d) steps); or
+    half_life: steps after which an update's weight has halved (decay 0.5 ** (1 / half_life)).
+    The first update copies the weights (diffusers' EMAModel); every later one uses the same decay.
+    """
+
+    name: str
+    decay: Optional[float] = None
+    half_life: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_name("ema_tracks", self.name)
+        where = f"ema_tracks {self.name!r}"
+        check((self.decay is None) != (self.half_life is None),
+              f"{where} needs exactly one of decay and half_life, got decay={self.decay!r}, half_life={self.half_life!r}")
+        if self.decay is not None:
+            self.decay = _as_number(where, "decay", self.decay, minimum=float("-inf"))
+            check(0.0 <= self.decay < 1.0, f"{where} decay must be >= 0 and < 1, got {self.decay!r}; "
+                                           "use e.g. 0.99 (mean lag 99 steps)")
+        else:
+            self.half_life = _as_number(where, "half_life", self.half_life, minimum=float("-inf"))
+            check(self.half_life > 0, f"{where} half_life must be > 0 steps, got {self.half_life!r}")
+
+    @property
+    def constant_decay(self) -> float:
+        return self.decay if self.decay is not None else 0.5 ** (1.0 / self.half_life)
+
+
+@dataclasses.dataclass
+class LAWAWindowConfig(LAWAConfig):
+    """A LAWA window kept beside the ``lawa:`` one (``lawa_windows:`` entry): the ``LAWAConfig`` options plus
+
+    name: the window's name (variant, LAWA state file, ``<name>@delayed`` baseline).
+    over: the EMA track it averages ("ema", a name from ``ema_tracks``) or "raw" (the trained weights).
+    """
+
+    name: str = ""
+    over: str = BASE_TRACK
+
+    def __post_init__(self) -> None:
+        _check_name("lawa_windows", self.name)
+        check(isinstance(self.over, str), f"lawa_windows {self.name!r} over must be a track name or 'raw', "
+                                          f"got {self.over!r}")
+        try:
+            super().__post_init__()
+        except ValueError as e:  # "lawa k must be ..." -> "lawa_windows 'w' k must be ..."
+            raise ValueError(str(e).replace("lawa ", f"lawa_windows {self.name!r} ", 1)) from None
+
+    def lawa_config(self) -> LAWAConfig:
+        """The window's engine options (without name and over)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LAWAConfig)}
+        return LAWAConfig(**values)
+
+
+def _with_disk_dir(values: Any, folder: str) -> Any:
+    """A LAWA mapping with ``storage: disk`` and no snapshot_dir gets ``folder``."""
+    if isinstance(values, Mapping) and values.get("storage") == "disk" and not values.get("snapshot_dir"):
+        return {**values, "snapshot_dir": folder}
+    return values
+
+
 @dataclasses.dataclass
 class EvalConfig(FIDConfig):
     """FID/KID tracking during training: the ``FIDConfig`` options plus when and what to evaluate.
@@ -358,7 +433,9 @@ class EvalConfig(FIDConfig):
     Every variant is sampled from the same noise (``seed``) at every evaluation.
     every_n_steps: evaluate every N optimizer steps (0: not during training).
     at_end: also evaluate after the last step.
-    variants: the weights to evaluate, from raw, ema, lawa (lawa once it holds min_snapshots).
+    variants: the weights to evaluate: raw, ema, lawa, the names of ``ema_tracks`` and ``lawa_windows``, and
+        "<window>@delayed" (the window's EMA snapshot nearest its mean lag: the pure-delay baseline); a window
+        and its baseline once it holds min_snapshots. null: every variant but raw.
     reference_num_images: use only this many reference images for the statistics (null: all).
     inception_weights: FID Inception weights file (null: the resolved default, see ``lawa-diffusion inception info``).
     background_metrics: run the FID/KID maths (CPU) in a background thread while training goes on; the
@@ -369,7 +446,7 @@ class EvalConfig(FIDConfig):
 
     every_n_steps: int = 1000
     at_end: bool = True
-    variants: list = dataclasses.field(default_factory=lambda: ["ema", "lawa"])
+    variants: Optional[list] = None
     reference_num_images: Optional[int] = None
     inception_weights: Optional[str] = None
     background_metrics: Optional[bool] = None
@@ -381,10 +458,35 @@ class EvalConfig(FIDConfig):
               f"eval background_metrics must be true, false or null, got {self.background_metrics!r}")
         _check_int("eval", "reference_num_images", self.reference_num_images, 2, allow_none=True)
         check(isinstance(self.at_end, bool), f"eval at_end must be true or false, got {self.at_end!r}")
-        check(isinstance(self.variants, (list, tuple)) and bool(self.variants)
-              and all(v in EVAL_VARIANTS for v in self.variants),
-              f"eval variants must be a non-empty list drawn from {', '.join(EVAL_VARIANTS)}, got {self.variants!r}")
-        self.variants = [v for v in EVAL_VARIANTS if v in self.variants]
+        check(self.variants is None or (isinstance(self.variants, (list, tuple)) and bool(self.variants)
+                                        and all(isinstance(v, str) for v in self.variants)),
+              f"eval variants must be null (all) or a non-empty list of variant names, got {self.variants!r}")
+        if self.variants is not None:
+            self.variants = list(self.variants)
+
+    def select_variants(self, known: Sequence[str]) -> None:
+        """Resolve ``variants`` against the run's ``known`` names (in that order); null means all but raw."""
+        if self.variants is None:
+            self.variants = [v for v in known if v != "raw"]
+        unknown = [v for v in self.variants if v not in known]
+        check(not unknown, f"eval variants names unknown variant(s) {', '.join(map(repr, unknown))}; this run has "
+                           f"{', '.join(known)}")
+        self.variants = [v for v in known if v in self.variants]
+
+
+LAWA_SNAPSHOT_DIR = "lawa_snapshots"
+
+
+def _as_list(values: Any, where: str) -> list:
+    values = [] if values is None else values
+    check(isinstance(values, (list, tuple)), f"{where} must be a list of mappings, got {values!r}")
+    return list(values)
+
+
+def _entries(values: Any, cls: type, where: str) -> list:
+    """Each entry of the list ``values`` as a ``cls`` (mappings are checked for unknown keys)."""
+    return [v if isinstance(v, cls) else from_mapping(cls, v, f"{where}[{i}]")
+            for i, v in enumerate(_as_list(values, where))]
 
 
 TRAIN_SECTIONS = {"data": DataConfig, "noise": NoiseConfig, "optim": OptimConfig, "ema": EMASettings,
@@ -403,6 +505,10 @@ class TrainConfig:
     save_ema_snapshots: also write the EMA weights (fp16 safetensors) at every LAWA snapshot step.
     log_with: accelerate tracker ("tensorboard") or null; log_every_n_steps: loss logging period.
     report: write the speed-up report at the end.
+    ema / lawa: diffusers' warm-up EMA (the track "ema") and the LAWA window "lawa" over it.
+    ema_tracks: more EMA tracks, each {name, decay | half_life} (``EMATrackConfig``).
+    lawa_windows: more LAWA windows, each {name, over, k, every_n_steps, ...} (``LAWAWindowConfig``).
+    LAWA with ``storage: disk`` and no snapshot_dir keeps its files in <output_dir>/lawa_snapshots.
     fast_path: "on" / "auto" (the default) on a CUDA device: fused AdamW, the training forward compiled with
         CUDA graphs (torch.compile, mode "reduce-overhead"; without graphs under gradient accumulation or
         several processes; the first steps pay the compile time) and sampling under autocast in
@@ -424,6 +530,8 @@ class TrainConfig:
     report: bool = True
     fast_path: str = "auto"
     model: dict = dataclasses.field(default_factory=_default_unet)
+    ema_tracks: list = dataclasses.field(default_factory=list)
+    lawa_windows: list = dataclasses.field(default_factory=list)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     noise: NoiseConfig = dataclasses.field(default_factory=NoiseConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -432,6 +540,9 @@ class TrainConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        check(isinstance(self.output_dir, str) and bool(self.output_dir), f"output_dir must be a folder path, got {self.output_dir!r}")
+        disk_dir = os.path.join(self.output_dir, LAWA_SNAPSHOT_DIR)
+        self.lawa = _with_disk_dir(self.lawa, disk_dir)
         for name, cls in TRAIN_SECTIONS.items():
             value = getattr(self, name)
             if value is None:
@@ -440,7 +551,11 @@ class TrainConfig:
                 setattr(self, name, from_mapping(cls, value, f"train config section {name!r}"))
         check(isinstance(self.model, Mapping), f"train config model must be a mapping of UNet2DModel arguments, got {self.model!r}")
         self.model = dict(self.model)
-        check(isinstance(self.output_dir, str) and bool(self.output_dir), f"output_dir must be a folder path, got {self.output_dir!r}")
+        self.ema_tracks = _entries(self.ema_tracks, EMATrackConfig, "ema_tracks")
+        self.lawa_windows = _entries([_with_disk_dir(w, disk_dir) for w in _as_list(self.lawa_windows, "lawa_windows")],
+                                     LAWAWindowConfig, "lawa_windows")
+        self._check_track_names()
+        self.eval.select_variants(self.variant_names())
         _check_int("train config", "seed", self.seed, 0)
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
             _check_int("train config", name, getattr(self, name), 1)
@@ -456,6 +571,36 @@ class TrainConfig:
               f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         check(self.log_with in (None, "tensorboard"), f"log_with must be 'tensorboard' or null, got {self.log_with!r}")
         check(isinstance(self.save_ema_snapshots, bool), f"save_ema_snapshots must be true or false, got {self.save_ema_snapshots!r}")
+
+    def _check_track_names(self) -> None:
+        seen = {BASE_TRACK: "EMA track", BASE_WINDOW: "LAWA window"}
+        for kind, entries in (("EMA track", self.ema_tracks), ("LAWA window", self.lawa_windows)):
+            for entry in entries:
+                other = seen.get(entry.name)
+                both = f"two {kind}s" if other == kind else f"an {other} and a {kind}"
+                check(other is None, f"{both} share the name {entry.name!r}; give every EMA track and LAWA window "
+                                     "its own name")
+                seen[entry.name] = kind
+        tracks = self.track_names()
+        for window in self.lawa_windows:
+            check(window.over in tracks + [RAW_TRACK],
+                  f"lawa_windows {window.name!r} is over {window.over!r}, which is not an EMA track; use one of "
+                  f"{', '.join(tracks + [RAW_TRACK])}")
+
+    def track_names(self) -> list:
+        """The EMA tracks: "ema" (diffusers' warm-up EMA) and the ``ema_tracks``."""
+        return [BASE_TRACK] + [t.name for t in self.ema_tracks]
+
+    def window_names(self) -> list:
+        """The LAWA windows: "lawa" (over "ema") and the ``lawa_windows``."""
+        return [BASE_WINDOW] + [w.name for w in self.lawa_windows]
+
+    def variant_names(self) -> list:
+        """Every weight variant this run can evaluate, in report order."""
+        names = [RAW_TRACK] + self.track_names()
+        for window in self.window_names():
+            names += [window, window + DELAYED_SUFFIX]
+        return names
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:

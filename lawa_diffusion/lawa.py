@@ -286,6 +286,32 @@ class LAWA:
         with swapped_weights(targets, lambda t: self.average_into(t, sync_ranks=sync_ranks)):
             yield module
 
+    def snapshot_flat(self, step: int, sync_ranks: bool = False) -> torch.Tensor:
+        """The held snapshot of ``step`` (the source's tensors then, in the storage dtype) as one flat tensor
+        on the source's device; ``sync_ranks`` sends it from the main process to all (snapshot_ranks='main')."""
+        self.resolve_checks()
+        slots = dict(self._order)
+        check(step in slots, f"lawa {self.name!r} holds no snapshot of step {step}; it holds steps "
+                             f"{self.snapshot_steps}")
+        tensors = self.source.tensors()
+        holds = self.holds_snapshots and self._ring is not None
+        if sync_ranks and self.config.snapshot_ranks == "main" and torch.distributed.is_initialized():
+            numel, dtype, _ = self._layout_of(tensors)
+            flat = (self._ring.read(slots[step]).to(tensors[0].device, copy=True) if holds
+                    else torch.empty(numel, dtype=dtype, device=tensors[0].device))
+            torch.distributed.broadcast(flat, src=0)
+            return flat
+        check(holds, f"lawa process rank {process_rank()} holds no snapshots because snapshot_ranks='main'; "
+                     "read snapshots on the main process, pass sync_ranks=True, or set snapshot_ranks='all'")
+        return self._ring.read(slots[step]).to(tensors[0].device)
+
+    @contextlib.contextmanager
+    def swapped_snapshot_into(self, module: nn.Module, step: int, sync_ranks: bool = False) -> Iterator[nn.Module]:
+        """Temporarily load one held snapshot (the source at ``step``) into ``module``; its weights come back on exit."""
+        targets = self.source.targets_of(module)
+        with swapped_weights(targets, lambda t: foreach_copy(t, flat_views(self.snapshot_flat(step, sync_ranks), t))):
+            yield module
+
     def metadata(self) -> dict:
         return {"k": self.config.k, "every_n_steps": self.config.every_n_steps,
                 "start_step": self.config.start_step, "snapshot_steps": self.snapshot_steps}

@@ -146,11 +146,13 @@ def resolve(args) -> Tuple[lag.EMATrack, LAWAConfig, List[int]]:
     else:
         check(not args.overrides, "plan --set needs --config; pass the training config it changes")
         cfg = TrainConfig()
-    track = _track_from_args(args, lag.EMATrack.from_settings(cfg.ema))
+    from lawa_diffusion.tracks import window_of
+
+    base, lawa = window_of(cfg, args.window)
+    track = _track_from_args(args, base)
     changes = {name: value for name, value in (("k", args.k), ("every_n_steps", args.nu), ("start_step", args.start))
                if value is not None}
-    window = LAWAConfig(**{"k": cfg.lawa.k, "every_n_steps": cfg.lawa.every_n_steps,
-                           "start_step": cfg.lawa.start_step, **changes})
+    window = LAWAConfig(**{"k": lawa.k, "every_n_steps": lawa.every_n_steps, "start_step": lawa.start_step, **changes})
     if args.steps is not None:
         steps = parse_steps(args.steps)
     else:
@@ -179,6 +181,8 @@ def register_cli(subparsers) -> None:
                               description="Exact mean lag, spread, window, extra lag ΔL, white-noise variance ratio "
                                           "and snapshot correlation of LAWA over an EMA at the steps asked for.")
     p.add_argument("--config", default=None, help="training config YAML: its ema and lawa sections (default: the defaults)")
+    p.add_argument("--window", default="lawa", help="the config's LAWA window to plan: lawa (over ema, the default) or "
+                                                   "a name from its lawa_windows (over the track it names)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one option of --config, e.g. --set lawa.every_n_steps=200 (repeatable)")
     ema = p.add_mutually_exclusive_group()

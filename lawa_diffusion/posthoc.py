@@ -18,7 +18,17 @@ import torch
 from lawa_diffusion.averaging import average_tensor_lists
 from lawa_diffusion.config import PosthocConfig, check
 from lawa_diffusion.files import atomic_dir
-from lawa_diffusion.runfolder import SNAPSHOT_DIR, checkpoint_step, list_checkpoints, snapshot_files, snapshot_step
+from lawa_diffusion.runfolder import (
+    BASE_TRACK,
+    check_track,
+    checkpoint_step,
+    ema_folder,
+    list_checkpoints,
+    saved_tracks,
+    snapshot_files,
+    snapshot_folder,
+    snapshot_step,
+)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -53,18 +63,18 @@ def _folder_step(folder: str) -> Optional[int]:
     return int(step) if isinstance(step, int) else None
 
 
-def _run_folder_sources(path: str, subfolder: str) -> List[Source]:
+def _run_folder_sources(path: str, subfolder: str, track: str = BASE_TRACK) -> List[Source]:
     checkpoints = list_checkpoints(path)
     found = [Source(os.path.join(d, subfolder), s) for s, d in checkpoints if _is_model_folder(os.path.join(d, subfolder))]
     if checkpoints and not found:
         raise FileNotFoundError(f"no checkpoint-*/ folder in {path!r} holds a {subfolder!r} model folder; "
                                 "pass --subfolder with the folder name the checkpoints use")
-    if not found and os.path.isdir(os.path.join(path, SNAPSHOT_DIR)):
-        return [Source(p, s) for s, p in snapshot_files(os.path.join(path, SNAPSHOT_DIR)).items()]
+    if not found and os.path.isdir(snapshot_folder(path, track)):
+        return [Source(p, s) for s, p in snapshot_files(snapshot_folder(path, track)).items()]
     return found
 
 
-def _sources_in(path: str, subfolder: str) -> List[Source]:
+def _sources_in(path: str, subfolder: str, track: str = BASE_TRACK) -> List[Source]:
     if os.path.isfile(path) and path.endswith(".safetensors"):
         return [Source(path, _snapshot_step(path))]
     if not os.path.isdir(path):
@@ -73,17 +83,25 @@ def _sources_in(path: str, subfolder: str) -> List[Source]:
         return [Source(path, _folder_step(path))]
     if _is_model_folder(os.path.join(path, subfolder)):
         return [Source(os.path.join(path, subfolder), _folder_step(os.path.join(path, subfolder)))]
-    found = _run_folder_sources(path, subfolder) or [Source(p, s) for s, p in snapshot_files(path).items()]
+    tracks = saved_tracks(path)
+    if tracks:  # a run folder
+        check_track(path, track, "average", tracks)
+    found = _run_folder_sources(path, subfolder, track) or [Source(p, s) for s, p in snapshot_files(path).items()]
     if not found:
         raise FileNotFoundError(f"{path!r} holds no diffusers model folder, checkpoint-*/{subfolder} folder or "
                                 "step-*.safetensors EMA snapshot; pass a run, checkpoint, model or snapshot folder")
     return found
 
 
-def find_sources(paths: Sequence[str | os.PathLike], subfolder: str = PosthocConfig.subfolder) -> List[Source]:
-    """All EMA weight sources under ``paths``, oldest first (given order when a step is unknown)."""
+def find_sources(paths: Sequence[str | os.PathLike], subfolder: Optional[str] = None,
+                 track: str = BASE_TRACK) -> List[Source]:
+    """All EMA weight sources of ``track`` under ``paths``, oldest first (given order when a step is unknown).
+
+    subfolder: model folder inside checkpoint-<step>/ (default unet_ema, or unet_ema_<track> for another track).
+    """
     check(len(paths) >= 1, "average needs at least one DIR")
-    sources = [s for p in paths for s in _sources_in(os.fspath(p), subfolder)]
+    subfolder = subfolder or ema_folder(track)
+    sources = [s for p in paths for s in _sources_in(os.fspath(p), subfolder, track)]
     if any(s.step is None for s in sources):
         return sources
     by_step: Dict[int, Source] = {}
@@ -220,16 +238,16 @@ def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], where: str
 
 
 def write_average(paths: Sequence[str | os.PathLike], out: str | os.PathLike, k: int = PosthocConfig.k,
-                  every: int = PosthocConfig.every, subfolder: str = PosthocConfig.subfolder,
-                  overwrite: bool = False) -> dict:
+                  every: int = PosthocConfig.every, subfolder: Optional[str] = None,
+                  overwrite: bool = False, track: str = BASE_TRACK) -> dict:
     """LAWA of the latest ``k`` EMA checkpoints under ``paths`` as a diffusers model folder ``out``.
 
     config.json records the average under ``lawa`` (k, every, snapshot_steps, sources). Returns that record.
     """
-    sources = select_latest(find_sources(paths, subfolder), k, every)
+    sources = select_latest(find_sources(paths, subfolder, track), k, every)
     steps = [s.step for s in sources]
     gaps = {b - a for a, b in zip(steps, steps[1:])} if None not in steps else set()
-    meta = {"method": "posthoc", "k": k, "every": every, "snapshot_steps": steps,
+    meta = {"method": "posthoc", "track": track, "k": k, "every": every, "snapshot_steps": steps,
             "every_n_steps": gaps.pop() if len(gaps) == 1 else None,
             "sources": [os.path.abspath(s.path) for s in sources]}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -242,7 +260,7 @@ def write_average(paths: Sequence[str | os.PathLike], out: str | os.PathLike, k:
 
 
 def _cmd_average(args) -> int:
-    meta = write_average(args.dirs, args.out, args.k, args.every, args.subfolder, args.overwrite)
+    meta = write_average(args.dirs, args.out, args.k, args.every, args.subfolder, args.overwrite, args.track)
     steps = ", ".join("?" if s is None else str(s) for s in meta["snapshot_steps"])
     print(f"averaged {len(meta['sources'])} checkpoint(s) (steps {steps}) into {os.path.abspath(args.out)}")
     return 0
@@ -257,7 +275,10 @@ def register_cli(subparsers) -> None:
                                                           "or a folder of EMA snapshots")
     p.add_argument("--k", type=int, default=d.k, help=f"how many of the latest checkpoints to average (default {d.k})")
     p.add_argument("--every", type=int, default=d.every, help="take every N-th checkpoint, counted back from the newest")
-    p.add_argument("--subfolder", default=d.subfolder, help=f"model folder inside checkpoint-<step>/ (default {d.subfolder})")
+    p.add_argument("--track", default=BASE_TRACK, help="EMA track to average (default: ema, diffusers' warm-up EMA; "
+                                                       "others: the run's ema_tracks)")
+    p.add_argument("--subfolder", default=None, help=f"model folder inside checkpoint-<step>/ (default {d.subfolder}, "
+                                                     "or unet_ema_<track> with --track)")
     p.add_argument("-o", "--out", required=True, help="output diffusers model folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_cmd_average)

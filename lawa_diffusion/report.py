@@ -32,10 +32,13 @@ class Curve(NamedTuple):
 
 @dataclasses.dataclass
 class Run:
-    """The curves of one run folder (variant name -> Curve)."""
+    """The curves of one run folder (variant name -> Curve), each variant's kind ("raw", "ema", "lawa",
+    "delayed") and averaged track ("over"), and its mean lag by step where the rows give one."""
 
     path: str
     curves: Dict[str, Curve]
+    kinds: Dict[str, dict] = dataclasses.field(default_factory=dict)
+    lags: Dict[str, Dict[float, float]] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -138,15 +141,30 @@ def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
         raise FileNotFoundError(f"run folder {path!r} has no metrics.jsonl; pass a run folder that has been "
                                 "evaluated at least once (train with eval.every_n_steps > 0)")
     points: Dict[str, Dict[float, float]] = {}
+    kinds: Dict[str, dict] = {}
+    lags: Dict[str, Dict[float, float]] = {}
     for row in read_jsonl(metrics):
         value = row.get(metric)
         if value is None or "step" not in row or "variant" not in row:
             continue
-        points.setdefault(str(row["variant"]), {})[row["step"]] = float(value)
+        variant = str(row["variant"])
+        points.setdefault(variant, {})[row["step"]] = float(value)
+        kinds[variant] = variant_kind(row)
+        if row.get("mean_lag") is not None:
+            lags.setdefault(variant, {})[row["step"]] = float(row["mean_lag"])
     check(bool(points), f"run folder {path!r} has no {metric} values in metrics.jsonl; "
                         "wait for the first evaluation or choose another --metric")
     curves = {v: Curve(sorted(p), [p[s] for s in sorted(p)]) for v, p in points.items()}
-    return Run(path=path, curves=curves)
+    return Run(path=path, curves=curves, kinds=kinds, lags=lags)
+
+
+def variant_kind(row: dict) -> dict:
+    """{"kind", "over"} of a metrics row; rows written before EMA tracks existed are raw, ema or lawa over ema."""
+    variant = str(row["variant"])
+    kind = row.get("kind") or ("delayed" if variant.endswith("@delayed") else
+                               variant if variant in VARIANTS else "ema")
+    over = row.get("over") or ("ema" if kind in ("lawa", "delayed") else None)
+    return {"kind": kind, "over": over}
 
 
 def _need_speedup_curves(run: Run) -> None:
@@ -201,20 +219,143 @@ def summarize(runs: Sequence[Run], metric: str = ReportConfig.metric,
     """Everything the report shows, as a JSON-ready dict (per run, per step across runs, headline numbers)."""
     check(len(runs) >= 1, "report needs at least one run folder")
     check(0.0 < confidence < 1.0, f"report confidence must be between 0 and 1, got {confidence}")
-    for run in runs:
-        _need_speedup_curves(run)
-    per_run = [_run_summary(run) for run in runs]
+    windows = window_comparisons(runs, confidence)
+    base = all("ema" in run.curves and "lawa" in run.curves for run in runs)
+    if not base and not windows:
+        for run in runs:
+            _need_speedup_curves(run)
+    per_run = [_run_summary(run) for run in runs] if base else []
     finals = [s["reach_final"] for s in per_run]
     reached = [f for f in finals if f["lawa_step"] is not None]
     return {
         "format": REPORT_FORMAT, "metric": metric, "confidence": confidence, "num_runs": len(runs),
         "runs": per_run, "per_step": _per_step(per_run, confidence), "curves": _mean_curves(runs, confidence),
+        "base": base, "windows": windows,
+        "lag_points": [{"step": s, "variants": v} for s, v in lag_points(runs).items()],
         "mean_speedup": mean_ci([s["mean_speedup"] for s in per_run if s["mean_speedup"] is not None], confidence),
         "reach_final": {"n_never": len(finals) - len(reached),
                         "lawa_step": mean_ci([f["lawa_step"] for f in reached], confidence),
                         "fraction": mean_ci([f["fraction"] for f in reached], confidence),
                         "ema_final_step": mean_ci([f["ema_final_step"] for f in finals], confidence)},
     }
+
+
+# ----------------------------------------------------------------------------- LAWA against its baselines
+MATCHED_LAG_TOLERANCE = 0.15  # an EMA track is "matched" when its mean lag is within 15% of the window's
+
+
+def _kinds(runs: Sequence[Run]) -> Dict[str, dict]:
+    out: Dict[str, dict] = {}
+    for run in runs:
+        for variant, kind in run.kinds.items():
+            out.setdefault(variant, kind)
+    return out
+
+
+def _value(run: Run, variant: str, step: float, table: str = "curves") -> Optional[float]:
+    if table == "lags":
+        return run.lags.get(variant, {}).get(step)
+    curve = run.curves.get(variant)
+    if curve is None or step not in curve.steps:
+        return None
+    return curve.values[curve.steps.index(step)]
+
+
+def _mean_lag_at(runs: Sequence[Run], variant: str, step: float) -> Optional[float]:
+    values = [v for v in (_value(r, variant, step, "lags") for r in runs) if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def matched_track(runs: Sequence[Run], window: str, tolerance: float = MATCHED_LAG_TOLERANCE) -> Optional[dict]:
+    """The EMA track whose mean lag at the window's last evaluation is nearest the window's, if within ``tolerance``."""
+    kinds = _kinds(runs)
+    step = max(s for r in runs for s in r.curves.get(window, Curve([], [])).steps)
+    target = _mean_lag_at(runs, window, step)
+    if target is None or target <= 0:
+        return None
+    found = [(abs(lag - target), v, lag) for v, k in kinds.items() if k["kind"] == "ema"
+             if (lag := _mean_lag_at(runs, v, step)) is not None]
+    if not found:
+        return None
+    gap, name, lag = min(found)
+    return {"track": name, "mean_lag": lag, "window_mean_lag": target, "step": step} if gap <= tolerance * target else None
+
+
+def _paired(runs: Sequence[Run], window: str, baseline: Optional[str], step: float) -> List[float]:
+    """Per run: baseline's value − the window's value at ``step`` (positive: the window is better)."""
+    if baseline is None:
+        return []
+    pairs = [(_value(r, baseline, step), _value(r, window, step)) for r in runs]
+    return [b - w for b, w in pairs if b is not None and w is not None]
+
+
+def _values_at(runs: Sequence[Run], variant: Optional[str], step: float, confidence: float) -> dict:
+    """Mean and CI over runs of ``variant``'s value at ``step``."""
+    values = [_value(r, variant, step) for r in runs] if variant else []
+    return mean_ci([v for v in values if v is not None], confidence)
+
+
+def _over_steps(runs: Sequence[Run], window: str, baseline: Optional[str], confidence: float) -> dict:
+    """Per run, the mean over evaluation steps of baseline − window; then mean and CI over runs."""
+    per_run = []
+    for run in runs:
+        steps = run.curves.get(window, Curve([], [])).steps
+        diffs = [d for s in steps for d in _paired([run], window, baseline, s)]
+        if diffs:
+            per_run.append(sum(diffs) / len(diffs))
+    return mean_ci(per_run, confidence)
+
+
+def _speedup_vs(runs: Sequence[Run], track: str, window: str, confidence: float) -> dict:
+    """Mean over runs (CI) of each run's mean speed-up of ``window`` over ``track`` (upper bounds left out)."""
+    per_run = []
+    for run in runs:
+        if track not in run.curves or window not in run.curves:
+            continue
+        rows = speedups(run.curves[track], run.curves[window])
+        reached = [r["speedup"] for r in rows if r["speedup"] is not None and not r["upper_bound"]]
+        if reached:
+            per_run.append(sum(reached) / len(reached))
+    return mean_ci(per_run, confidence)
+
+
+def window_comparisons(runs: Sequence[Run], confidence: float = ReportConfig.confidence) -> List[dict]:
+    """For each LAWA window: its delayed baseline, the matched-lag EMA track, the paired differences
+    (baseline − window: positive means the window has the lower metric) per step and over steps, and its
+    speed-up against every EMA track."""
+    kinds = _kinds(runs)
+    out = []
+    for window in [v for v, k in kinds.items() if k["kind"] == "lawa"]:
+        delayed = window + "@delayed" if any(window + "@delayed" in r.curves for r in runs) else None
+        matched = matched_track(runs, window)
+        matched_name = matched["track"] if matched else None
+        steps = sorted({s for r in runs for s in r.curves.get(window, Curve([], [])).steps})
+        per_step = [{"step": s, "window": _values_at(runs, window, s, confidence),
+                     "delayed": _values_at(runs, delayed, s, confidence),
+                     "matched": _values_at(runs, matched_name, s, confidence),
+                     "mean_lag": _mean_lag_at(runs, window, s),
+                     "delayed_minus_window": mean_ci(_paired(runs, window, delayed, s), confidence),
+                     "matched_minus_window": mean_ci(_paired(runs, window, matched_name, s), confidence)}
+                    for s in steps]
+        tracks = [v for v, k in kinds.items() if k["kind"] == "ema"]
+        out.append({"window": window, "over": kinds[window]["over"], "delayed": delayed, "matched": matched,
+                    "per_step": per_step,
+                    "vs_delayed": _over_steps(runs, window, delayed, confidence),
+                    "vs_matched": _over_steps(runs, window, matched_name, confidence),
+                    "speedup": {t: _speedup_vs(runs, t, window, confidence) for t in tracks}})
+    return out
+
+
+def lag_points(runs: Sequence[Run]) -> Dict[float, Dict[str, dict]]:
+    """{step: {variant: {"mean_lag", "value"}}} (means over runs) for the variants whose rows give a lag."""
+    out: Dict[float, Dict[str, dict]] = {}
+    for variant in _kinds(runs):
+        for step in sorted({s for r in runs for s in r.lags.get(variant, {})}):
+            values = [v for v in (_value(r, variant, step) for r in runs) if v is not None]
+            lag = _mean_lag_at(runs, variant, step)
+            if values and lag is not None:
+                out.setdefault(step, {})[variant] = {"mean_lag": lag, "value": sum(values) / len(values)}
+    return {s: out[s] for s in sorted(out)}
 
 
 # ----------------------------------------------------------------------------- text
@@ -242,8 +383,20 @@ def format_table(summary: dict) -> str:
     """The printed report: one row per LAWA evaluation step, then the headline lines."""
     metric, pct = summary["metric"], round(100 * summary["confidence"])
     ci_note = f", mean [{pct}% CI] over runs" if summary["num_runs"] > 1 else ""
-    lines = [f"{summary['num_runs']} run(s), metric {metric}{ci_note}",
-             f"{'step':>8} {'raw':>9} {'ema':>9} {'lawa':>9} {'EMA step to match':>18}  speed-up (EMA step / LAWA step)"]
+    lines = [f"{summary['num_runs']} run(s), metric {metric}{ci_note}"]
+    if summary.get("base", True):
+        lines += _format_base(summary)
+    else:
+        lines.append("(ema and lawa were not both evaluated: the LAWA windows against their baselines follow)")
+    for comparison in summary.get("windows", []):
+        lines += format_window(comparison, metric, summary["num_runs"])
+    return "\n".join(lines)
+
+
+def _format_base(summary: dict) -> List[str]:
+    """The speed-up table of "lawa" over "ema" and its headline lines."""
+    metric = summary["metric"]
+    lines = [f"{'step':>8} {'raw':>9} {'ema':>9} {'lawa':>9} {'EMA step to match':>18}  speed-up (EMA step / LAWA step)"]
     for row in summary["per_step"]:
         step = row["step"]
         values = [_num(_curve_value(summary["curves"], v, step), "{:.3f}") for v in VARIANTS]
@@ -265,7 +418,38 @@ def format_table(summary: dict) -> str:
     left_out = sum(row.get("n_upper_bound", 0) for row in summary["per_step"])
     note = f" ({left_out} upper bound(s) left out)" if left_out else ""
     lines.append(f"mean speed-up over LAWA evaluation points{note}: {_with_ci(summary['mean_speedup'], none='n/a')}")
-    return "\n".join(lines)
+    return lines
+
+
+def verdict(c: dict, metric: str = ReportConfig.metric) -> str:
+    """"lawa beats the delayed EMA by X [lo, hi] FID; vs the matched-lag EMA (ema_long): Y [lo, hi]"."""
+    name = metric.upper() if metric == "fid" else metric
+    baseline = "the delayed raw weights" if c["over"] == "raw" else "the delayed EMA"
+    first = (f"{c['window']} beats {baseline} by {_with_ci(c['vs_delayed'])} {name}" if c["delayed"]
+             else f"{c['window']}: no delayed baseline evaluated")
+    matched = (f"vs the matched-lag EMA ({c['matched']['track']}): {_with_ci(c['vs_matched'])}" if c["matched"]
+               else "no EMA track within 15% of its mean lag")
+    return f"{first}; {matched}"
+
+
+def format_window(c: dict, metric: str, num_runs: int) -> List[str]:
+    """The lines of one LAWA window: per step its value, lag and paired differences; speed-ups; the verdict."""
+    matched = c["matched"]["track"] if c["matched"] else None
+    lines = ["", f"{c['window']} (LAWA over {c['over']}); differences are baseline - {c['window']}, positive: "
+                 f"{c['window']} has the lower {metric}"
+                 + (f"; mean [CI] over {num_runs} runs" if num_runs > 1 else ""),
+             f"{'step':>8} {c['window']:>10} {'mean lag':>9} {'delayed':>9} {'delayed - it':>22} "
+             f"{matched or 'matched':>12} {'matched - it':>22}"]
+    for row in c["per_step"]:
+        means = [_num(row[key]["mean"], "{:.3f}") for key in ("window", "delayed", "matched")]
+        lines.append(f"{row['step']:>8} {means[0]:>10} {_num(row['mean_lag'], '{:.1f}'):>9} {means[1]:>9} "
+                     f"{_with_ci(row['delayed_minus_window']):>22} {means[2]:>12} "
+                     f"{_with_ci(row['matched_minus_window']):>22}")
+    speed = "; ".join(f"vs {t}: {_with_ci(v, none='n/a')}" for t, v in c["speedup"].items())
+    lines.append(f"speed-up of {c['window']} (EMA track step / its step): {speed}")
+    spread = f", CI over {num_runs} runs" if num_runs > 1 else ""
+    lines.append(f"verdict: {verdict(c, metric)} (mean over the evaluation steps{spread})")
+    return lines
 
 
 def _scale(value, factor: float):
@@ -292,6 +476,24 @@ def _plot(summary: dict, path: str) -> None:
     ax_speed.errorbar([r["step"] for r in rows], [r["speedup"]["mean"] for r in rows], yerr=err, marker="o", capsize=3)
     ax_speed.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_speed.set(xlabel="LAWA step", ylabel="EMA step / LAWA step", title="speed-up of LAWA over EMA")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def _plot_lag(summary: dict, path: str) -> None:
+    """Metric versus mean lag: at each evaluation step, every variant as one point (a line per step)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5), constrained_layout=True)
+    ax = fig.subplots()
+    for entry in summary["lag_points"]:
+        points = sorted(entry["variants"].items(), key=lambda kv: kv[1]["mean_lag"])
+        ax.plot([p["mean_lag"] for _, p in points], [p["value"] for _, p in points], marker="o", ms=3,
+                lw=0.8, label=f"step {entry['step']:g}")
+    for name, p in summary["lag_points"][-1]["variants"].items():
+        ax.annotate(name, (p["mean_lag"], p["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="mean lag (steps)", ylabel=summary["metric"],
+           title=f"{summary['metric']} vs mean lag of every variant (names at the last step)")
+    ax.legend(fontsize=7)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
@@ -328,6 +530,9 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: Optional[str] =
     png = os.path.join(out_dir, f"report-{metric}.png")
     _plot(summary, png)
     summary["files"] = {"json": os.path.join(out_dir, JSON_NAME), "png": png}
+    if summary["lag_points"]:
+        summary["files"]["lag_png"] = os.path.join(out_dir, f"report-{metric}-lag.png")
+        _plot_lag(summary, summary["files"]["lag_png"])
     atomic_write_json(summary["files"]["json"], summary)
     return summary
 
@@ -339,7 +544,9 @@ def _cli(args) -> int:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         print(format_table(summary))
-        print(f"report: {summary['files']['json']}  plot: {summary['files']['png']}")
+        lag_png = summary["files"].get("lag_png")
+        print(f"report: {summary['files']['json']}  plot: {summary['files']['png']}"
+              + (f"  lag plot: {lag_png}" if lag_png else ""))
     return 0
 
 

@@ -2,9 +2,12 @@
 
     RUN/config.yaml                          the resolved training config
     RUN/metrics.jsonl                        one row per (evaluation step, variant)
-    RUN/checkpoint-<step>/                   accelerate ``save_state`` (+ unet_ema/, unet_lawa/)
-    RUN/ema_snapshots/step-<step>.safetensors  fp16 EMA weights at LAWA snapshot steps (optional)
-    RUN/report/, RUN/sweep/                  outputs of ``lawa-diffusion report`` / ``sweep``
+    RUN/checkpoint-<step>/                   accelerate ``save_state`` (+ unet_ema[_<track>]/,
+                                             unet_lawa[_<window>]/, lawa_state_<window>.safetensors)
+    RUN/ema_snapshots/step-<step>.safetensors  fp16 EMA weights at LAWA snapshot steps (optional);
+    RUN/ema_snapshots/<track>/step-<step>.safetensors  the same for the other EMA tracks
+    RUN/lawa_snapshots/                      LAWA windows with disk storage and no snapshot_dir
+    RUN/report/, RUN/sweep[-<track>]/        outputs of ``lawa-diffusion report`` / ``sweep``
 
 Resuming at step s removes what lies past s (metrics rows, snapshot files, later checkpoints), so the
 resumed run continues them without duplicates or gaps.
@@ -18,7 +21,7 @@ import re
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lawa_diffusion.config import read_yaml
+from lawa_diffusion.config import BASE_TRACK, BASE_WINDOW, check, read_yaml
 from lawa_diffusion.files import atomic_write_text, read_jsonl
 
 CONFIG_NAME = "config.yaml"
@@ -39,8 +42,8 @@ def metrics_path(run_dir: str) -> str:
     return os.path.join(run_dir, METRICS_NAME)
 
 
-def sweep_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, SWEEP_DIR)
+def sweep_dir(run_dir: str, track: str = BASE_TRACK) -> str:
+    return os.path.join(run_dir, SWEEP_DIR if track == BASE_TRACK else f"{SWEEP_DIR}-{track}")
 
 
 def report_dir(run_dirs: Sequence[str]) -> str:
@@ -120,9 +123,25 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
         _delete_folder(path)
 
 
+def ema_folder(track: str = BASE_TRACK) -> str:
+    """Checkpoint subfolder of an EMA track's weights (diffusers EMAModel.save_pretrained)."""
+    return "unet_ema" if track == BASE_TRACK else f"unet_ema_{track}"
+
+
+def lawa_folder(window: str = BASE_WINDOW) -> str:
+    """Checkpoint subfolder of a LAWA window's averaged weights."""
+    return "unet_lawa" if window == BASE_WINDOW else f"unet_lawa_{window}"
+
+
 # ----------------------------------------------------------------------------- EMA snapshot files
-def snapshot_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, SNAPSHOT_DIR, f"step-{step:09d}.safetensors")
+def snapshot_folder(run_dir: str, track: str = BASE_TRACK) -> str:
+    """EMA snapshots of ``track``: ema_snapshots/ for the base EMA "ema", ema_snapshots/<track>/ for the others."""
+    folder = os.path.join(run_dir, SNAPSHOT_DIR)
+    return folder if track == BASE_TRACK else os.path.join(folder, track)
+
+
+def snapshot_path(run_dir: str, step: int, track: str = BASE_TRACK) -> str:
+    return os.path.join(snapshot_folder(run_dir, track), f"step-{step:09d}.safetensors")
 
 
 def snapshot_step(path: str) -> Optional[int]:
@@ -137,9 +156,32 @@ def snapshot_files(folder: str) -> Dict[int, str]:
     return {s: p for p in paths if (s := snapshot_step(p)) is not None}
 
 
-def list_ema_snapshots(run_dir: str) -> List[Tuple[int, str]]:
-    """(step, path) of the EMA snapshot files of a run, oldest first."""
-    return sorted(snapshot_files(os.path.join(run_dir, SNAPSHOT_DIR)).items())
+def list_ema_snapshots(run_dir: str, track: str = BASE_TRACK) -> List[Tuple[int, str]]:
+    """(step, path) of the EMA snapshot files of one track of a run, oldest first."""
+    return sorted(snapshot_files(snapshot_folder(run_dir, track)).items())
+
+
+def snapshot_tracks(run_dir: str) -> List[str]:
+    """The tracks whose EMA snapshots the run saved ("ema" first)."""
+    folder = os.path.join(run_dir, SNAPSHOT_DIR)
+    others = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) if os.path.isdir(folder) else []
+    return [t for t in [BASE_TRACK] + others if list_ema_snapshots(run_dir, t)]
+
+
+def saved_tracks(run_dir: str) -> List[str]:
+    """The EMA tracks a run folder holds: in its checkpoints (unet_ema[_<track>]/) or as EMA snapshots."""
+    found = set(snapshot_tracks(run_dir))
+    for _, checkpoint in list_checkpoints(run_dir):
+        found.update(n[len("unet_ema_"):] or BASE_TRACK for n in os.listdir(checkpoint)
+                     if n == "unet_ema" or n.startswith("unet_ema_"))
+    return sorted(found, key=lambda t: (t != BASE_TRACK, t))
+
+
+def check_track(run_dir: str, track: str, command: str, tracks: Optional[List[str]] = None) -> None:
+    """One sentence naming the tracks that were saved when ``track`` is not one of them."""
+    tracks = saved_tracks(run_dir) if tracks is None else tracks
+    check(track in tracks, f"{command} --track {track!r} names a track that {run_dir!r} did not save; it holds "
+                           f"{', '.join(tracks) or 'no track'}")
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -147,9 +189,10 @@ def truncate_after(run_dir: str, step: int) -> List[str]:
     """Remove what lies past ``step``: metrics rows, EMA snapshot files and later checkpoints (resumed
     from an older checkpoint, they describe steps about to be redone); returns the removed checkpoints."""
     truncate_metrics(metrics_path(run_dir), step)
-    for snap_step, path in list_ema_snapshots(run_dir):
-        if snap_step > step:
-            os.unlink(path)
+    for track in snapshot_tracks(run_dir):
+        for snap_step, path in list_ema_snapshots(run_dir, track):
+            if snap_step > step:
+                os.unlink(path)
     later = [path for s, path in list_checkpoints(run_dir) if s > step]
     for path in later:
         shutil.rmtree(path)

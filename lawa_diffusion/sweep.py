@@ -138,9 +138,12 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> str:
     return jsonl
 
 
-def _snapshot_index(run_dir: str) -> Dict[int, str]:
+def _snapshot_index(run_dir: str, track: str = runfolder.BASE_TRACK) -> Dict[int, str]:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder {run_dir!r} does not exist; pass a folder written by lawa-diffusion train")
+    if track != runfolder.BASE_TRACK:
+        runfolder.check_track(run_dir, track, "sweep", runfolder.snapshot_tracks(run_dir))
+        return dict(runfolder.list_ema_snapshots(run_dir, track))
     files = dict(runfolder.list_ema_snapshots(run_dir)) or runfolder.snapshot_files(run_dir)
     if not files:
         raise FileNotFoundError(f"run folder {run_dir!r} has no {runfolder.SNAPSHOT_DIR}/step-*.safetensors; the sweep needs "
@@ -180,8 +183,10 @@ def _plot_heatmap(grid: List[list], counts: List[list], ks, multiples, every_n_s
 def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.sweep_k,
               multiples: Sequence[int] = PosthocConfig.sweep_every, *, steps: str = PosthocConfig.sweep_steps,
               evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, metric: str = "fid",
-              heatmap_step: Optional[int] = None, device=None, progress: bool = True, **eval_options) -> dict:
-    """FID of every (k, ν multiple) LAWA window at each evaluation step from RUN/ema_snapshots.
+              heatmap_step: Optional[int] = None, device=None, progress: bool = True,
+              track: str = runfolder.BASE_TRACK, **eval_options) -> dict:
+    """FID of every (k, ν multiple) LAWA window at each evaluation step from the EMA snapshots of ``track``
+    (RUN/ema_snapshots for "ema", RUN/ema_snapshots/<track> for the run's other EMA tracks).
 
     ``evaluate(variants) -> {name: metrics}`` scores all windows of one step in one call (same noise);
     by default it is FID against the run's cached reference stats (``eval_options`` override the run's
@@ -190,13 +195,13 @@ def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.swee
     run_dir = os.path.abspath(os.fspath(run_dir))
     check(metric in ("fid", "kid_mean"), f"sweep --metric must be fid or kid_mean, got {metric!r}")
     ks, multiples = parse_int_list(ks, "--k"), parse_int_list(multiples, "--every")
-    files = _snapshot_index(run_dir)
+    files = _snapshot_index(run_dir, track)
     every_n, start = snapshot_cadence(run_dir, sorted(files))
     eval_steps = evaluation_steps(run_dir, sorted(files), steps)
     heatmap_step = eval_steps[-1] if heatmap_step is None else heatmap_step
     check(heatmap_step in eval_steps, f"sweep --heatmap-step {heatmap_step} is not a swept step; pick one of "
                                       f"{', '.join(map(str, eval_steps))}")
-    out_dir = os.path.abspath(out_dir or runfolder.sweep_dir(run_dir))
+    out_dir = os.path.abspath(out_dir or runfolder.sweep_dir(run_dir, track))
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"sweep output {out_dir!r} already exists; choose another -o or pass --overwrite")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -208,7 +213,7 @@ def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.swee
     rows = _sweep_rows(cells, eval_steps, files, model, evaluate, jsonl, progress)
     grid = heatmap(rows, ks, multiples, heatmap_step, metric)
     counts = heatmap(rows, ks, multiples, heatmap_step, "num_snapshots")
-    summary = {"format": "lawa-diffusion-sweep/1", "run": run_dir, "metric": metric, "k": ks, "every": multiples,
+    summary = {"format": "lawa-diffusion-sweep/1", "run": run_dir, "track": track, "metric": metric, "k": ks, "every": multiples,
                "every_n_steps": every_n, "start_step": start, "steps": eval_steps, "rows": rows,
                "heatmap": {"step": heatmap_step, "values": grid},
                "files": {"jsonl": jsonl, "json": os.path.join(out_dir, "sweep.json"),
@@ -287,7 +292,8 @@ def format_sweep(summary: dict) -> str:
 def _cmd_sweep(args) -> int:
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
     summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
-                        metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, **options)
+                        metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, track=args.track,
+                        **options)
     print(format_sweep(summary))
     print(f"sweep: {summary['files']['json']}  heat-map: {summary['files']['png']}")
     return 0
@@ -301,6 +307,9 @@ def register_cli(subparsers) -> None:
     s.add_argument("--k", default=",".join(map(str, d.sweep_k)), help="window sizes, comma-separated")
     s.add_argument("--every", default=",".join(map(str, d.sweep_every)), help="multiples of the run's ν, comma-separated")
     s.add_argument("--steps", default=d.sweep_steps, help="eval (metrics.jsonl's steps), final, or a comma list")
+    s.add_argument("--track", default=runfolder.BASE_TRACK,
+                   help="EMA track whose snapshots to average (default: ema, diffusers' warm-up EMA; others: the "
+                        "run's ema_tracks)")
     s.add_argument("--heatmap-step", type=int, default=None, help="step shown in the heat-map (default: the last)")
     s.add_argument("--metric", default="fid", help="fid or kid_mean, for the heat-map")
     s.add_argument("--reference", default=None, help="FID reference (default: the run's eval.reference)")

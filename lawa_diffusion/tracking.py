@@ -1,4 +1,5 @@
-"""FID tracking during training: raw / EMA / LAWA weights on the same noise, rows in metrics.jsonl.
+"""FID tracking during training: raw weights, EMA tracks, LAWA windows and their delayed baselines on the same
+noise, one row per variant (with its mean lag) in metrics.jsonl.
 
 Where those files live is :mod:`lawa_diffusion.runfolder`'s business.
 """
@@ -22,13 +23,16 @@ SAY_LINE = functools.partial(say, who=None)  # metrics lines as they are: "step 
 
 
 # ----------------------------------------------------------------------------- EMA snapshot files
-def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict) -> str:
-    """The EMA weights at ``step`` as fp16 safetensors (UNet parameter names; step and model config in the metadata)."""
+def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict,
+                      track: str = runfolder.BASE_TRACK) -> str:
+    """The EMA weights of ``track`` at ``step`` as fp16 safetensors (UNet parameter names; step, track and model
+    config in the metadata)."""
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", torch.float16) for n, p in zip(names, ema.shadow_params)}
-    path = runfolder.snapshot_path(run_dir, step)
-    atomic_save_safetensors(path, tensors, metadata={"step": str(step), "model_config": json.dumps(model_config)})
+    path = runfolder.snapshot_path(run_dir, step, track)
+    atomic_save_safetensors(path, tensors, metadata={"step": str(step), "track": track,
+                                                     "model_config": json.dumps(model_config)})
     return path
 
 
@@ -40,19 +44,6 @@ def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
     with swapped_weights(list(module.parameters()), ema.copy_to):
         yield module
-
-
-def weight_variants(names: list[str], unet: torch.nn.Module, ema) -> dict[str, Any]:
-    """name -> module or context-manager factory for ``sampling.evaluate_variants`` (lawa only once it is ready)."""
-    out: dict[str, Any] = {}
-    for name in names:
-        if name == "raw":
-            out[name] = unet
-        elif name == "ema":
-            out[name] = lambda: ema_swapped(ema, unet)
-        elif name == "lawa" and ema.lawa.ready:
-            out[name] = lambda: ema.lawa.swapped_into(unet, sync_ranks=True)
-    return out
 
 
 # ----------------------------------------------------------------------------- metric rows
@@ -78,8 +69,8 @@ def metric_row(step: int, variant: str, result: dict, info: dict) -> dict:
 def format_line(step: int, rows: list[dict]) -> str:
     """``step 600: FID ema 85.12  lawa 79.40  (k=5, 4 snapshots; sampling 31.2 s, metrics 9.8 s)``."""
     fids = {r["variant"]: r["fid"] for r in rows}
-    parts = [f"{v} {fids[v]:.2f}" for v in ("raw", "ema", "lawa") if v in fids]
-    if "lawa" not in fids:
+    parts = [f"{v} {f:.2f}" for v, f in fids.items()]
+    if not any(r["variant"] == "lawa" or r.get("kind") == "lawa" for r in rows):  # no window ready yet
         parts.append("lawa -")
     first = rows[0]
     timing = ""
@@ -113,9 +104,9 @@ class MetricsRecorder:
         self._pool = None
         self._pending: collections.deque = collections.deque()
 
-    def submit(self, step: int, sampled: dict, reference, extractor, lawa) -> None:
+    def submit(self, step: int, sampled: dict, reference, extractor, lawa, variant_info: Optional[dict] = None) -> None:
         """Compute the metrics of ``sampled`` ({name: fid.Sampled}) taken at ``step`` (now, or in the
-        background); ``extractor`` made the features."""
+        background); ``extractor`` made the features. Rows get ``lawa``'s columns and ``variant_info[name]``'s."""
         from lawa_diffusion import fid
 
         cfg = fid.settings(self.cfg)
@@ -130,7 +121,9 @@ class MetricsRecorder:
         else:
             future = concurrent.futures.Future()
             future.set_result(compute())
-        self._pending.append((step, lawa_info(lawa), future))
+        common = lawa_info(lawa)
+        info = {name: {**common, **(variant_info or {}).get(name, {})} for name in sampled}
+        self._pending.append((step, info, future))
         if not self.background:
             self.collect()
 
@@ -144,7 +137,7 @@ class MetricsRecorder:
         while self._pending and (wait or self._pending[0][2].done()):
             step, info, future = self._pending.popleft()
             results = future.result()
-            step_rows = [metric_row(step, name, result, info) for name, result in results.items()]
+            step_rows = [metric_row(step, name, result, info[name]) for name, result in results.items()]
             self._record(step, step_rows)
             rows += step_rows
         return rows
@@ -166,6 +159,7 @@ class MetricsRecorder:
         if self.accelerator is not None:
             logged = {f"fid/{r['variant']}": r["fid"] for r in rows}
             logged.update({f"kid/{r['variant']}": r["kid_mean"] for r in rows if r["kid_mean"] is not None})
+            logged.update({f"lag/{r['variant']}": r["mean_lag"] for r in rows if r.get("mean_lag") is not None})
             self.accelerator.log({**logged, "lawa/num_snapshots": rows[0]["lawa_num_snapshots"]}, step=step)
 
 
@@ -173,10 +167,16 @@ class MetricsRecorder:
 class Tracker:
     """Evaluates the configured variants on the configured schedule and records the results."""
 
-    def __init__(self, cfg, run_dir: str, accelerator, unet, ema, noise_scheduler, model_config: dict,
+    def __init__(self, cfg, run_dir: str, accelerator, unet, tracks, noise_scheduler, model_config: dict,
                  weights: Any = None):
+        """``tracks``: the run's ``tracks.TrackSet`` (EMA tracks and LAWA windows), or one EMAModel carrying
+        its LAWA window as ``.lawa`` (the tracks "ema" and "lawa")."""
+        from lawa_diffusion.tracks import TrackSet
+
         self.cfg, self.eval = cfg, cfg.eval
-        self.run_dir, self.accelerator, self.unet, self.ema = run_dir, accelerator, unet, ema
+        self.run_dir, self.accelerator, self.unet = run_dir, accelerator, unet
+        self.tracks = tracks if isinstance(tracks, TrackSet) else TrackSet.of_ema(tracks)
+        self.ema = self.tracks.base
         self.scheduler_config = {k: v for k, v in noise_scheduler.config.items() if not k.startswith("_")}
         self.model_config = model_config
         self.weights = weights if weights is not None else self.eval.inception_weights
@@ -220,7 +220,8 @@ class Tracker:
             self.recorder.collect()
         lawa = self.ema.lawa
         if self.cfg.save_ema_snapshots and lawa.due(step) and self.accelerator.is_main_process:
-            save_ema_snapshot(self.run_dir, step, self.ema, self.param_names, self.model_config)
+            for track, ema in self.tracks.emas.items():
+                save_ema_snapshot(self.run_dir, step, ema, self.param_names, self.model_config, track)
         if self.due(step, final):
             self.evaluate(step)
 
@@ -229,14 +230,14 @@ class Tracker:
         from lawa_diffusion import sampling
 
         e, acc = self.eval, self.accelerator
-        variants = weight_variants(e.variants, acc.unwrap_model(self.unet), self.ema)
+        variants, info = self.tracks.variants(e.variants, acc.unwrap_model(self.unet), step)
         if not variants:
             return
         sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key, cfg=e,
                                            scheduler_config=self.scheduler_config, accelerator=acc,
                                            progress=acc.is_main_process, precision=self.sample_precision)
         if acc.is_main_process:
-            self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa)
+            self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa, info)
         self.last_step = step
 
     def flush(self) -> list[dict]:
@@ -260,5 +261,6 @@ def write_report(run_dir: str) -> Optional[str]:
         return None
     print(report.format_table(summary), flush=True)
     path = summary["files"]["json"]
-    print(f"report: {path}  plot: {summary['files']['png']}", flush=True)
+    lag_png = summary["files"].get("lag_png")
+    print(f"report: {path}  plot: {summary['files']['png']}" + (f"  lag plot: {lag_png}" if lag_png else ""), flush=True)
     return path

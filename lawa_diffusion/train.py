@@ -2,7 +2,8 @@
 
 Runs as one process or under ``accelerate launch -m lawa_diffusion train`` / ``torchrun -m lawa_diffusion``.
 The run folder holds config.yaml, metrics.jsonl, checkpoint-<step>/ (accelerate ``save_state`` plus
-unet_ema/ and unet_lawa/), optionally ema_snapshots/, and logs/ (TensorBoard).
+unet_ema[_<track>]/ and unet_lawa[_<window>]/), optionally ema_snapshots/ and lawa_snapshots/, and logs/
+(TensorBoard).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lawa_diffusion import accelerate_hooks, fast_path, plan, runfolder
 from lawa_diffusion.config import TrainConfig, check, load_train_config
 from lawa_diffusion.files import atomic_write_text
 from lawa_diffusion.output import say
+from lawa_diffusion.tracks import TrackSet
 
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
 
@@ -170,6 +172,7 @@ class Parts:
     accelerator: Any
     unet: Any
     ema: Any
+    tracks: Any
     optimizer: Any
     lr_scheduler: Any
     noise_scheduler: Any
@@ -206,42 +209,8 @@ def make_optimization(cfg: TrainConfig, unet, num_processes: int, fast: bool = F
     return optimizer, scheduler
 
 
-def make_ema(cfg: TrainConfig, unet, device):
-    from diffusers import UNet2DModel
-
-    from lawa_diffusion.ema import LAWAEMAModel
-
-    e = cfg.ema
-    ema = LAWAEMAModel(unet.parameters(), decay=e.decay, use_ema_warmup=e.use_ema_warmup, inv_gamma=e.inv_gamma,
-                       power=e.power, update_after_step=e.update_after_step, foreach=True,
-                       model_cls=UNet2DModel, model_config=unet.config, lawa=cfg.lawa)
-    ema.to(device)
-    return ema
-
-
-def register_checkpoint_hooks(accelerator, ema) -> None:
-    """save_state also writes unet_ema/ (and unet_lawa/ once LAWA is ready); load_state restores the EMA from unet_ema/."""
-    from diffusers import UNet2DModel
-    from diffusers.training_utils import EMAModel
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            if ema.lawa.ready:
-                ema.save_lawa_pretrained(os.path.join(output_dir, "unet_lawa"))
-
-    def load_hook(models, input_dir):
-        loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel, foreach=True)
-        ema.load_state_dict(loaded.state_dict())
-        ema.to(accelerator.device)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    ema.lawa.attach(accelerator)
-
-
 def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = None) -> Parts:
-    """Model, EMA with LAWA, optimizer, schedules, data and FID tracker, prepared with accelerate."""
+    """Model, EMA tracks and LAWA windows, optimizer, schedules, data and FID tracker, prepared with accelerate."""
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
 
@@ -256,15 +225,15 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
     fast = fast_path.enabled(cfg.fast_path, accelerator.device)
     optimizer, lr_scheduler = make_optimization(cfg, unet, accelerator.num_processes, fast)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    ema = make_ema(cfg, accelerator.unwrap_model(unet), accelerator.device)
-    register_checkpoint_hooks(accelerator, ema)
+    tracks = TrackSet.from_config(cfg, accelerator.unwrap_model(unet), accelerator.device)
+    tracks.register(accelerator)
     batches = BatchSource(images, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.seed,
                           accelerator.process_index, accelerator.num_processes, cfg.data.random_flip,
                           accelerator.device)
-    tracker = tracking.Tracker(cfg, run_dir, accelerator, unet, ema, noise_scheduler, model_config, fid_weights)
+    tracker = tracking.Tracker(cfg, run_dir, accelerator, unet, tracks, noise_scheduler, model_config, fid_weights)
     tracker.sample_precision = cfg.mixed_precision if fast else None
-    return Parts(cfg, run_dir, accelerator, unet, ema, optimizer, lr_scheduler, noise_scheduler, batches,
-                 tracker, model_config,
+    return Parts(cfg, run_dir, accelerator, unet, tracks.base, tracks, optimizer, lr_scheduler, noise_scheduler,
+                 batches, tracker, model_config,
                  fast_path.TrainForward(unet, fast, fast_path.compile_mode(cfg.gradient_accumulation_steps,
                                                                             accelerator.num_processes)))
 
@@ -287,7 +256,7 @@ def forward_backward(p: Parts, clean: torch.Tensor, noise: torch.Tensor, t: torc
 
 
 def train_step(p: Parts, step: int) -> torch.Tensor:
-    """One optimizer step (``gradient_accumulation_steps`` micro-steps) and the EMA/LAWA update; the mean loss."""
+    """One optimizer step (``gradient_accumulation_steps`` micro-steps) and the EMA/LAWA updates; the mean loss."""
     acc, losses = p.accelerator, []
     for micro in range(p.cfg.gradient_accumulation_steps):
         with acc.accumulate(p.unet):
@@ -303,7 +272,7 @@ def train_step(p: Parts, step: int) -> torch.Tensor:
             p.lr_scheduler.step()
             p.optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-    p.ema.step(p.unet.parameters())
+    p.tracks.step(p.unet.parameters(), step)
     return torch.stack(losses).mean()
 
 
@@ -371,6 +340,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, step, overwrite and checkpoint is None, resolved)
         plan.record(run_dir, cfg)  # says the one-line lag summary and writes RUN/lag.json
+        for line in p.tracks.lag_lines(cfg.max_train_steps):
+            say(line, "train")
     accelerator.wait_for_everyone()
     if checkpoint is not None:
         accelerator.load_state(checkpoint)
@@ -387,7 +358,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
         try:
             p.tracker.close()
         finally:
-            p.ema.lawa.close()
+            p.tracks.close()
         accelerator.end_training()
     if accelerator.is_main_process:
         finish(p, time.time() - started, step)

@@ -249,3 +249,43 @@ def test_sweep_reuses_cached_reference_stats(snapshot_run, tmp_path):
     second = run_sweep(run, [1, 2], [1], out_dir=str(tmp_path / "b"), **options)
     assert [r["fid"] for r in second["rows"]] == [r["fid"] for r in first["rows"]]
     assert all(r["fid"] is not None and r["num_samples"] == 4 for r in first["rows"])
+
+
+# ----------------------------------------------------------------------------- --track
+@pytest.fixture(scope="module")
+def two_track_run(tmp_path_factory):
+    """Snapshots of the base EMA in ema_snapshots/ and of a track "short" in ema_snapshots/short/ (other weights)."""
+    run = tmp_path_factory.mktemp("tracks")
+    base = {s: _save_snapshot(str(run / "ema_snapshots"), s) for s in (10, 20, 30, 40)}
+    short = {s: _save_snapshot(str(run / "ema_snapshots" / "short"), s + 1000) for s in (10, 20, 30, 40)}
+    for s in list(short):  # named for its own step, weights of another seed
+        os.replace(short[s], str(run / "ema_snapshots" / "short" / f"step-{s:09d}.safetensors"))
+        short[s] = str(run / "ema_snapshots" / "short" / f"step-{s:09d}.safetensors")
+    (run / "config.yaml").write_text(yaml.safe_dump({"lawa": {"k": 2, "every_n_steps": 10}, "model": dict(TINY)}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 40, "variant": "ema", "fid": 1.0}) + "\n")
+    return run, base, short
+
+
+def test_average_and_sweep_take_a_track(two_track_run, tmp_path):
+    run, base, short = two_track_run
+    for track, files in (("ema", base), ("short", short)):
+        out = tmp_path / f"avg-{track}"
+        assert cli.main(["average", str(run), "--k", "2", "--track", track, "-o", str(out)]) == 0
+        got = load_file(str(out / "diffusion_pytorch_model.safetensors"))
+        want = _float64_mean([files[30], files[40]])
+        for name, tensor in got.items():
+            torch.testing.assert_close(tensor.double(), want[name], rtol=0, atol=1e-6)
+        assert json.loads((out / "config.json").read_text())["lawa"]["track"] == track
+        summary = run_sweep(run, [2], [1], evaluate=_param_sum_metric([]), progress=False, track=track)
+        mean = _float64_mean([files[30], files[40]])
+        assert summary["rows"][0]["fid"] == pytest.approx(sum(v.sum().item() for v in mean.values()), rel=1e-6)
+        assert summary["track"] == track and os.path.basename(os.path.dirname(summary["files"]["json"])) == (
+            "sweep" if track == "ema" else "sweep-short")
+
+
+def test_unknown_track_is_one_sentence_exit_2(two_track_run, tmp_path, capsys):
+    run, _, _ = two_track_run
+    for argv in (["average", str(run), "--track", "long", "-o", str(tmp_path / "x")],
+                 ["sweep", str(run), "--track", "long", "-o", str(tmp_path / "y")]):
+        err = _error(capsys, argv)
+        assert "--track 'long'" in err and "ema, short" in err

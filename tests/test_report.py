@@ -222,3 +222,106 @@ def test_mean_speedup_leaves_upper_bounds_out(tmp_path):
     only_bound = {"ema": ([100, 200], [50.0, 40.0]), "lawa": ([100, 200], [60.0, 20.0])}
     summary = summarize([load_run(_write_run(tmp_path / "b", only_bound))])
     assert summary["mean_speedup"]["n"] == 0 and "left out): n/a" in format_table(summary)
+
+
+# ----------------------------------------------------------------------------- LAWA against its baselines
+LAGS = {"ema": 100.0, "short": 36.0, "long": 136.0, "lawa": 190.0, "lawa@delayed": 188.0, "ws": 143.0,
+        "ws@delayed": 136.5}
+KINDS = {"ema": ("ema", None), "short": ("ema", None), "long": ("ema", None), "lawa": ("lawa", "ema"),
+         "lawa@delayed": ("delayed", "ema"), "ws": ("lawa", "short"), "ws@delayed": ("delayed", "short")}
+
+
+def _write_tracks_run(folder, values, steps):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for i, step in enumerate(steps):
+            for variant, curve in values.items():
+                kind, over = KINDS[variant]
+                row = {"step": step, "variant": variant, "fid": curve[i], "kind": kind,
+                       "mean_lag": LAGS[variant] * (1 + 0.01 * i)}
+                if over:
+                    row["over"] = over
+                f.write(json.dumps(row) + "\n")
+    return str(folder)
+
+
+def _ci(xs):
+    low, high = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+    return np.mean(xs), low, high
+
+
+def test_windows_against_delayed_and_matched_lag_emas(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    steps = [300, 600, 900]
+    runs = []
+    for seed in range(3):
+        base = np.array([90.0, 60.0, 45.0])
+        runs.append({v: (base + rng.normal(0, 3, 3) + (8 if v == "short" else 0)).tolist() for v in KINDS})
+    dirs = [_write_tracks_run(tmp_path / "runs" / f"seed{i}", r, steps) for i, r in enumerate(runs)]
+    assert cli.main(["report", *dirs]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "runs" / "report" / "report.json").read_text())
+    assert (tmp_path / "runs" / "report" / "report-fid-lag.png").read_bytes()[:4] == b"\x89PNG"
+    windows = {c["window"]: c for c in report["windows"]}
+    assert set(windows) == {"lawa", "ws"}
+    ws, lawa = windows["ws"], windows["lawa"]
+    # matched lag: long (136 x 1.02) is within 15% of ws (143 x 1.02); nothing is near lawa's 190
+    assert ws["matched"]["track"] == "long" and lawa["matched"] is None
+    assert ws["matched"]["mean_lag"] == pytest.approx(136.0 * 1.02)
+    for baseline, key in (("ws@delayed", "vs_delayed"), ("long", "vs_matched")):
+        per_run = [np.mean([r[baseline][i] - r["ws"][i] for i in range(3)]) for r in runs]
+        got = ws[key]
+        assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx(_ci(per_run), rel=1e-9)
+        i = 1
+        at_600 = ws["per_step"][i]["delayed_minus_window" if key == "vs_delayed" else "matched_minus_window"]
+        assert (at_600["mean"], at_600["ci_low"], at_600["ci_high"]) == pytest.approx(
+            _ci([r[baseline][i] - r["ws"][i] for r in runs]), rel=1e-9)
+    assert lawa["vs_matched"]["n"] == 0
+    for track in ("ema", "short", "long"):
+        per_run = []
+        for r in runs:
+            ratios = [_naive_ema_step(steps, r[track], v) / s for s, v in zip(steps, r["ws"])
+                      if _naive_ema_step(steps, r[track], v) is not None and r[track][0] > v]
+            if ratios:
+                per_run.append(np.mean(ratios))
+        got = ws["speedup"][track]
+        assert got["n"] == len(per_run)
+        if len(per_run) >= 2:
+            assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx(_ci(per_run), rel=1e-9)
+    mean, low, high = ws["vs_delayed"]["mean"], ws["vs_delayed"]["ci_low"], ws["vs_delayed"]["ci_high"]
+    line = next(line for line in out.splitlines() if line.startswith("verdict: ws "))
+    assert f"ws beats the delayed EMA by {mean:.2f} [{low:.2f}, {high:.2f}] FID" in line
+    assert "vs the matched-lag EMA (long): " in line
+    assert "verdict: lawa beats the delayed EMA by" in out and "no EMA track within 15% of its mean lag" in out
+    points = {p["step"]: p["variants"] for p in report["lag_points"]}
+    assert points[900]["long"]["mean_lag"] == pytest.approx(136.0 * 1.02)
+    assert points[900]["lawa"]["value"] == pytest.approx(np.mean([r["lawa"][2] for r in runs]))
+
+
+def test_old_metrics_rows_are_ema_and_lawa_over_ema(tmp_path):
+    run = load_run(_write_run(tmp_path / "old", _random_run(np.random.default_rng(2), [100, 200])))
+    assert run.kinds == {"raw": {"kind": "raw", "over": None}, "ema": {"kind": "ema", "over": None},
+                         "lawa": {"kind": "lawa", "over": "ema"}}
+    summary = summarize([run])
+    assert [c["window"] for c in summary["windows"]] == ["lawa"] and summary["windows"][0]["matched"] is None
+    assert summary["lag_points"] == [] and "no delayed baseline evaluated" in format_table(summary)
+
+
+def test_a_run_without_the_ema_lawa_pair_reports_its_windows(tmp_path, capsys):
+    values = {v: [80.0 - i, 50.0 - i, 40.0 - i] for i, v in enumerate(("short", "long", "ws", "ws@delayed"))}
+    run = _write_tracks_run(tmp_path / "run", values, [300, 600, 900])
+    assert cli.main(["report", run]) == 0
+    out = capsys.readouterr().out
+    assert "ema and lawa were not both evaluated" in out
+    assert "verdict: ws beats the delayed EMA by -1.00 FID; vs the matched-lag EMA (long): 1.00" in out
+
+
+def test_window_table_shows_the_baselines_values(tmp_path, capsys):
+    values = {v: [80.0 - i, 50.0 - i, 40.0 - i] for i, v in enumerate(("short", "long", "ws", "ws@delayed"))}
+    run = _write_tracks_run(tmp_path / "run", values, [300, 600, 900])
+    summary = summarize([load_run(run)])
+    ws = next(c for c in summary["windows"] if c["window"] == "ws")
+    assert [(r["window"]["mean"], r["delayed"]["mean"], r["matched"]["mean"]) for r in ws["per_step"]] == [
+        (78.0, 77.0, 79.0), (48.0, 47.0, 49.0), (38.0, 37.0, 39.0)]
+    row = next(line for line in format_table(summary).splitlines() if line.strip().startswith("600 "))
+    assert row.split()[:4] == ["600", "48.000", "144.4", "47.000"] and "49.000" in row

@@ -83,8 +83,11 @@ def test_run_folder_has_config_metrics_checkpoints_and_snapshots(full_run):
     assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in (2, 4, 6, 8) for v in ("raw", "ema", "lawa")]
     assert [r["lawa_num_snapshots"] for r in rows[2::3]] == [1, 2, 3, 3]
     for r in rows:
+        window = {"over"} if r["variant"] == "lawa" else set()
         assert set(r) == {"step", "variant", "fid", "kid_mean", "kid_std", "num_samples", "inception_sha256",
-                          "lawa_k", "lawa_every_n_steps", "lawa_num_snapshots", "sample_seconds", "metric_seconds"}
+                          "lawa_k", "lawa_every_n_steps", "lawa_num_snapshots", "sample_seconds", "metric_seconds",
+                          "kind", "mean_lag"} | window
+        assert r["kind"] == r["variant"] and (r["mean_lag"] == 0) == (r["variant"] == "raw")
         assert r["sample_seconds"] > 0 and r["metric_seconds"] > 0
         assert r["fid"] >= 0 and r["num_samples"] == 4 and (r["lawa_k"], r["lawa_every_n_steps"]) == (3, 2)
         assert r["inception_sha256"] == stand_in_extractor().sha256
