@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import json
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from lawa_diffusion import runfolder
 from lawa_diffusion.files import append_line, atomic_save_safetensors
 from lawa_diffusion.output import say
+from lawa_diffusion.tracks import TrackSet
 
 SAY_LINE = functools.partial(say, who=None)  # metrics lines as they are: "step 600: FID ema ..."
 
@@ -34,16 +34,6 @@ def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_conf
     atomic_save_safetensors(path, tensors, metadata={"step": str(step), "track": track,
                                                      "model_config": json.dumps(model_config)})
     return path
-
-
-# ----------------------------------------------------------------------------- weight variants
-@contextlib.contextmanager
-def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``module`` holding the EMA weights for the duration of the block; its own weights come back after."""
-    from lawa_diffusion.lawa import swapped_weights
-
-    with swapped_weights(list(module.parameters()), ema.copy_to):
-        yield module
 
 
 # ----------------------------------------------------------------------------- metric rows
@@ -171,8 +161,6 @@ class Tracker:
                  weights: Any = None):
         """``tracks``: the run's ``tracks.TrackSet`` (EMA tracks and LAWA windows), or one EMAModel carrying
         its LAWA window as ``.lawa`` (the tracks "ema" and "lawa")."""
-        from lawa_diffusion.tracks import TrackSet
-
         self.cfg, self.eval = cfg, cfg.eval
         self.run_dir, self.accelerator, self.unet = run_dir, accelerator, unet
         self.tracks = tracks if isinstance(tracks, TrackSet) else TrackSet.of_ema(tracks)

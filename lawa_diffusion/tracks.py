@@ -8,8 +8,9 @@ mean lag: its track as it was ΔL steps earlier. LAWA that only delays its track
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from lawa_diffusion.config import (
     TrainConfig,
     check,
 )
-from lawa_diffusion.lawa import LAWA
+from lawa_diffusion.lawa import LAWA, swapped_weights
 from lawa_diffusion.runfolder import ema_folder, lawa_folder
 
 
@@ -59,6 +60,13 @@ def nearest_snapshot(snapshot_steps: Sequence[int], target: float) -> int:
 
 
 # ----------------------------------------------------------------------------- the tracks
+@contextlib.contextmanager
+def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` holding the EMA weights for the duration of the block; its own weights come back after."""
+    with swapped_weights(list(module.parameters()), ema.copy_to):
+        yield module
+
+
 class TrackSet:
     """Every EMA track and LAWA window of a run, stepped together after each optimizer step.
 
@@ -176,8 +184,6 @@ class TrackSet:
 
         A window and its delayed baseline are left out until the window is ready.
         """
-        from lawa_diffusion.tracking import ema_swapped
-
         specs: Dict[str, Any] = {}
         info: Dict[str, dict] = {}
         for window in self.windows.values():
