@@ -421,14 +421,29 @@ def _format_base(summary: dict) -> List[str]:
     return lines
 
 
+def _outcome(diff: dict) -> str:
+    """How a paired difference (baseline - window; positive: the window is better) reads."""
+    if diff["mean"] is None:
+        return "not measured"
+    low, high = diff["ci_low"], diff["ci_high"]
+    if low is None:  # one run: no interval
+        return "ahead (one run, no CI)" if diff["mean"] > 0 else "behind (one run, no CI)"
+    if low > 0:
+        return "beats it"
+    if high < 0:
+        return "trails it"
+    return "no clear difference"
+
+
 def verdict(c: dict, metric: str = ReportConfig.metric) -> str:
-    """"lawa beats the delayed EMA by X [lo, hi] FID; vs the matched-lag EMA (ema_long): Y [lo, hi]"."""
+    """"lawa vs the delayed EMA: +X [lo, hi] FID, beats it; vs the matched-lag EMA (ema_long): Y [lo, hi], ..."
+    (differences are baseline - window: positive means the window has the lower, better value)."""
     name = metric.upper() if metric == "fid" else metric
     baseline = "the delayed raw weights" if c["over"] == "raw" else "the delayed EMA"
-    first = (f"{c['window']} beats {baseline} by {_with_ci(c['vs_delayed'])} {name}" if c["delayed"]
-             else f"{c['window']}: no delayed baseline evaluated")
-    matched = (f"vs the matched-lag EMA ({c['matched']['track']}): {_with_ci(c['vs_matched'])}" if c["matched"]
-               else "no EMA track within 15% of its mean lag")
+    first = (f"{c['window']} vs {baseline}: {_with_ci(c['vs_delayed'])} {name}, {_outcome(c['vs_delayed'])}"
+             if c["delayed"] else f"{c['window']}: no delayed baseline evaluated")
+    matched = (f"vs the matched-lag EMA ({c['matched']['track']}): {_with_ci(c['vs_matched'])}, "
+               f"{_outcome(c['vs_matched'])}" if c["matched"] else "no EMA track within 15% of its mean lag")
     return f"{first}; {matched}"
 
 

@@ -11,6 +11,9 @@
 # folder), Inception weights via $LAWA_INCEPTION_WEIGHTS (or `lawa-diffusion inception fetch` done before).
 # Each step's time limit can be changed with T_<STEP>=seconds (T_TESTS, T_LAWA, T_FID, T_EVAL, T_REF,
 # T_ALONE, T_THREE, T_REPORT).
+#   GPU_CHECK_PART=paper bash scripts/gpu_check.sh   # instead: the paper-regime experiment,
+#       configs/paper_regime_gpu.yaml, three seeds at once and their report (limit T_PAPER, default 420 s),
+#       in one device call of its own (with GPU_CHECK_TINY=1: the same end to end on the CPU, tiny)
 set -u
 OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
@@ -18,7 +21,12 @@ export LAWA_CACHE_DIR="${LAWA_CACHE_DIR:-/tmp/lawa-cache}"
 RUNS="${RUNS:-/tmp/lawa-gpu-runs}"
 PY="${PYTHON:-python3}"
 TINY="${GPU_CHECK_TINY:-0}"
-CONFIG=configs/fashion_mnist_gpu.yaml
+PART="${GPU_CHECK_PART:-figures}"
+case "$PART" in
+  figures) CONFIG=configs/fashion_mnist_gpu.yaml ;;
+  paper) CONFIG=configs/paper_regime_gpu.yaml ;;
+  *) echo "gpu_check: GPU_CHECK_PART must be figures or paper, got '$PART'" >&2; exit 2 ;;
+esac
 log() { echo "== $(date +%T) $*"; }
 
 if [ "$TINY" = 1 ]; then
@@ -38,6 +46,13 @@ if [ "$TINY" = 1 ]; then
   EVAL_ARGS="--bench trainer,evaluation --warmup 2 --train-steps 5"
   RUN_SIZES=(--set max_train_steps=10 --set lawa.every_n_steps=5 --set eval.every_n_steps=10
              --set log_every_n_steps=5 --set checkpointing_steps=10)
+  if [ "$PART" = paper ]; then
+    RUN_SIZES=(--set max_train_steps=16 --set lawa.every_n_steps=2 --set eval.every_n_steps=8
+               --set log_every_n_steps=4 --set checkpointing_steps=16
+               --set "lawa_windows=[{name: lawa_k5, over: ema_short, k: 5, every_n_steps: 2},
+                                    {name: lawa_k3, over: ema_short, k: 3, every_n_steps: 4}]")
+  fi
+  : "${T_PAPER:=600}"
   REF_ARGS="--num-images 64"
 else
   DEVICE=cuda
@@ -50,6 +65,7 @@ else
   SIZES=()
   EVAL_ARGS="--bench trainer --warmup 15 --train-steps 150"  # evaluation: see the runs' lines
   RUN_SIZES=()
+  : "${T_PAPER:=420}"
   REF_ARGS="--batch-size 1250"
 fi
 
@@ -65,11 +81,25 @@ show() {  # the evaluation lines, warnings, errors and wall time of seed $1 (pro
   grep -a "^seed $1:" "$RUNS/walls.txt" | tail -n 1
 }
 
-{
+device_line() {
 log "device ($DEVICE)"
 if [ "$DEVICE" = cuda ]; then nvidia-smi -L; fi
 $PY -c "import torch, diffusers, torch_fidelity; print(torch.__version__, diffusers.__version__, torch_fidelity.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-
+}
+reference() {
+log "reference statistics (cached for the runs; limit ${T_REF} s)"
+timeout "$T_REF" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" $REF_ARGS 2>&1 | tail -n 2
+}
+three_seeds() {  # three_seeds LIMIT_S: seeds 0, 1, 2 of $CONFIG at once on the one device, then their report
+# Three processes share the machine's cores: cap each one's BLAS/OpenMP threads.
+threads=$(( $(nproc) / 3 )); [ "$threads" -ge 1 ] || threads=1
+for s in 0 1 2; do OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads train "$s" "$1" & done
+wait
+for s in 0 1 2; do echo "-- seed $s"; show "$s"; done
+log "report (limit ${T_REPORT} s)"
+timeout "$T_REPORT" $PY -m lawa_diffusion report "$RUNS/seed0" "$RUNS/seed1" "$RUNS/seed2" -o "$RUNS/report" 2>&1 | tail -n 40
+}
+figures() {
 log "tests: $TESTS (limit ${T_TESTS} s)"
 timeout "$T_TESTS" $PY -m pytest -q -p no:cacheprovider $TESTS -x 2>&1 | tail -n 6
 
@@ -83,23 +113,26 @@ log "bench_eval: trainer fast path off/on (limit ${T_EVAL} s)"
 timeout "$T_EVAL" $PY benchmarks/bench_eval.py --device "$DEVICE" --config "$CONFIG" \
   "${SIZES[@]}" $EVAL_ARGS 2>&1 | grep '^{' | tail -n 4
 
-log "reference statistics (cached for the runs; limit ${T_REF} s)"
-timeout "$T_REF" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" $REF_ARGS 2>&1 | tail -n 2
-
+reference
 rm -rf "$RUNS"; mkdir -p "$RUNS"
 
 log "one seed alone: $CONFIG (limit ${T_ALONE} s; goal <= 90 s)"
 rm -rf "$RUNS/seed9"; train 9 "$T_ALONE"; show 9
 
 log "three seeds at once on the one device (limit ${T_THREE} s; goal <= 240 s)"
-# Three processes share the machine's cores: cap each one's BLAS/OpenMP threads.
-threads=$(( $(nproc) / 3 )); [ "$threads" -ge 1 ] || threads=1
-for s in 0 1 2; do OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads train "$s" "$T_THREE" & done
-wait
-for s in 0 1 2; do echo "-- seed $s"; show "$s"; done
+three_seeds "$T_THREE"
+}
+paper() {
+reference
+rm -rf "$RUNS"; mkdir -p "$RUNS"
+log "paper regime: $CONFIG, three seeds at once (limit ${T_PAPER} s)"
+$PY -m lawa_diffusion plan --config "$CONFIG" --window lawa_k5 --steps 1600,3200 2>&1 | tail -n 2
+three_seeds "$T_PAPER"
+}
 
-log "report (limit ${T_REPORT} s)"
-timeout "$T_REPORT" $PY -m lawa_diffusion report "$RUNS/seed0" "$RUNS/seed1" "$RUNS/seed2" -o "$RUNS/report" 2>&1 | tail -n 20
+{
+device_line
+"$PART"
 log "end"
 } 2>&1 | tee "$OUT/gpu_check.log"
 

@@ -290,9 +290,11 @@ def test_windows_against_delayed_and_matched_lag_emas(tmp_path, capsys):
             assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx(_ci(per_run), rel=1e-9)
     mean, low, high = ws["vs_delayed"]["mean"], ws["vs_delayed"]["ci_low"], ws["vs_delayed"]["ci_high"]
     line = next(line for line in out.splitlines() if line.startswith("verdict: ws "))
-    assert f"ws beats the delayed EMA by {mean:.2f} [{low:.2f}, {high:.2f}] FID" in line
+    assert f"ws vs the delayed EMA: {mean:.2f} [{low:.2f}, {high:.2f}] FID, " in line
+    expected = "beats it" if low > 0 else "trails it" if high < 0 else "no clear difference"
+    assert line.split("FID, ")[1].startswith(expected)
     assert "vs the matched-lag EMA (long): " in line
-    assert "verdict: lawa beats the delayed EMA by" in out and "no EMA track within 15% of its mean lag" in out
+    assert "verdict: lawa vs the delayed EMA: " in out and "no EMA track within 15% of its mean lag" in out
     points = {p["step"]: p["variants"] for p in report["lag_points"]}
     assert points[900]["long"]["mean_lag"] == pytest.approx(136.0 * 1.02)
     assert points[900]["lawa"]["value"] == pytest.approx(np.mean([r["lawa"][2] for r in runs]))
@@ -313,7 +315,8 @@ def test_a_run_without_the_ema_lawa_pair_reports_its_windows(tmp_path, capsys):
     assert cli.main(["report", run]) == 0
     out = capsys.readouterr().out
     assert "ema and lawa were not both evaluated" in out
-    assert "verdict: ws beats the delayed EMA by -1.00 FID; vs the matched-lag EMA (long): 1.00" in out
+    assert ("verdict: ws vs the delayed EMA: -1.00 FID, behind (one run, no CI); "
+            "vs the matched-lag EMA (long): 1.00, ahead (one run, no CI)") in out
 
 
 def test_window_table_shows_the_baselines_values(tmp_path, capsys):
