@@ -86,7 +86,7 @@ def sync(device) -> None:
 
 
 def bench_config(args, work: str, *changes: str):
-    from lawa_diffusion.train import load_train_config
+    from lawa_diffusion.config import load_train_config
 
     fixed = ["eval.every_n_steps=0", "eval.at_end=false", "log_with=null", "report=false", "checkpointing_steps=0",
              "save_ema_snapshots=false"]

@@ -119,12 +119,12 @@ def test_plan_row_against_brute_force():
 
 
 def test_plan_json_from_config_matches_brute_force(capsys):
-    code = main(["plan", "--config", "configs/fashion_mnist_cpu.yaml", "--json"])
+    code = main(["plan", "--config", "configs/fashion_mnist_cpu.yaml", "--steps", "250,500,750,1000", "--json"])
     out = capsys.readouterr()
     assert code == 0
     rows = {r["step"]: r for r in map(json.loads, out.out.splitlines())}
     assert {250, 500, 750, 1000} <= set(rows)
-    from lawa_diffusion.train import load_train_config
+    from lawa_diffusion.config import load_train_config
 
     cfg = load_train_config("configs/fashion_mnist_cpu.yaml")
     track = lag.EMATrack(decay=cfg.ema.decay, use_ema_warmup=cfg.ema.use_ema_warmup, inv_gamma=cfg.ema.inv_gamma,
@@ -174,9 +174,10 @@ def test_summary_line():
 
 def test_record_writes_lag_json_and_says_the_summary(tmp_path, capsys):
     from lawa_diffusion import plan
-    from lawa_diffusion.train import load_train_config
+    from lawa_diffusion.config import load_train_config
 
-    cfg = load_train_config("configs/fashion_mnist_cpu.yaml", ["lawa.every_n_steps=100", "max_train_steps=600"])
+    cfg = load_train_config("configs/fashion_mnist_cpu.yaml", ["lawa.every_n_steps=100", "max_train_steps=600",
+                                                                "eval.every_n_steps=250"])
     line = plan.record(str(tmp_path), cfg)
     saved = json.loads((tmp_path / plan.LAG_NAME).read_text())
     assert saved["summary"] == line
