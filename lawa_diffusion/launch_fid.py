@@ -107,12 +107,9 @@ class FIDMonitor:
     def metrics_path(self) -> str:
         if self.cfg.metrics_file:
             return self.cfg.metrics_file
-        args = self.script_args
-        for i, arg in enumerate(args):
-            if arg == "--output_dir" and i + 1 < len(args):
-                return runfolder.metrics_path(args[i + 1])
-            if arg.startswith("--output_dir="):
-                return runfolder.metrics_path(arg.split("=", 1)[1])
+        run_dir = runfolder.script_option(self.script_args, "output_dir")
+        if run_dir is not None:
+            return runfolder.metrics_path(run_dir)
         return runfolder.METRICS_NAME
 
 

@@ -25,7 +25,8 @@ from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state
 from lawa_diffusion.config import check
 from lawa_diffusion.files import atomic_dir, atomic_write_json
 from lawa_diffusion.launch_fid import FIDMonitor
-from lawa_diffusion.output import is_main_process
+from lawa_diffusion import runfolder
+from lawa_diffusion.output import is_main_process, say
 
 PROG = "lawa_diffusion.launch"
 RUN_FILE = "lawa_launch.json"  # in each checkpoint: the world size that wrote it
@@ -208,10 +209,27 @@ class Plugin:
         return dataclasses.replace(self.options.lawa)
 
     def adopt(self, ema: Any) -> None:
-        """Register a training EMA: name its engine and, after a resume, give it the loaded window."""
+        """Register a training EMA: name its engine and, after a resume, give it the loaded window.
+        The first one's lag plan is said in one line (and written to ``--output_dir``/lag.json)."""
         ema.lawa.name = FIRST_NAME if not self.emas else f"{FIRST_NAME}_{len(self.emas) + 1}"
         ema._lawa_temporary = False
         self.emas.append(ema)
+        if len(self.emas) == 1 and is_main_process():
+            self._say_lag(ema)
+
+    def _say_lag(self, ema: Any) -> None:
+        """The lag LAWA adds to this EMA at the script's ``--max_train_steps`` (else 10 windows' worth of steps)."""
+        from lawa_diffusion import lag, plan
+
+        track = lag.EMATrack.from_settings(ema)
+        window = ema.lawa.config
+        steps = runfolder.script_option(self.script_args, "max_train_steps")
+        step = int(steps) if steps and steps.isdigit() else lag.first_snapshot(window) + 10 * window.k * window.every_n_steps
+        run_dir = runfolder.script_option(self.script_args, "output_dir")
+        if run_dir is not None and os.path.isdir(run_dir):
+            plan.write_lag(run_dir, track, window, step, who=PROG)
+        else:
+            say(lag.summary_line(track, window, step), PROG)
 
     def adopt_late(self, ema: Any) -> None:
         """An EMA made by ``from_pretrained`` that turns out to train (first ``step``)."""

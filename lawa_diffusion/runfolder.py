@@ -197,3 +197,14 @@ def truncate_after(run_dir: str, step: int) -> List[str]:
     for path in later:
         shutil.rmtree(path)
     return later
+
+
+def script_option(script_args: Sequence[str], name: str) -> Optional[str]:
+    """The value a training script was given for ``--name`` (``--name V`` or ``--name=V``; None when absent)."""
+    flag = f"--{name}"
+    for i, arg in enumerate(script_args):
+        if arg == flag and i + 1 < len(script_args):
+            return script_args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None

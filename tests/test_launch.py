@@ -135,6 +135,18 @@ def test_plugin_lawa_is_the_mean_of_the_latest_ema_snapshots(reference, plugin_r
     assert gap > 1e-4
 
 
+def test_plugin_writes_the_lag_plan_of_the_scripts_ema(plugin_run):
+    from lawa_diffusion import lag
+    from lawa_diffusion.config import LAWAConfig
+
+    saved = json.loads((plugin_run / "lag.json").read_text())
+    # The script's EMA: diffusers' warm-up EMA with its --ema_* defaults; no --max_train_steps, so the
+    # plan is for ten windows' worth of steps past the first snapshot.
+    track = lag.EMATrack(decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    assert saved["summary"] == lag.summary_line(track, LAWAConfig(k=K, every_n_steps=NU), NU + 10 * K * NU)
+    assert f"k={K}, ν={NU}" in saved["summary"]
+
+
 def test_final_pipeline_save_gets_a_lawa_twin(reference, plugin_run):
     # The script saves DDPMPipeline with the EMA weights copied in; the plugin adds unet_lawa beside unet.
     assert_weights_close(weights(plugin_run / "unet"), weights(reference / "unet"), atol=0)
