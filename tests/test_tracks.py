@@ -12,11 +12,10 @@ import torch
 from safetensors import safe_open
 
 from lawa_diffusion import cli, runfolder
-from lawa_diffusion import train as train_mod
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.tracks import nearest_snapshot
-from tests.test_train import Crash, run, tiny_config, unet_weights, without_timing, write_yaml
+from tests.test_train import run, run_crashing_at, tiny_config, unet_weights, without_timing, write_yaml
 
 TRACKS = [{"name": "fast", "decay": 0.5}, {"name": "fast_twin", "decay": 0.5}, {"name": "slow", "half_life": 3}]
 WINDOWS = [{"name": "lawa_fast", "over": "fast", "k": 3, "every_n_steps": 2, "storage": "disk"},
@@ -153,17 +152,7 @@ def test_checkpoints_hold_every_track_and_window_and_snapshots_their_track(track
 
 def test_resume_mid_window_with_several_tracks_is_bitwise(tracks_run, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
-    real_step = train_mod.train_step
-
-    def crash_at_7(parts, step):
-        if step == 7:
-            raise Crash()
-        return real_step(parts, step)
-
-    monkeypatch.setattr(train_mod, "train_step", crash_at_7)
-    with pytest.raises(Crash):
-        run(tracks_config(out))
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    run_crashing_at(7, tracks_config(out), monkeypatch)
     run(tracks_config(out), resume="latest")  # checkpoint-4: every window half full
     assert without_timing(read_jsonl(out / "metrics.jsonl")) == without_timing(read_jsonl(os.path.join(tracks_run, "metrics.jsonl")))
     for sub in ("unet_ema", "unet_ema_fast", "unet_ema_slow", "unet_lawa", "unet_lawa_lawa_fast", "unet_lawa_lawa_raw1"):

@@ -127,20 +127,25 @@ class Crash(Exception):
     pass
 
 
-def test_resume_mid_run_continues_metrics_and_weights_exactly(full_run, tmp_path, monkeypatch):
-    out = tmp_path / "resumed"
+def run_crashing_at(crash_step: int, cfg, monkeypatch) -> None:
+    """Train ``cfg`` until an exception at ``crash_step`` (before that step's update), as a crash would."""
     real_step = train_mod.train_step
 
-    def crash_at_7(parts, step):
-        if step == 7:
+    def crashing(parts, step):
+        if step == crash_step:
             raise Crash()
         return real_step(parts, step)
 
-    monkeypatch.setattr(train_mod, "train_step", crash_at_7)
+    monkeypatch.setattr(train_mod, "train_step", crashing)
     with pytest.raises(Crash):
-        run(tiny_config(out))
-    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 6  # evaluated past checkpoint-4
+        run(cfg)
     monkeypatch.setattr(train_mod, "train_step", real_step)
+
+
+def test_resume_mid_run_continues_metrics_and_weights_exactly(full_run, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    run_crashing_at(7, tiny_config(out), monkeypatch)
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 6  # evaluated past checkpoint-4
     run(tiny_config(out), resume="latest")
 
     full_rows, rows = read_jsonl(os.path.join(full_run, "metrics.jsonl")), read_jsonl(out / "metrics.jsonl")
