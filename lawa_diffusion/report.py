@@ -495,20 +495,27 @@ def _plot(summary: dict, path: str) -> None:
 
 
 def _plot_lag(summary: dict, path: str) -> None:
-    """Metric versus mean lag: at each evaluation step, every variant as one point (a line per step)."""
+    """Metric versus mean lag, one panel per evaluation step (own y range), every variant one marker
+    (the same marker and colour in every panel, named once in the legend)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 5), constrained_layout=True)
-    ax = fig.subplots()
-    for entry in summary["lag_points"]:
-        points = sorted(entry["variants"].items(), key=lambda kv: kv[1]["mean_lag"])
-        ax.plot([p["mean_lag"] for _, p in points], [p["value"] for _, p in points], marker="o", ms=3,
-                lw=0.8, label=f"step {entry['step']:g}")
-    for name, p in summary["lag_points"][-1]["variants"].items():
-        ax.annotate(name, (p["mean_lag"], p["value"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xlabel="mean lag (steps)", ylabel=summary["metric"],
-           title=f"{summary['metric']} vs mean lag of every variant (names at the last step)")
-    ax.legend(fontsize=7)
+    entries = summary["lag_points"]
+    names = sorted({n for e in entries for n in e["variants"]},
+                   key=lambda n: min(e["variants"][n]["mean_lag"] for e in entries if n in e["variants"]))
+    markers = "osD^v<>pXh*"
+    fig = Figure(figsize=(3.2 * len(entries) + 2.4, 4), constrained_layout=True)
+    axes = fig.subplots(1, len(entries), sharex=True, squeeze=False)[0]
+    for ax, entry in zip(axes, entries):
+        for i, name in enumerate(names):
+            p = entry["variants"].get(name)
+            if p is not None:
+                ax.plot([p["mean_lag"]], [p["value"]], marker=markers[i % len(markers)], ls="none", ms=6,
+                        color=f"C{i % 10}", label=name)
+        ax.set(xlabel="mean lag (steps)", title=f"step {entry['step']:g}")
+    axes[0].set(ylabel=summary["metric"])
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle(f"{summary['metric']} vs mean lag of every variant (same noise at each step)")
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
