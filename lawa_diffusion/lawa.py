@@ -228,8 +228,10 @@ class LAWA:
     def _ensure_ring(self, tensors: Sequence[torch.Tensor]) -> None:
         if self._ring is None:
             numel, dtype, shapes = self._layout_of(tensors)
+            # each process of a sharded source writes its own files (in a snapshot_dir they may share)
+            ring_name = f"{self.name}.rank{process_rank()}" if self.source.sharded() else self.name
             self._ring = make_ring(self.config.storage, self.config.k, numel, dtype, shapes,
-                                   tensors[0].device, self.config.snapshot_dir, self.name)
+                                   tensors[0].device, self.config.snapshot_dir, ring_name)
             return
         ids = list(map(id, tensors))
         if ids != self._checked_ids:  # the same tensors as last time need no new layout check

@@ -34,17 +34,18 @@ def folder_weights(path: Path) -> dict:
     return {n: p.detach() for n, p in UNet2DModel.from_pretrained(path).named_parameters()}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    done = torchrun(2, "--output_dir", str(out))
+@pytest.fixture(scope="module", params=["cpu", "disk"])
+def trained(request, tmp_path_factory):
+    """A 2-process run with the window in host memory, or on disk in a snapshot_dir both processes share."""
+    out = tmp_path_factory.mktemp(f"fsdp_{request.param}")
+    done = torchrun(2, "--output_dir", str(out), "--storage", request.param)
     assert done.returncode == 0, done.stderr[-3000:]
-    return out, done
+    return out, done, request.param
 
 
 @pytest.mark.slow
 def test_gathered_lawa_folder_is_the_mean_of_the_gathered_ema_snapshots(trained):
-    out, done = trained
+    out, done, storage = trained
     reference = load_file(out / "reference.safetensors")
     lawa = folder_weights(out / "unet_lawa")
     assert max_diff(lawa, reference) <= 1e-6
@@ -52,23 +53,26 @@ def test_gathered_lawa_folder_is_the_mean_of_the_gathered_ema_snapshots(trained)
     assert max_diff(load_file(out / "swapped.safetensors"), reference) <= 1e-6  # swapped into the sharded UNet
     assert max_diff(load_file(out / "before_swap.safetensors"), load_file(out / "after_swap.safetensors")) == 0
     assert max_diff(load_file(out / "ema_before_save.safetensors"), load_file(out / "ema_after_save.safetensors")) == 0
-    assert sorted(os.listdir(out / "checkpoint")) == ["lawa_state_lawa.rank0.safetensors",
-                                                      "lawa_state_lawa.rank1.safetensors"]
+    states = ["lawa_state_lawa.rank0.safetensors", "lawa_state_lawa.rank1.safetensors"]
+    assert sorted(os.listdir(out / "checkpoint")) == (["lawa_snapshots_lawa", *states] if storage == "disk" else states)
+    if storage == "disk":  # each process wrote its own shard's files of the 2 latest snapshots
+        assert sorted(os.listdir(out / "snapshots")) == [f"lawa.rank{r}-step{s:09d}.safetensors"
+                                                         for r in (0, 1) for s in (4, 6)]
     assert "snapshot_ranks='all' instead of 'main'" in done.stderr
 
 
 @pytest.mark.slow
 def test_resume_with_the_same_processes_continues_the_window(trained):
-    out, _ = trained
-    done = torchrun(2, "--output_dir", str(out), "--mode", "resume")
+    out, _, storage = trained
+    done = torchrun(2, "--output_dir", str(out), "--mode", "resume", "--storage", storage)
     assert done.returncode == 0, done.stderr[-3000:]
     assert max_diff(folder_weights(out / "unet_lawa_resumed"), folder_weights(out / "unet_lawa")) == 0
 
 
 @pytest.mark.slow
 def test_resume_with_another_number_of_processes_is_refused_in_one_line(trained):
-    out, _ = trained
-    done = torchrun(1, "--output_dir", str(out), "--mode", "resume")
+    out, _, storage = trained
+    done = torchrun(1, "--output_dir", str(out), "--mode", "resume", "--storage", storage)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: lawa state holds the shards of a sharded EMA saved by 2 processes but this run has 1; "

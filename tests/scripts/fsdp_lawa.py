@@ -22,14 +22,14 @@ from lawa_diffusion.ema import LAWAEMAModel
 K, NU, STEPS = 2, 2, 7
 
 
-def sharded_unet():
+def sharded_unet(storage, snapshot_dir):
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4)
     fully_shard(unet)
     ema = LAWAEMAModel(unet.parameters(), model_cls=UNet2DModel, model_config=unet.config,
-                       lawa={"k": K, "every_n_steps": NU})
+                       lawa={"k": K, "every_n_steps": NU, "storage": storage, "snapshot_dir": snapshot_dir})
     return unet, ema
 
 
@@ -38,8 +38,8 @@ def gathered(unet, tensors):
             for (name, _), t in zip(unet.named_parameters(), tensors)}
 
 
-def train(out):
-    unet, ema = sharded_unet()
+def train(out, storage):
+    unet, ema = sharded_unet(storage, os.path.join(out, "snapshots"))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(dist.get_rank())
     snapshots = {}
@@ -60,6 +60,7 @@ def train(out):
     after = gathered(unet, list(unet.parameters()))
     os.makedirs(os.path.join(out, "checkpoint"), exist_ok=True)
     save_engine_state(ema.lawa, os.path.join(out, "checkpoint"))
+    ema.lawa.close()
     if dist.get_rank() == 0:
         latest = sorted(snapshots)[-K:]
         reference = {name: torch.stack([snapshots[s][name] for s in latest]).mean(0) for name in swapped}
@@ -72,14 +73,15 @@ def train(out):
         save_file(snapshots[max(snapshots)], os.path.join(out, "ema_at_last_snapshot.safetensors"))
 
 
-def resume(out):
-    _, ema = sharded_unet()
+def resume(out, storage):
+    _, ema = sharded_unet(storage, os.path.join(out, "snapshots_resumed"))
     try:
         load_engine_state(ema.lawa, os.path.join(out, "checkpoint"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ema.save_lawa_pretrained(os.path.join(out, "unet_lawa_resumed"))
+    ema.lawa.close()
     return 0
 
 
@@ -87,10 +89,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--mode", choices=["train", "resume"], default="train")
+    parser.add_argument("--storage", default="cpu")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     try:
-        code = train(args.output_dir) if args.mode == "train" else resume(args.output_dir)
+        code = (train if args.mode == "train" else resume)(args.output_dir, args.storage)
     finally:
         dist.destroy_process_group()
     sys.exit(code or 0)
