@@ -2,9 +2,10 @@
 
 ``--mode train``: a few optimizer steps; at every LAWA snapshot step the EMA is gathered (the test's
 reference); then, with every process: ``unet_lawa`` is written (the EMA is gathered before and after),
-the LAWA weights are swapped into the sharded UNet and gathered (the UNet too, before and after), and each process saves its shard of the window into ``checkpoint/``.
-``--mode resume``: loads ``checkpoint/`` into a fresh run and writes its window as ``unet_lawa_resumed``;
-a refusal is printed as one ``error:`` line, exit 2.
+the LAWA weights are swapped into the sharded UNet and gathered (the UNet too, before and after), and
+``accelerator.save_state`` (called on every process) writes ``checkpoint/``, where each process saves
+its shard of the window. ``--mode resume``: ``accelerator.load_state`` of ``checkpoint/`` in a fresh
+run, which writes its window as ``unet_lawa_resumed``; a refusal is printed as one ``error:`` line, exit 2.
 """
 import argparse
 import os
@@ -16,7 +17,9 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
-from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state
+from accelerate import Accelerator
+
+from lawa_diffusion import attach
 from lawa_diffusion.ema import LAWAEMAModel
 
 K, NU, STEPS = 2, 2, 7
@@ -58,8 +61,9 @@ def train(out, storage):
     with ema.lawa.swapped_into(unet):
         swapped = gathered(unet, list(unet.parameters()))
     after = gathered(unet, list(unet.parameters()))
-    os.makedirs(os.path.join(out, "checkpoint"), exist_ok=True)
-    save_engine_state(ema.lawa, os.path.join(out, "checkpoint"))
+    accelerator = Accelerator(cpu=True)
+    attach(accelerator, ema.lawa)
+    accelerator.save_state(os.path.join(out, "checkpoint"))  # on every process: each saves its shard's window
     ema.lawa.close()
     if dist.get_rank() == 0:
         latest = sorted(snapshots)[-K:]
@@ -76,7 +80,9 @@ def train(out, storage):
 def resume(out, storage):
     _, ema = sharded_unet(storage, os.path.join(out, "snapshots_resumed"))
     try:
-        load_engine_state(ema.lawa, os.path.join(out, "checkpoint"))
+        accelerator = Accelerator(cpu=True)
+        attach(accelerator, ema.lawa)
+        accelerator.load_state(os.path.join(out, "checkpoint"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
