@@ -2,6 +2,7 @@
 
 Files in a checkpoint folder, per engine ``name``:
   lawa_state_<name>.safetensors   snapshot rows ("snapshots") + the JSON state in the metadata
+  lawa_state_<name>.rank<r>.safetensors   the same for process r's shard of a sharded EMA (FSDP / DTensor)
   lawa_snapshots_<name>/          disk storage only: hard links to the snapshot files (no bytes
                                   copied; pruning the originals later leaves these valid)
 Also: ``save_checkpoint`` writes a whole ``save_state`` folder atomically (listing and pruning
@@ -12,20 +13,27 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from lawa_diffusion.files import atomic_save_safetensors, link_or_copy_atomic
-from lawa_diffusion.output import warn
+from lawa_diffusion.output import process_rank, warn
 
 
-def state_file(folder: str, name: str) -> str:
-    return os.path.join(folder, f"lawa_state_{name}.safetensors")
+def state_file(folder: str, name: str, rank: Optional[int] = None) -> str:
+    shard = "" if rank is None else f".rank{rank}"
+    return os.path.join(folder, f"lawa_state_{name}{shard}.safetensors")
+
+
+def engine_state_file(lawa: Any, folder: str) -> str:
+    """This process's state file of ``lawa``: one per process over a sharded source, else one in all."""
+    return state_file(folder, lawa.name, process_rank() if lawa.source.sharded() else None)
 
 
 def save_engine_state(lawa: Any, folder: str) -> None:
-    """Write ``lawa``'s state into ``folder`` (call on the process that holds the snapshots)."""
+    """Write ``lawa``'s state into ``folder`` (call on the process that holds the snapshots; on every
+    process over a sharded source)."""
     state = lawa.state_dict()
     tensors = {}
     snapshots = state.pop("snapshots", None)
@@ -41,12 +49,14 @@ def save_engine_state(lawa: Any, folder: str) -> None:
         state["files"] = [os.path.join(f"lawa_snapshots_{lawa.name}", n) for n in names]
     if not tensors:
         tensors["empty"] = torch.zeros(0)
-    atomic_save_safetensors(state_file(folder, lawa.name), tensors, metadata={"lawa_state": json.dumps(state)})
+    atomic_save_safetensors(engine_state_file(lawa, folder), tensors, metadata={"lawa_state": json.dumps(state)})
 
 
 def load_engine_state(lawa: Any, folder: str) -> bool:
     """Load ``lawa``'s state from ``folder``; False (with a warning) when the folder has none."""
-    path = state_file(folder, lawa.name)
+    path = engine_state_file(lawa, folder)
+    if not os.path.isfile(path) and os.path.isfile(state_file(folder, lawa.name)):
+        path = state_file(folder, lawa.name)  # an unsharded state: its layout check says what differs
     if not os.path.isfile(path):
         warn(f"lawa: checkpoint {folder!r} holds no LAWA state for {lawa.name!r}; starting an empty window")
         return False
@@ -68,7 +78,8 @@ def attach(accelerator: Any, lawa: Any) -> Any:
     """Register save/load pre-hooks so ``accelerator.save_state`` / ``load_state`` carry ``lawa``.
 
     Works when ``save_state`` is called on the main process only (as diffusers scripts do): the
-    state is written by whichever process holds the snapshots and is the main one.
+    state is written by whichever process holds the snapshots and is the main one. Over a sharded
+    source every process writes its own shard's state, so ``save_state`` must run on every process.
     """
     engines = accelerator.__dict__.setdefault("_lawa_engines", {})
     if lawa.name in engines and engines[lawa.name] is not lawa:
@@ -79,7 +90,7 @@ def attach(accelerator: Any, lawa: Any) -> Any:
     engines[lawa.name] = lawa
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process and lawa.holds_snapshots:
+        if (accelerator.is_main_process or lawa.source.sharded()) and lawa.holds_snapshots:
             save_engine_state(lawa, output_dir)
 
     def load_hook(models, input_dir):

@@ -27,6 +27,7 @@ from lawa_diffusion.files import atomic_dir, atomic_write_json
 from lawa_diffusion.launch_fid import FIDMonitor
 from lawa_diffusion import runfolder
 from lawa_diffusion.output import is_main_process, say
+from lawa_diffusion.sources import is_sharded
 
 PROG = "lawa_diffusion.launch"
 RUN_FILE = "lawa_launch.json"  # in each checkpoint: the world size that wrote it
@@ -119,16 +120,19 @@ def check_window(lawa: Any, folder: str) -> None:
           f"{_options(now, differ)}; resume with {_options(saved, differ, flags=True)}, or start a new output_dir")
 
 
-def check_unsharded(ema: Any) -> None:
-    """Refuse an EMA of sharded parameters (FSDP2 / DTensor): its LAWA folders would need every process."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without DTensor shards nothing
-        return
-    check(not any(isinstance(p, DTensor) for p in ema.shadow_params),
+def check_unsharded(parameters: Any) -> list:
+    """Refuse an EMA of sharded parameters (FSDP2 / DTensor): its LAWA folders would need every process, and
+    the plugin writes them in the save hooks, which diffusers scripts run on the main process only.
+    Returns ``parameters`` as a list (or the module as it came), ready for ``EMAModel``."""
+    if not hasattr(parameters, "parameters"):
+        parameters = list(parameters)
+    tensors = parameters.parameters() if hasattr(parameters, "parameters") else parameters
+    check(not any(is_sharded(p) for p in tensors),
           "the launch plugin cannot keep LAWA over a sharded EMA (FSDP / DTensor parameters), since writing its "
           "*_lawa folders would need every process at every save; make the EMA from the unsharded model "
-          "(before accelerator.prepare) or run the script without the plugin")
+          "(before accelerator.prepare), or keep LAWA in the script with LAWAEMAModel and call its "
+          "save_lawa_pretrained on every process")
+    return parameters
 
 
 def _options(values: dict, keys: List[str], flags: bool = False) -> str:
@@ -352,8 +356,8 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
 
         @reported_as_input_errors
         def __init__(self, parameters, *args, **kwargs):
+            parameters = check_unsharded(parameters)  # before LAWA sees the EMA
             super().__init__(parameters, *args, lawa=plugin.lawa_config(), **kwargs)
-            check_unsharded(self)
             self._lawa_swapped_ids: Optional[set] = None
             self._lawa_saving = False
             self._lawa_temporary = True

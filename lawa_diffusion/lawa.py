@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -13,8 +14,8 @@ from lawa_diffusion import accelerate_hooks
 from lawa_diffusion.averaging import DTYPE_NAMES, accumulation_dtype, dtype_from_name, flat_views, foreach_copy, nonfinite_flag
 from lawa_diffusion.config import LAWAConfig, check
 from lawa_diffusion.files import atomic_dir
-from lawa_diffusion.output import process_rank, warn
-from lawa_diffusion.sources import TensorSource, as_source
+from lawa_diffusion.output import is_main_process, process_count, process_rank, warn
+from lawa_diffusion.sources import TensorSource, as_source, is_sharded, local_shard
 from lawa_diffusion.storage import FiniteCheck, Ring, make_ring
 
 STATE_FORMAT = 1
@@ -46,6 +47,10 @@ class LAWA:
     read at the next snapshot, average, ``state_dict`` or save. A snapshot that fails it is taken
     out of the window there (``on_nonfinite='skip'``: with a warning; ``'raise'``: with a
     ``ValueError`` naming its step); until then it counts in ``snapshot_steps``.
+
+    Over a sharded source (FSDP2 / DTensor), every process keeps the window of its own local shard
+    (``snapshot_ranks`` acts as "all"), averages are elementwise on the shards, and ``save_pretrained``
+    gathers the full weights (call it on every process; the main process writes).
     """
 
     def __init__(self, source: Any, config: LAWAConfig | dict | None = None, *, name: str = "lawa"):
@@ -63,6 +68,7 @@ class LAWA:
         self._avg: Optional[torch.Tensor] = None
         self._since_exact = 0
         self.skipped_steps: List[int] = []
+        self._all_ranks_if_sharded()
         if self.config.storage == "disk":
             _check_writable(self.config.snapshot_dir)
 
@@ -84,6 +90,14 @@ class LAWA:
         """False on non-main processes when ``snapshot_ranks == "main"``."""
         return self.config.snapshot_ranks == "all" or process_rank() == 0
 
+    def _all_ranks_if_sharded(self) -> None:
+        """A sharded source needs every process to keep its own shard: snapshot_ranks 'main' becomes 'all'."""
+        if self.config.snapshot_ranks == "main" and self.source.sharded():
+            if is_main_process():
+                warn(f"lawa {self.name!r}: the EMA is sharded (FSDP / DTensor), so every process keeps the window "
+                     "of its own shard (snapshot_ranks='all' instead of 'main')")
+            self.config = dataclasses.replace(self.config, snapshot_ranks="all")
+
     def due(self, step: int) -> bool:
         c = self.config
         return step >= c.start_step and (step - c.start_step) % c.every_n_steps == 0
@@ -104,6 +118,7 @@ class LAWA:
             return False
         if not self.due(step):
             return False
+        self._all_ranks_if_sharded()
         self.resolve_checks()
         tensors = self.source.tensors()
         if not self.holds_snapshots:  # keep the same window (and checks) as the main process
@@ -213,8 +228,10 @@ class LAWA:
     def _ensure_ring(self, tensors: Sequence[torch.Tensor]) -> None:
         if self._ring is None:
             numel, dtype, shapes = self._layout_of(tensors)
+            # each process of a sharded source writes its own files (in a snapshot_dir they may share)
+            ring_name = f"{self.name}.rank{process_rank()}" if self.source.sharded() else self.name
             self._ring = make_ring(self.config.storage, self.config.k, numel, dtype, shapes,
-                                   tensors[0].device, self.config.snapshot_dir, self.name)
+                                   tensors[0].device, self.config.snapshot_dir, ring_name)
             return
         ids = list(map(id, tensors))
         if ids != self._checked_ids:  # the same tensors as last time need no new layout check
@@ -265,7 +282,7 @@ class LAWA:
 
     def average_into(self, tensors: Sequence[torch.Tensor], sync_ranks: bool = False) -> None:
         """Write the LAWA mean into ``tensors`` (same order and shapes as the source's tensors)."""
-        targets = list(tensors)
+        targets = [local_shard(t) for t in tensors]
         flat = self.average_flat(sync_ranks=sync_ranks)
         shapes = [t.shape for t in self.source.tensors()]
         check(len(targets) == len(shapes),
@@ -317,10 +334,44 @@ class LAWA:
                 "start_step": self.config.start_step, "snapshot_steps": self.snapshot_steps}
 
     def save_pretrained(self, path: str | os.PathLike, model: Optional[nn.Module] = None) -> None:
-        """Write the LAWA weights as a diffusers model folder (metadata under ``lawa`` in config.json)."""
+        """Write the LAWA weights as a diffusers model folder (metadata under ``lawa`` in config.json).
+
+        Over a sharded source every process must call it (the shards are gathered); the main process writes.
+        """
         self.resolve_checks()
+        if self.source.sharded():
+            self._save_gathered(path, model)
+            return
         model = self._template_model(model)
         self.copy_to(model)
+        self._write_folder(model, path)
+
+    def _save_gathered(self, path: str | os.PathLike, model: Optional[nn.Module]) -> None:
+        """Gather the sharded average into an unsharded model on the main process, which writes the folder."""
+        from torch.distributed.tensor import DTensor
+
+        check(model is None or not any(is_sharded(p) for p in model.parameters()),
+              "lawa save_pretrained of a sharded EMA needs an unsharded model to write; pass model=<the model "
+              "before fully_shard>, or create the EMAModel with model_cls= and model_config=")
+        self._check_template(model)  # on every process, so that none is left waiting in the gather
+        main = process_rank() == 0
+        if main:
+            model = self._template_model(model)
+            targets = self.source.targets_of(model)
+        sources = self.source.raw_tensors()
+        local = flat_views(self.average_flat(), self.source.tensors())
+        with torch.no_grad():
+            for i, (src, avg) in enumerate(zip(sources, local)):
+                if is_sharded(src):  # a collective: every process takes part
+                    avg = DTensor.from_local(avg, src.device_mesh, src.placements, run_check=False,
+                                             shape=src.shape, stride=src.stride()).full_tensor()
+                if main:
+                    targets[i].copy_(avg)
+        if main:
+            self._write_folder(model, path)
+        torch.distributed.barrier()  # the folder is complete when any process returns
+
+    def _write_folder(self, model: nn.Module, path: str | os.PathLike) -> None:
         if hasattr(model, "register_to_config"):
             model.register_to_config(lawa=self.metadata())
         check(hasattr(model, "save_pretrained"),
@@ -328,14 +379,17 @@ class LAWA:
         with atomic_dir(path, overwrite=True) as tmp:
             model.save_pretrained(tmp)
 
-    def _template_model(self, model: Optional[nn.Module]) -> nn.Module:
-        if model is not None:
-            return copy.deepcopy(model)
+    def _check_template(self, model: Optional[nn.Module]) -> None:
         model_cls, model_config = self.source.model_template()
-        check(model_cls is not None and model_config is not None,
+        check(model is not None or (model_cls is not None and model_config is not None),
               "lawa save_pretrained needs the model class and config: create the EMAModel with model_cls= and "
               "model_config=, or pass model=<a module of the right architecture>")
-        return uninitialized_model(model_cls, model_config)
+
+    def _template_model(self, model: Optional[nn.Module]) -> nn.Module:
+        self._check_template(model)
+        if model is not None:
+            return copy.deepcopy(model)
+        return uninitialized_model(*self.source.model_template())
 
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict:
@@ -343,6 +397,8 @@ class LAWA:
         self.resolve_checks()
         state = {"format": STATE_FORMAT, "name": self.name, "config": self.config.to_dict(),
                  "snapshot_steps": self.snapshot_steps, "calls": self._calls, "skipped_steps": list(self.skipped_steps)}
+        if self.source.sharded():  # each process holds its own shard: the window only fits this many processes
+            state["world_size"] = process_count()
         if self._ring is None or not self.holds_snapshots:
             return state
         state["layout"] = {"numel": self._ring.numel, "dtype": _dtype_name(self._ring.dtype),
@@ -354,6 +410,10 @@ class LAWA:
     def load_state_dict(self, state: dict) -> None:
         check(isinstance(state, dict) and state.get("format") == STATE_FORMAT,
               "lawa state is not a LAWA state dict of this version; pass what LAWA.state_dict() returned")
+        saved_size = state.get("world_size")
+        check(saved_size is None or int(saved_size) == process_count(),
+              f"lawa state holds the shards of a sharded EMA saved by {saved_size} processes but this run has "
+              f"{process_count()}; resume with {saved_size} processes, or start a new window")
         steps = [int(s) for s in state["snapshot_steps"]][-self.config.k:]
         self._calls = int(state.get("calls", 0))
         self.skipped_steps = list(state.get("skipped_steps", []))

@@ -21,6 +21,13 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def process_count() -> int:
+    """How many processes run: torch.distributed's world size when initialised, else $WORLD_SIZE (1 outside launchers)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process(accelerator: Optional[Any] = None) -> bool:
     """True on the process that writes files and prints (the accelerator's main process when given)."""
     if accelerator is not None:

@@ -1,7 +1,8 @@
 """Adapters exposing "the tensors to snapshot" from the objects LAWA can sit on.
 
 Tensors are fetched on every call (never cached): diffusers' EMAModel replaces its
-``shadow_params`` list on ``to()`` and ``load_state_dict()``.
+``shadow_params`` list on ``to()`` and ``load_state_dict()``. Sharded tensors (FSDP2 / DTensor)
+are exposed as this process's local shard: LAWA keeps and averages each process's own shard.
 """
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2's sharded parameters and the EMA copies made of them)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor shards nothing
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (writes go through to it), else the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
 
 
 class TensorSource:
@@ -19,8 +34,16 @@ class TensorSource:
     def __init__(self, obj: Any):
         self.obj = obj
 
-    def tensors(self) -> List[torch.Tensor]:
+    def raw_tensors(self) -> List[torch.Tensor]:
+        """The tensors as the source holds them (DTensors when sharded)."""
         return list(self.obj)
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The tensors to snapshot: the local shard of each sharded one."""
+        return [local_shard(t) for t in self.raw_tensors()]
+
+    def sharded(self) -> bool:
+        return any(is_sharded(t) for t in self.raw_tensors())
 
     def current_step(self) -> Optional[int]:
         return None
@@ -30,7 +53,10 @@ class TensorSource:
         return None, None
 
     def targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
-        """The tensors of ``module_or_params`` that correspond, in order, to ``tensors()``."""
+        """The tensors of ``module_or_params`` that correspond, in order, to ``tensors()`` (local shards)."""
+        return [local_shard(t) for t in self.raw_targets_of(module_or_params)]
+
+    def raw_targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
         if isinstance(module_or_params, nn.Module):
             return [p.data for p in module_or_params.parameters()]
         return [p.data if isinstance(p, nn.Parameter) else p for p in module_or_params]
@@ -39,7 +65,7 @@ class TensorSource:
 class EMAModelSource(TensorSource):
     kind = "diffusers.EMAModel"
 
-    def tensors(self) -> List[torch.Tensor]:
+    def raw_tensors(self) -> List[torch.Tensor]:
         return list(self.obj.shadow_params)
 
     def current_step(self) -> Optional[int]:
@@ -55,20 +81,20 @@ class AveragedModelSource(TensorSource):
     def _uses_buffers(self) -> bool:
         return bool(getattr(self.obj, "use_buffers", False))
 
-    def tensors(self) -> List[torch.Tensor]:
-        return self.targets_of(self.obj.module)
+    def raw_tensors(self) -> List[torch.Tensor]:
+        return self.raw_targets_of(self.obj.module)
 
     def current_step(self) -> Optional[int]:
         return int(self.obj.n_averaged.item())
 
-    def targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
+    def raw_targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
         if isinstance(module_or_params, nn.Module):
             module = getattr(module_or_params, "module", module_or_params) if module_or_params is self.obj else module_or_params
             out = [p.data for p in module.parameters()]
             if self._uses_buffers():
                 out += [b for b in module.buffers() if b.is_floating_point()]
             return out
-        return super().targets_of(module_or_params)
+        return super().raw_targets_of(module_or_params)
 
     def model_template(self) -> tuple[Any, Any]:
         module = self.obj.module
@@ -79,7 +105,7 @@ class AveragedModelSource(TensorSource):
 class ModuleSource(TensorSource):
     kind = "nn.Module"
 
-    def tensors(self) -> List[torch.Tensor]:
+    def raw_tensors(self) -> List[torch.Tensor]:
         return [p.data for p in self.obj.parameters()]
 
     def model_template(self) -> tuple[Any, Any]:

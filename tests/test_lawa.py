@@ -204,6 +204,20 @@ def test_state_dict_roundtrip_bitwise(tmp_path, storage):
     assert torch.equal(other.average_flat(), lawa.average_flat())
 
 
+def test_unsharded_state_records_no_world_size_and_a_sharded_one_needs_its_own(monkeypatch):
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
+    drive(lawa, tensors, g, 3)
+    state = lawa.state_dict()
+    assert "world_size" not in state  # an unsharded window fits any number of processes
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    other = LAWA([t.clone() for t in tensors], LAWAConfig(k=2, every_n_steps=1))
+    other.load_state_dict(state)
+    assert torch.equal(other.average_flat(), lawa.average_flat())
+    with pytest.raises(ValueError, match="saved by 2 processes but this run has 3; resume with 2 processes"):
+        other.load_state_dict({**state, "world_size": 2})  # as a sharded window of 2 processes records it
+
+
 def test_load_rejects_other_layout():
     tensors, g = make_source()
     lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
