@@ -15,7 +15,7 @@ from lawa_diffusion import cli, runfolder
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.tracks import nearest_snapshot
-from tests.test_train import run, run_crashing_at, tiny_config, unet_weights, without_timing, write_yaml
+from tests.test_train import run, run_crashing_at, tiny_config, torchrun_to_4_then_6, unet_weights, without_timing, write_yaml
 
 TRACKS = [{"name": "fast", "decay": 0.5}, {"name": "fast_twin", "decay": 0.5}, {"name": "slow", "half_life": 3}]
 WINDOWS = [{"name": "lawa_fast", "over": "fast", "k": 3, "every_n_steps": 2, "storage": "disk"},
@@ -187,21 +187,8 @@ def test_every_extra_window_gets_a_lag_plan_line(tmp_path):
 def test_two_cpu_processes_evaluate_every_track_and_the_delayed_snapshot_on_both(tmp_path):
     """Under torchrun (snapshots on the main process only) the delayed baseline reaches the other process: its
     FID equals the track's own FID at the snapshot step, which needs both processes' samples to match."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.test_train import TORCHRUN_SCRIPT
-
-    script = tmp_path / "run.py"
-    script.write_text(TORCHRUN_SCRIPT)
     out = tmp_path / "mp"
-    cfg = tracks_config(out, max_train_steps=6, checkpointing_steps=4)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    for max_steps, resume in ((4, ""), (6, "latest")):
-        cfg["max_train_steps"] = max_steps
-        subprocess.run([torchrun, "--nproc_per_node", "2", str(script), json.dumps(cfg), resume], check=True,
-                       capture_output=True, timeout=600)
+    torchrun_to_4_then_6(tracks_config(out, max_train_steps=6, checkpointing_steps=4), tmp_path)
     rows = rows_by(str(out))
     assert sorted(rows) == sorted((s, v) for s in (2, 4, 6) for v in VARIANTS)
     delayed = rows[(6, "lawa_fast@delayed")]

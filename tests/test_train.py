@@ -255,17 +255,21 @@ train(TrainConfig.from_dict(json.loads(sys.argv[1])), resume=sys.argv[2] or None
 """
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_write_one_set_of_rows_and_resume(tmp_path):
+def torchrun_to_4_then_6(cfg: dict, tmp_path) -> None:
+    """Train ``cfg`` with 2 CPU processes (torchrun, gloo) to step 4, then resume it to step 6."""
     script = tmp_path / "run.py"
     script.write_text(TORCHRUN_SCRIPT)
-    out = tmp_path / "mp"
-    cfg = tiny_config(out, max_train_steps=6, checkpointing_steps=3)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     for max_steps, resume in ((4, ""), (6, "latest")):
         cfg["max_train_steps"] = max_steps
         subprocess.run([torchrun, "--nproc_per_node", "2", str(script), json.dumps(cfg), resume], check=True,
                        capture_output=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_write_one_set_of_rows_and_resume(tmp_path):
+    out = tmp_path / "mp"
+    torchrun_to_4_then_6(tiny_config(out, max_train_steps=6, checkpointing_steps=3), tmp_path)
     rows = read_jsonl(out / "metrics.jsonl")
     assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in (2, 4, 6) for v in ("raw", "ema", "lawa")]
     assert sorted(os.listdir(out / "checkpoint-6")).count("random_states_1.pkl") == 1
