@@ -15,7 +15,8 @@ from lawa_diffusion import cli, runfolder
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.tracks import nearest_snapshot
-from tests.test_train import run, run_crashing_at, tiny_config, torchrun_to_4_then_6, unet_weights, without_timing, write_yaml
+from tests.test_train import (run, run_crashing_at, tiny_config, torchrun_to_4_then_6, unet_weights, without_timing,
+                              write_yaml)
 
 TRACKS = [{"name": "fast", "decay": 0.5}, {"name": "fast_twin", "decay": 0.5}, {"name": "slow", "half_life": 3}]
 WINDOWS = [{"name": "lawa_fast", "over": "fast", "k": 3, "every_n_steps": 2, "storage": "disk"},
