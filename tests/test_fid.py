@@ -225,10 +225,10 @@ def test_num_samples_below_two_is_refused(stand_in):
 
 
 MULTI = r"""
-import json, sys, torch
+import json, os, sys, torch
 from accelerate import Accelerator
-sys.path.insert(0, sys.argv[2])
-from test_fid import tiny_unet
+sys.path.insert(0, os.path.dirname(sys.argv[2]))  # the checkout: the tests package imports from it
+from tests.test_fid import tiny_unet
 from lawa_diffusion import fid, inception, sampling
 acc = Accelerator(cpu=True)
 ex = inception.stand_in_extractor(dim=16)
