@@ -165,16 +165,21 @@ def snapshot_steps(window: LAWAConfig, t: int) -> List[int]:
     return [last - j * window.every_n_steps for j in range(count - 1, -1, -1)]
 
 
-def lawa_profile(track: EMATrack, window: LAWAConfig, t: int, d: Optional[np.ndarray] = None) -> np.ndarray:
-    """Weights on ``θ_0..θ_t`` of LAWA over ``track`` after step ``t`` (the mean of the held snapshot profiles)."""
-    steps = snapshot_steps(window, t)
-    check(bool(steps), f"plan step {t} comes before LAWA's first snapshot at step "
-                       f"{first_snapshot(window)}; ask for steps >= {first_snapshot(window)}")
+def snapshots_profile(track: EMATrack, steps: Sequence[int], t: int, d: Optional[np.ndarray] = None) -> np.ndarray:
+    """Weights on ``θ_0..θ_t`` of the uniform mean of ``track``'s weights at ``steps`` (each <= t)."""
     d = decays(track, t) if d is None else d
     w = np.zeros(t + 1)
     for s in steps:
         w[: s + 1] += profile(track, s, d)
     return w / len(steps)
+
+
+def lawa_profile(track: EMATrack, window: LAWAConfig, t: int, d: Optional[np.ndarray] = None) -> np.ndarray:
+    """Weights on ``θ_0..θ_t`` of LAWA over ``track`` after step ``t`` (the mean of the held snapshot profiles)."""
+    steps = snapshot_steps(window, t)
+    check(bool(steps), f"plan step {t} comes before LAWA's first snapshot at step "
+                       f"{first_snapshot(window)}; ask for steps >= {first_snapshot(window)}")
+    return snapshots_profile(track, steps, t, d)
 
 
 def first_snapshot(window: LAWAConfig) -> int:

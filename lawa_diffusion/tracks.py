@@ -37,7 +37,7 @@ def variant_lag(track: lag.EMATrack, step: int, snapshot_steps: Optional[Sequenc
     if snapshot_steps is None:
         return lag.mean_lag(lag.profile(track, step, d))
     check(len(snapshot_steps) > 0, "mean lag of a window needs at least one snapshot step")
-    return sum(lag.mean_lag(lag.profile(track, s, d)) + step - s for s in snapshot_steps) / len(snapshot_steps)
+    return lag.mean_lag(lag.snapshots_profile(track, snapshot_steps, step, d))
 
 
 def lag_tracks_of(cfg: TrainConfig) -> Dict[str, lag.EMATrack]:
