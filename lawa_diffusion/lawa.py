@@ -91,7 +91,8 @@ class LAWA:
         return self.config.snapshot_ranks == "all" or process_rank() == 0
 
     def _all_ranks_if_sharded(self) -> None:
-        """A sharded source needs every process to keep its own shard: snapshot_ranks 'main' becomes 'all'."""
+        """A sharded source needs every process to keep its own shard: snapshot_ranks 'main' becomes 'all'.
+        Decided once, when the engine is made (a walk over every source tensor: not for each snapshot)."""
         if self.config.snapshot_ranks == "main" and self.source.sharded():
             if is_main_process():
                 warn(f"lawa {self.name!r}: the EMA is sharded (FSDP / DTensor), so every process keeps the window "
@@ -118,7 +119,6 @@ class LAWA:
             return False
         if not self.due(step):
             return False
-        self._all_ranks_if_sharded()
         self.resolve_checks()
         tensors = self.source.tensors()
         if not self.holds_snapshots:  # keep the same window (and checks) as the main process
