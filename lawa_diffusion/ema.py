@@ -80,3 +80,47 @@ class LAWAEMAModel(EMAModel):
     def save_lawa_pretrained(self, path) -> None:
         """Write the LAWA weights as a diffusers model folder."""
         self.lawa.save_pretrained(path)
+
+
+class PowerEMAModel(EMAModel):
+    """diffusers' ``EMAModel`` with EDM2's power-function decay ``β = (1 − 1/m)^(γ+1)`` (``m`` = updates counted
+    from the first one, as ``lag.decays`` does): after ``t`` updates its weight on step ``s`` grows about like
+    ``s^γ`` (``lag.profile`` gives it exactly).
+
+    Give ``gamma`` or ``sigma_rel`` (``lag.gamma_of_sigma_rel``); every other ``EMAModel`` option keeps its
+    meaning (``update_after_step``; ``decay`` caps β and defaults to 1, no cap). ``state_dict`` carries
+    ``gamma``, so checkpoints resume the same track.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], *args: Any, gamma: Optional[float] = None,
+                 sigma_rel: Optional[float] = None, decay: float = 1.0, **kwargs: Any):
+        from lawa_diffusion import lag
+
+        if gamma is None and sigma_rel is None:
+            gamma = lag.gamma_of_sigma_rel(0.05)
+        self.gamma = lag.power_ema(gamma=gamma, sigma_rel=sigma_rel).gamma
+        super().__init__(parameters, *args, decay=decay, **kwargs)
+
+    @property
+    def sigma_rel(self) -> float:
+        from lawa_diffusion import lag
+
+        return lag.sigma_rel_of_gamma(self.gamma)
+
+    def get_decay(self, optimization_step: int) -> float:
+        step = max(0, optimization_step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        value = (1.0 - 1.0 / (step + 1.0)) ** (self.gamma + 1.0)
+        return max(min(value, self.decay), self.min_decay)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "gamma": self.gamma}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        gamma = state_dict.pop("gamma", None)
+        if gamma is not None:
+            check(isinstance(gamma, (int, float)) and gamma > 0, f"power EMA state gamma must be > 0, got {gamma!r}")
+            self.gamma = float(gamma)
+        super().load_state_dict(state_dict)

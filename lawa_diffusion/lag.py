@@ -21,6 +21,11 @@ Tracks follow diffusers' ``EMAModel`` exactly: the shadow starts as ``θ_0``; ca
 ``1 − (1 + s/inv_gamma)^−power`` or, without warm-up, ``(1 + s)/(10 + s)`` with
 ``s = n − update_after_step − 1``, then caps it at ``decay`` and raises it to ``min_decay``.
 A constant-decay EMA ``d`` is ``EMAModel(decay=d, min_decay=d)``; raw weights are decay 0.
+A power-function EMA (EDM2, Karras et al. 2024) with exponent ``γ`` (``gamma``) replaces the rule by
+``β = (1 − 1/m)^(γ+1)`` with ``m = s + 1`` (``m = n`` without ``update_after_step``): its weights grow
+about like ``s^γ`` over the steps it has seen (exactly what :func:`profile` computes), and its relative spread is
+``σ_rel = √((γ+1) / ((γ+2)²(γ+3)))`` (:func:`sigma_rel_of_gamma`, :func:`gamma_of_sigma_rel`); the
+engine is :class:`lawa_diffusion.ema.PowerEMAModel`.
 
 LAWA over a track (``k``, ``ν = every_n_steps``, ``start_step``) at step ``t`` is the uniform mean of
 the track's profiles at the latest ``k`` steps ``s ≤ t`` with ``s ≥ start_step``,
@@ -51,6 +56,7 @@ class EMATrack:
     use_ema_warmup: bool = False
     inv_gamma: float = 1.0
     power: float = 2 / 3
+    gamma: Optional[float] = None  # power-function EMA exponent (EDM2); None: diffusers' decay rule
 
     def __post_init__(self) -> None:
         check(0.0 <= self.decay <= 1.0, f"ema decay must be between 0 and 1, got {self.decay!r}")
@@ -59,6 +65,25 @@ class EMATrack:
               f"ema update_after_step must be an integer >= 0, got {self.update_after_step!r}")
         check(self.inv_gamma > 0, f"ema inv_gamma must be > 0, got {self.inv_gamma!r}")
         check(self.power > 0, f"ema power must be > 0, got {self.power!r}")
+        check(self.gamma is None or (isinstance(self.gamma, (int, float)) and self.gamma > 0),
+              f"ema gamma (power-function EMA exponent) must be > 0, got {self.gamma!r}")
+
+    @classmethod
+    def from_dict(cls, values: Any) -> "EMATrack":
+        """The track of a mapping written by :meth:`to_dict` (unknown keys refused, with the valid ones)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        check(isinstance(values, dict) and set(values) <= set(names),
+              f"an EMA track definition must be a mapping with keys among {', '.join(names)}, got {values!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (what snapshot files keep in their metadata as ``track_def``)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def sigma_rel(self) -> Optional[float]:
+        """EDM2's relative standard deviation of a power-function track (None for other tracks)."""
+        return None if self.gamma is None else sigma_rel_of_gamma(self.gamma)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "EMATrack":
@@ -67,12 +92,18 @@ class EMATrack:
         return cls(**{n: getattr(settings, n) for n in names if hasattr(settings, n)})
 
     def ema_kwargs(self) -> dict:
-        """Keyword arguments that make diffusers' ``EMAModel`` follow this track."""
-        return dataclasses.asdict(self)
+        """Keyword arguments that make diffusers' ``EMAModel`` (or, with ``gamma``, ``PowerEMAModel``) follow
+        this track."""
+        kwargs = dataclasses.asdict(self)
+        if self.gamma is None:
+            del kwargs["gamma"]
+        return kwargs
 
     @property
     def constant_decay(self) -> Optional[float]:
         """The decay used after the first update when it never changes, else None."""
+        if self.gamma is not None:
+            return None
         if self.decay == 0.0:
             return 0.0
         if self.min_decay >= self.decay:
@@ -84,6 +115,8 @@ class EMATrack:
         if d == 0.0:
             return "raw weights"
         delay = f", updates from step {self.update_after_step + 2}" if self.update_after_step else ""
+        if self.gamma is not None:
+            return f"power-function EMA σ_rel {self.sigma_rel:.4g} (γ {self.gamma:.4g}{delay})"
         if d is not None:
             return f"constant-decay EMA {d:.6g} (half-life {half_life_of(d):.4g} steps{delay})"
         rule = (f"warm-up 1-(1+s/{self.inv_gamma:g})^-{self.power:g}" if self.use_ema_warmup
@@ -104,6 +137,35 @@ def half_life_ema(half_life: float) -> EMATrack:
     check(isinstance(half_life, (int, float)) and half_life > 0,
           f"ema half-life must be > 0 steps, got {half_life!r}")
     return constant_ema(0.5 ** (1.0 / half_life))
+
+
+def power_ema(gamma: Optional[float] = None, sigma_rel: Optional[float] = None) -> EMATrack:
+    """EDM2's power-function EMA, from its exponent ``gamma`` or its ``sigma_rel`` (exactly one)."""
+    check((gamma is None) != (sigma_rel is None),
+          f"a power-function EMA needs exactly one of gamma and sigma_rel, got gamma={gamma!r}, sigma_rel={sigma_rel!r}")
+    g = gamma_of_sigma_rel(sigma_rel) if gamma is None else gamma
+    check(isinstance(g, (int, float)) and g > 0, f"power-function EMA gamma must be > 0, got {g!r}")
+    return EMATrack(decay=1.0, min_decay=0.0, gamma=float(g))
+
+
+SIGMA_REL_MAX = math.sqrt(1.0 / 12.0)  # σ_rel at γ = 0 (a uniform mean of everything seen): 0.2887
+
+
+def sigma_rel_of_gamma(gamma: float) -> float:
+    """``σ_rel = √((γ+1) / ((γ+2)²(γ+3)))`` (EDM2 eq. 3): 16.97 → 0.05, 6.94 → 0.10."""
+    check(isinstance(gamma, (int, float)) and gamma > 0, f"power-function EMA gamma must be > 0, got {gamma!r}")
+    return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
+
+
+def gamma_of_sigma_rel(sigma_rel: float) -> float:
+    """The ``γ > 0`` whose power-function EMA has relative spread ``sigma_rel`` (0 < σ_rel < 0.2887)."""
+    check(isinstance(sigma_rel, (int, float)) and 0.0 < sigma_rel < SIGMA_REL_MAX,
+          f"sigma_rel must be > 0 and < {SIGMA_REL_MAX:.4f} (γ > 0), got {sigma_rel!r}; 0.05 to 0.15 are usual")
+    # σ² (γ+2)² (γ+3) − (γ+1) = 0: σ² γ³ + 7σ² γ² + (16σ² − 1) γ + 12σ² − 1.
+    v = float(sigma_rel) ** 2
+    roots = np.roots([v, 7.0 * v, 16.0 * v - 1.0, 12.0 * v - 1.0])
+    real = [float(r.real) for r in roots if abs(r.imag) < 1e-9 and r.real > 0]
+    return max(real)
 
 
 def raw_weights() -> EMATrack:
@@ -130,7 +192,9 @@ def decays(track: EMATrack, t: int) -> np.ndarray:
     n = np.arange(t + 1, dtype=np.float64)
     s = np.maximum(0.0, n - track.update_after_step - 1)
     with np.errstate(divide="ignore"):
-        if track.use_ema_warmup:
+        if track.gamma is not None:
+            d = (1.0 - 1.0 / (s + 1.0)) ** (track.gamma + 1.0)
+        elif track.use_ema_warmup:
             d = 1.0 - (1.0 + s / track.inv_gamma) ** -track.power
         else:
             d = (1.0 + s) / (10.0 + s)
