@@ -8,6 +8,7 @@ from diffusers.training_utils import EMAModel
 
 from lawa_diffusion.config import LAWAConfig, check
 from lawa_diffusion.lawa import LAWA
+from lawa_diffusion.zero3 import let_diffusers_gather
 
 WEIGHT_CHOICES = ("ema", "lawa")
 
@@ -36,6 +37,7 @@ class LAWAEMAModel(EMAModel):
     @torch.no_grad()
     def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         self.lawa.before_source_update()
+        let_diffusers_gather()  # under ZeRO-3, diffusers' step gathers the partitioned parameters
         super().step(parameters)
         self.lawa.step(self.optimization_step)
 

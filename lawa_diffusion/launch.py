@@ -203,10 +203,13 @@ def lawa_config_from_args(args: Any, environ: Optional[Mapping[str, str]] = None
 def save_lawa_next_to(ema: Any, ema_folder: str | os.PathLike) -> Optional[str]:
     """Write ``ema.lawa``'s weights beside an EMA folder (``unet_ema`` -> ``unet_lawa``).
 
-    Does nothing (returns None) before the window holds a snapshot or on a process that holds none.
+    Over a sharded EMA (FSDP2 / DTensor) call it on every process: the shards are gathered and the main
+    process writes. Otherwise only the main process writes. Does nothing (returns None) before the window
+    holds a snapshot or on a process that takes no part.
     """
     lawa = ema.lawa
-    if not (lawa.holds_snapshots and lawa.ready and is_main_process()):
+    sharded = lawa.source.sharded()
+    if not (lawa.holds_snapshots and lawa.ready and (sharded or is_main_process())):
         return None
     folder = lawa_folder_for(ema_folder)
     lawa.save_pretrained(folder)

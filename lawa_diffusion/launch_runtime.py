@@ -27,7 +27,6 @@ from lawa_diffusion.files import atomic_dir, atomic_write_json
 from lawa_diffusion.launch_fid import FIDMonitor
 from lawa_diffusion import runfolder
 from lawa_diffusion.output import is_main_process, say
-from lawa_diffusion.sources import is_sharded
 
 PROG = "lawa_diffusion.launch"
 RUN_FILE = "lawa_launch.json"  # in each checkpoint: the world size that wrote it
@@ -49,6 +48,12 @@ def lawa_folder_for(path: str | os.PathLike) -> str:
     if name == "ema":
         return os.path.join(parent, "lawa")
     return os.path.join(parent, name + "_lawa")
+
+
+def sharded_lawa_folder(name: str) -> str:
+    """The checkpoint subfolder where the save hook writes the gathered LAWA weights of a sharded EMA
+    (engine ``lawa`` -> ``unet_lawa``, ``lawa_2`` -> ``unet_lawa_2``)."""
+    return f"unet_{name}"
 
 
 def saved_whole(save: Callable[[str], Any], folder: str) -> str:
@@ -120,18 +125,16 @@ def check_window(lawa: Any, folder: str) -> None:
           f"{_options(now, differ)}; resume with {_options(saved, differ, flags=True)}, or start a new output_dir")
 
 
-def check_unsharded(parameters: Any) -> list:
-    """Refuse an EMA of sharded parameters (FSDP2 / DTensor): its LAWA folders would need every process, and
-    the plugin writes them in the save hooks, which diffusers scripts run on the main process only.
-    Returns ``parameters`` as a list (or the module as it came), ready for ``EMAModel``."""
+def check_ema_source(parameters: Any) -> Any:
+    """Refuse an EMA the plugin cannot keep LAWA over: one made from ZeRO-3 partitions (its weights would be
+    empty). Sharded (FSDP2 / DTensor) EMAs are kept: each process holds its shard's window, and the save hooks
+    write the gathered LAWA folder on every process. Returns ``parameters`` as a list (or the module as it
+    came), ready for ``EMAModel``."""
+    from lawa_diffusion import zero3
+
     if not hasattr(parameters, "parameters"):
         parameters = list(parameters)
-    tensors = parameters.parameters() if hasattr(parameters, "parameters") else parameters
-    check(not any(is_sharded(p) for p in tensors),
-          "the launch plugin cannot keep LAWA over a sharded EMA (FSDP / DTensor parameters), since writing its "
-          "*_lawa folders would need every process at every save; make the EMA from the unsharded model "
-          "(before accelerator.prepare), or keep LAWA in the script with LAWAEMAModel and call its "
-          "save_lawa_pretrained on every process")
+    zero3.check_ema_source(parameters.parameters() if hasattr(parameters, "parameters") else parameters, "the launch plugin")
     return parameters
 
 
@@ -247,16 +250,20 @@ class Plugin:
 
     # ------------------------------------------------------------------ LAWA folders
     def write_lawa(self, ema: Any, folder: str, template: Any = None) -> None:
-        """Write the LAWA weights of ``ema`` to ``folder`` (main process; once the window is ready)."""
+        """Write the LAWA weights of ``ema`` to ``folder`` once the window is ready: on the main process, or, over
+        a sharded EMA, on every process (the shards are gathered; the main process writes)."""
         lawa = ema.lawa
-        if not (is_main_process() and lawa.holds_snapshots):
+        sharded = lawa.source.sharded()
+        if not (lawa.holds_snapshots and (sharded or is_main_process())):
             return
         if not lawa.ready:
-            self.skipped.append(folder)
+            if is_main_process():
+                self.skipped.append(folder)
             return
         model_cls, model_config = lawa.source.model_template()
         lawa.save_pretrained(folder, model=None if model_cls is not None and model_config is not None else template)
-        self.written.append(folder)
+        if is_main_process():
+            self.written.append(folder)
 
     def _model_save_wrapper(self, original: Callable) -> Callable:
         plugin = self
@@ -266,7 +273,7 @@ class Plugin:
             result = original(model, save_directory, *args, **kwargs)
             ids = {id(p) for p in model.parameters()}
             for ema in plugin.emas:
-                if ema._lawa_swapped_ids and ema._lawa_swapped_ids == ids:
+                if ema._lawa_swapped_ids and ema._lawa_swapped_ids == ids and not ema.lawa.source.sharded():
                     plugin.write_lawa(ema, lawa_folder_for(save_directory), template=model)
             return result
 
@@ -303,10 +310,13 @@ class Plugin:
         def save_hook(models, weights, output_dir):
             if plugin.fid is not None:
                 plugin.fid.flush()
+            for ema in plugin.emas:  # save_state runs on every process that calls it: each saves what it holds
+                sharded = ema.lawa.source.sharded()
+                if ema.lawa.holds_snapshots and (accelerator.is_main_process or sharded):
+                    save_engine_state(ema.lawa, output_dir)
+                if sharded:  # a collective: diffusers cannot save a sharded EMA folder, so the LAWA one goes here
+                    plugin.write_lawa(ema, os.path.join(output_dir, sharded_lawa_folder(ema.lawa.name)))
             if accelerator.is_main_process and plugin.emas:
-                for ema in plugin.emas:
-                    if ema.lawa.holds_snapshots:
-                        save_engine_state(ema.lawa, output_dir)
                 atomic_write_json(os.path.join(output_dir, RUN_FILE), {"world_size": accelerator.num_processes})
 
         @reported_as_input_errors
@@ -356,7 +366,7 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
 
         @reported_as_input_errors
         def __init__(self, parameters, *args, **kwargs):
-            parameters = check_unsharded(parameters)  # before LAWA sees the EMA
+            parameters = check_ema_source(parameters)  # before LAWA sees the EMA
             super().__init__(parameters, *args, lawa=plugin.lawa_config(), **kwargs)
             self._lawa_swapped_ids: Optional[set] = None
             self._lawa_saving = False
@@ -400,7 +410,7 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
                 super().save_pretrained(path)
             finally:
                 self._lawa_saving = False
-            if not self._lawa_temporary:
+            if not self._lawa_temporary and not self.lawa.source.sharded():
                 plugin.write_lawa(self, lawa_folder_for(path))
 
     return EMAModel

@@ -142,13 +142,13 @@ class TrackSet:
     def register(self, accelerator) -> None:
         """save_state also writes unet_ema[_<track>]/ and (once ready) unet_lawa[_<window>]/; load_state
         restores every track; each window's engine state travels under its name."""
-        def save_hook(models, weights, output_dir):
-            if not accelerator.is_main_process:
-                return
-            for name, ema in self.emas.items():
-                ema.save_pretrained(os.path.join(output_dir, ema_folder(name)))
-            for name, window in self.windows.items():
-                if window.ready:
+        def save_hook(models, weights, output_dir):  # runs on every process (save_checkpoint)
+            main = accelerator.is_main_process
+            if main:
+                for name, ema in self.emas.items():
+                    ema.save_pretrained(os.path.join(output_dir, ema_folder(name)))
+            for name, window in self.windows.items():  # a sharded window's save gathers: every process takes part
+                if window.ready and (main or window.source.sharded()):
                     window.save_pretrained(os.path.join(output_dir, lawa_folder(name)))
 
         def load_hook(models, input_dir):

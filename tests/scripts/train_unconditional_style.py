@@ -11,7 +11,14 @@ with PIL (no ``datasets``), the UNet is a few thousand parameters, batches are n
 noise of each step comes from a generator seeded by (seed, step, process index), so a resumed run
 draws the same noise as an uninterrupted one on every process. ``--crash_after_step N`` ends the
 process abruptly after step N, as a killed job would.
+
+Under DeepSpeed it does what diffusers' DeepSpeed-aware examples do: ``save_state`` on every process,
+no ``weights.pop()`` on the empty list accelerate hands the hooks (DeepSpeed's own checkpoint holds
+the model, so the hooks save and load only the EMA), and, under ZeRO-3, the final save inside
+``deepspeed.zero.GatheredParameters`` on every process. ``--save_raw_weights`` also writes the trained
+weights (``unet_raw``) at the final save.
 """
+import contextlib
 import argparse
 import math
 import os
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -60,6 +67,7 @@ def parse_args():
     parser.add_argument("--resume_from_checkpoint", type=str, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crash_after_step", type=int, default=None)
+    parser.add_argument("--save_raw_weights", action="store_true")
     return parser.parse_args()
 
 
@@ -92,6 +100,16 @@ def tiny_unet(resolution):
     )
 
 
+def full_weights(accelerator, module):
+    """Under ZeRO-3, the module's full parameters on every process for the block (changes are dropped)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -101,6 +119,7 @@ def main(args):
         project_dir=logging_dir,
     )
     set_seed(args.seed)
+    deepspeed_run = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     if version.parse(accelerate.__version__) >= version.parse("0.16.0"):
 
@@ -108,9 +127,10 @@ def main(args):
             if accelerator.is_main_process:
                 if args.use_ema:
                     ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
-                for i, model in enumerate(models):
+                for i, model in enumerate([] if deepspeed_run else models):
                     model.save_pretrained(os.path.join(output_dir, "unet"))
-                    weights.pop()
+                    if weights:
+                        weights.pop()
 
         def load_model_hook(models, input_dir):
             if args.use_ema:
@@ -118,7 +138,7 @@ def main(args):
                 ema_model.load_state_dict(load_model.state_dict())
                 ema_model.to(accelerator.device)
                 del load_model
-            for i in range(len(models)):
+            for i in range(0 if deepspeed_run else len(models)):
                 model = models.pop()
                 load_model = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
                 model.register_to_config(**load_model.config)
@@ -244,7 +264,7 @@ def main(args):
                 progress_bar.update(1)
                 global_step += 1
 
-                if accelerator.is_main_process:
+                if accelerator.is_main_process or deepspeed_run:
                     if global_step % args.checkpointing_steps == 0:
                         save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
                         accelerator.save_state(save_path)
@@ -262,16 +282,19 @@ def main(args):
 
         accelerator.wait_for_everyone()
 
-        if accelerator.is_main_process:
-            if epoch % args.save_model_epochs == 0 or epoch == args.num_epochs - 1:
-                unet = accelerator.unwrap_model(model)
-                if args.use_ema:
-                    ema_model.store(unet.parameters())
-                    ema_model.copy_to(unet.parameters())
-                pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-                pipeline.save_pretrained(args.output_dir)
-                if args.use_ema:
-                    ema_model.restore(unet.parameters())
+        if epoch % args.save_model_epochs == 0 or epoch == args.num_epochs - 1:
+            unet = accelerator.unwrap_model(model)
+            with full_weights(accelerator, unet):
+                if accelerator.is_main_process:
+                    if args.save_raw_weights:
+                        unet.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
+                    if args.use_ema:
+                        ema_model.store(unet.parameters())
+                        ema_model.copy_to(unet.parameters())
+                    pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+                    pipeline.save_pretrained(args.output_dir)
+                    if args.use_ema:
+                        ema_model.restore(unet.parameters())
 
     logger.info(f"Finished {global_step} of {max_train_steps} steps")
     accelerator.end_training()

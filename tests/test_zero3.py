@@ -1,0 +1,127 @@
+"""Real DeepSpeed ZeRO-3 (2 CPU processes under torchrun, gloo): the diffusers-style script with ``--use_ema``
+through the launch plugin (with its FID monitor), through a ``lawa-diffusion patch``-ed copy (the API:
+``LAWAEMAModel`` + ``attach`` + ``save_lawa_next_to``), and a killed plugin run resumed.
+
+Parameters are ZeRO-3 partitions; the EMA, made from the model before ``accelerator.prepare``, keeps full
+tensors on every process and steps through diffusers' ``GatheredParameters``. The reference is the same
+script without LAWA (diffusers given the ``deepspeed`` name it imports itself when ZeRO-3 is on at import),
+checkpointing its EMA at every snapshot step: LAWA must equal the float64 mean of those EMA folders, and
+the trained weights must be bitwise those of the reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_launch import make_images
+
+pytest.importorskip("deepspeed")
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "scripts" / "train_unconditional_style.py"
+RUNNER = HERE / "scripts" / "zero3_cpu.py"
+K, NU, STEPS = 2, 2, 4  # 8 images, 2 per process and step: 2 steps per epoch, 2 epochs
+LAWA = ["--lawa_k", str(K), "--lawa_every_n_steps", str(NU)]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+DS_CONFIG = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+             "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}  # 4 = 2 per process x 1 x 2 processes
+
+
+def torchrun(tmp: Path, *argv: str) -> subprocess.CompletedProcess:
+    config = tmp / "ds_config.json"
+    if not config.exists():
+        config.write_text(json.dumps(DS_CONFIG))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true",
+           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config), "PYTHONPATH": str(HERE.parent)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(RUNNER), *argv], env=env, capture_output=True, text=True, timeout=600)
+
+
+def script_args(data: Path, out: Path, *extra: str) -> list:
+    return ["--train_data_dir", str(data), "--output_dir", str(out), "--use_ema", "--num_epochs", "2",
+            "--train_batch_size", "2", "--checkpointing_steps", str(NU), "--save_raw_weights", *extra]
+
+
+def weights(folder: Path) -> dict:
+    return {k: v.double() for k, v in load_file(str(folder / WEIGHTS)).items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from lawa_diffusion import cli
+
+    tmp = tmp_path_factory.mktemp("zero3")
+    data = make_images(tmp / "data")
+    patched = tmp / "patched.py"
+    assert cli.main(["patch", str(SCRIPT), "-o", str(patched)]) == 0
+    fid = ["--lawa_fid_every_n_steps", str(NU), "--lawa_fid_reference", str(data), "--lawa_fid_num_samples", "4",
+           "--lawa_fid_batch_size", "2", "--lawa_fid_num_inference_steps", "2"]
+    done = {
+        "reference": torchrun(tmp, "reference", str(SCRIPT), *script_args(data, tmp / "reference")),
+        "plugin": torchrun(tmp, "launch", *LAWA, *fid, str(SCRIPT), *script_args(data, tmp / "plugin")),
+        "patched": torchrun(tmp, "script", str(patched), *script_args(data, tmp / "patched", *LAWA)),
+        "killed": torchrun(tmp, "launch", *LAWA, str(SCRIPT), *script_args(data, tmp / "resumed", "--crash_after_step", "3")),
+    }
+    done["resumed"] = torchrun(tmp, "launch", *LAWA, str(SCRIPT),
+                               *script_args(data, tmp / "resumed", "--resume_from_checkpoint", "latest"))
+    for name, run in done.items():
+        assert (run.returncode != 0) == (name == "killed"), f"{name}: {run.stderr[-3000:]}"
+    return tmp, done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["plugin", "patched"])
+def test_lawa_is_the_mean_of_the_reference_ema_snapshots_and_training_is_unchanged(runs, how):
+    tmp, _ = runs
+    ref, out = tmp / "reference", tmp / how
+    expected_steps = list(range(NU, STEPS + 1, NU))[-K:]
+    snapshots = [weights(ref / f"checkpoint-{s}" / "unet_ema") for s in expected_steps]
+    expected = {k: torch.stack([w[k] for w in snapshots]).mean(0) for k in snapshots[0]}
+    assert max_diff(weights(out / f"checkpoint-{STEPS}" / "unet_lawa"), expected) <= 1e-6
+    assert max_diff(snapshots[-1], expected) > 1e-4  # the window really averages two different EMAs
+    assert max_diff(weights(out / "unet_raw"), weights(ref / "unet_raw")) == 0  # trained weights: bitwise
+    assert max_diff(weights(out / f"checkpoint-{STEPS}" / "unet_ema"), snapshots[-1]) == 0
+    assert max_diff(weights(out / "unet"), weights(ref / "unet")) == 0  # the final pipeline (EMA weights)
+    if how == "plugin":  # the LAWA twin of the final pipeline's UNet, saved with the EMA weights copied in
+        assert max_diff(weights(out / "unet_lawa"), expected) <= 1e-6
+
+
+@pytest.mark.slow
+def test_fid_monitor_evaluates_once_per_step_and_variant(runs):
+    tmp, _ = runs
+    rows = [json.loads(line) for line in (tmp / "plugin" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["variant"]) for r in rows] == [(s, v) for s in (2, 4) for v in ("ema", "lawa")]
+    assert rows[2]["fid"] != rows[3]["fid"]  # EMA and LAWA weights differ once the window holds 2 snapshots
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_from_its_checkpoint_ends_exactly_as_an_uninterrupted_one(runs):
+    tmp, done = runs
+    resumed, plugin = tmp / "resumed", tmp / "plugin"
+    assert "Resuming from checkpoint checkpoint-2" in done["resumed"].stdout + done["resumed"].stderr
+    for folder in (f"checkpoint-{STEPS}/unet_lawa", f"checkpoint-{STEPS}/unet_ema", "unet_raw", "unet_lawa"):
+        assert max_diff(weights(resumed / folder), weights(plugin / folder)) == 0, folder
+
+
+def test_an_ema_made_from_zero3_partitions_is_refused_in_one_sentence():
+    from lawa_diffusion import zero3
+
+    class Partition(torch.nn.Parameter):  # what ZeRO-3 leaves in a parameter outside a gather
+        ds_id, ds_numel, ds_shape = 0, 12, (3, 4)
+
+    with pytest.raises(ValueError, match=r"shape \(0,\) instead of \(3, 4\).*before accelerator.prepare"):
+        zero3.check_ema_source([Partition(torch.empty(0))], "the launch plugin")
+    zero3.check_ema_source([torch.nn.Parameter(torch.zeros(3, 4))], "the launch plugin")
