@@ -79,3 +79,20 @@ def test_resume_with_another_number_of_processes_is_refused_in_one_line(trained)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: lawa state holds the shards of a sharded EMA saved by 2 processes but this run has 1; "
                       "resume with 2 processes, or start a new window"], done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_trainer_hooks_and_save_lawa_next_to_gather_on_every_process(tmp_path):
+    """The trainer's track save hook and save_lawa_next_to, called on every process, gather a sharded window;
+    a save left to the main process alone would wait in the gather until the timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(SCRIPT.parent / "fsdp_saves.py"), "--output_dir", str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a gathering save hung: it was not called on every process")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = load_file(tmp_path / "reference.safetensors")
+    assert max_diff(folder_weights(tmp_path / "checkpoint" / "unet_lawa"), reference) <= 1e-6
+    assert max_diff(folder_weights(tmp_path / "unet_lawa"), reference) <= 1e-6
