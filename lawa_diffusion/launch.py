@@ -28,12 +28,14 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import re
 import runpy
 import sys
 import typing
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from lawa_diffusion.config import LAWAConfig, LaunchConfig, check, from_mapping, read_yaml
+from lawa_diffusion.config import (DTYPES, NONFINITE_POLICIES, SNAPSHOT_RANKS, STORAGE_MODES, LAWAConfig, LaunchConfig,
+                                   check, from_mapping, read_yaml)
 from lawa_diffusion.launch_runtime import PROG, LAWAInputError, Plugin, lawa_folder_for
 from lawa_diffusion.output import is_main_process, say
 
@@ -41,6 +43,7 @@ OPTION_PREFIX = "--lawa_"
 ENV_PREFIX = "LAWA_"
 CONFIG_OPTION = "config"  # --lawa_config / LAWA_CONFIG: the YAML file
 BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+CHOICES = {"storage": STORAGE_MODES, "dtype": DTYPES, "on_nonfinite": NONFINITE_POLICIES, "snapshot_ranks": SNAPSHOT_RANKS}
 USAGE = (f"accelerate launch [accelerate options] -m {PROG} [--lawa_* options] (SCRIPT.py | -m MODULE) [script args]")
 
 
@@ -93,16 +96,74 @@ def convert(value: str, typ: Any, where: str) -> Any:
     return value
 
 
+def is_flag(typ: Any) -> bool:
+    """True for a boolean option, which may be given bare (``--lawa_keep_average``) or with a value."""
+    return typ is bool
+
+
+def option_meanings() -> Dict[str, str]:
+    """Option name -> what it means, read from the ``LAWAConfig`` / ``LaunchConfig`` docstrings
+    (``name: meaning`` entries; ``a / b: meaning`` gives several options one meaning)."""
+    meanings: Dict[str, str] = {CONFIG_OPTION: "YAML file of LAWA options (a mapping, or sections lawa: and launch:)"}
+    for cls in (LAWAConfig, LaunchConfig):
+        current: List[str] = []
+        for line in (cls.__doc__ or "").splitlines():
+            entry = re.match(r"^    ([a-z_]+(?: / [a-z_]+)*): (.*)$", line)
+            if entry:
+                current = entry.group(1).split(" / ")
+                text = entry.group(2).strip().replace("``", "")
+                for name in current:
+                    meanings[name] = text if len(current) == 1 else f"{entry.group(1)}: {text}"
+            elif current and line.startswith("        ") and line.strip():
+                for name in current:
+                    meanings[name] += " " + line.strip().replace("``", "")
+            else:
+                current = []
+    return meanings
+
+
 def add_lawa_arguments(parser: argparse.ArgumentParser, launch_options: bool = False) -> argparse.ArgumentParser:
     """Add the ``--lawa_<name>`` options (every ``LAWAConfig`` field, ``--lawa_config``, and with
     ``launch_options`` the plugin's ``LaunchConfig`` fields) to an argparse parser. Values stay text
-    (None when not given) so that ``LAWA_*`` environment variables and the YAML file fill the rest."""
+    (None when not given) so that ``LAWA_*`` environment variables and the YAML file fill the rest;
+    a boolean option given bare means true."""
     defaults = {**dataclasses.asdict(LAWAConfig()), **dataclasses.asdict(LaunchConfig()), CONFIG_OPTION: None}
+    meanings = option_meanings()
     group = parser.add_argument_group("LAWA (Latest Weight Averaging over the EMA weights)")
-    for name in option_types(launch_options):
-        group.add_argument(OPTION_PREFIX + name, type=str, default=None, metavar=name.upper(),
-                           help=f"default {defaults[name]}; environment variable {ENV_PREFIX}{name.upper()}")
+    for name, typ in option_types(launch_options).items():
+        choices = CHOICES.get(name)
+        default = "null" if defaults[name] is None else str(defaults[name]).lower() if is_flag(typ) else defaults[name]
+        text = meanings.get(name, "").rstrip(".")
+        text += f". Choices: {'|'.join(choices)}" if choices else ""
+        text += f". Default: {default}; environment variable {ENV_PREFIX}{name.upper()}"
+        extra: Dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "true|false"} if is_flag(typ) else \
+            {"metavar": "|".join(choices) if choices else name.upper()}
+        group.add_argument(OPTION_PREFIX + name, type=str, default=None, help=text.replace("%", "%%"), **extra)
     return parser
+
+
+def bare_flags_given_true(argv: Sequence[str]) -> List[str]:
+    """The plugin's argv with ``true`` after each bare boolean ``--lawa_*`` option before the script, so a
+    bare flag never takes the script's name as its value."""
+    flags = {OPTION_PREFIX + name for name, typ in option_types().items() if is_flag(typ)}
+    argv, out, i = list(argv), [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in flags:
+            given = i + 1 < len(argv) and argv[i + 1].lower() in BOOL_WORDS
+            out += argv[i:i + 2] if given else [arg, "true"]
+            i += 2 if given else 1
+        elif arg.startswith(OPTION_PREFIX) and "=" not in arg:
+            out += argv[i:i + 2]
+            i += 2
+        elif arg.startswith("-") and arg not in ("-m", "--module") and not arg.startswith(OPTION_PREFIX):
+            return out + argv[i:]
+        elif not arg.startswith("-"):
+            return out + argv[i:]  # the script and its own arguments
+        else:
+            out.append(arg)
+            i += 1
+    return out
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -124,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_argv(argv: Sequence[str], environ: Optional[Mapping[str, str]] = None) -> tuple:
     """(PluginOptions, Target) from the plugin's command line."""
-    args, extras = build_parser().parse_known_args(list(argv))
+    args, extras = build_parser().parse_known_args(bare_flags_given_true(argv))
     for extra in extras:
         check(not extra.startswith(OPTION_PREFIX),
               f"unknown option {extra.split('=')[0]}; valid options are: {', '.join(option_names())}")

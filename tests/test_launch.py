@@ -272,6 +272,34 @@ def test_parse_argv_leaves_script_args_untouched():
     assert options.lawa.every_n_steps == 7 and (target.name, target.args, target.module) == ("json.tool", args, True)
 
 
+def test_boolean_options_work_as_bare_flags_and_with_a_value():
+    args = ["--output_dir", "o", "--use_ema"]
+    for given, expected in ((["--lawa_keep_average"], True), (["--lawa_keep_average", "true"], True),
+                            (["--lawa_keep_average", "no"], False), (["--lawa_keep_average=off"], False), ([], False)):
+        options, target = launch.parse_argv([*given, "--lawa_k", "3", str(SCRIPT), *args], environ={})
+        assert (options.lawa.keep_average, options.lawa.k) == (expected, 3), given
+        assert (target.name, target.args) == (str(SCRIPT), args), given
+    options, target = launch.parse_argv(["--lawa_k", "2", "--lawa_keep_average", "-m", "json.tool", "x"], environ={})
+    assert options.lawa.keep_average and (target.name, target.args, target.module) == ("json.tool", ["x"], True)
+    # in a patched script's own parser (add_lawa_arguments) too
+    import argparse
+
+    parser = launch.add_lawa_arguments(argparse.ArgumentParser())
+    parsed = parser.parse_args(["--lawa_keep_average", "--lawa_k", "2"])
+    assert launch.lawa_config_from_args(parsed, environ={}).keep_average is True
+
+
+def test_help_says_what_each_option_means_and_lists_the_choices(capsys):
+    assert launch.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for choices in ("device|cpu|disk", "raise|skip", "main|all", "float32|bfloat16|float16|float64"):
+        assert f"Choices: {choices}." in text, choices
+    assert "--lawa_keep_average [true|false]" in text
+    assert "how many snapshots the window holds. Default: 5; environment variable LAWA_K" in text
+    meanings = launch.option_meanings()
+    assert all(meanings.get(name) for name in launch.option_types()), "an option without a meaning"
+
+
 def test_yaml_with_unknown_key_is_refused(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("k: 3\nwindow: 4\n")
