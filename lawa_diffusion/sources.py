@@ -11,6 +11,8 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
+from lawa_diffusion import zero3
+
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """True for a DTensor (FSDP2's sharded parameters and the EMA copies made of them)."""
@@ -53,7 +55,11 @@ class TensorSource:
         return None, None
 
     def targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
-        """The tensors of ``module_or_params`` that correspond, in order, to ``tensors()`` (local shards)."""
+        """The tensors of ``module_or_params`` that correspond, in order, to ``tensors()`` (local shards).
+        ZeRO-3 partitions must be gathered (they are empty outside a gather)."""
+        if not isinstance(module_or_params, nn.Module):
+            module_or_params = list(module_or_params)
+        zero3.check_gathered(module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params)
         return [local_shard(t) for t in self.raw_targets_of(module_or_params)]
 
     def raw_targets_of(self, module_or_params: Any) -> List[torch.Tensor]:

@@ -46,11 +46,24 @@ def let_diffusers_gather() -> bool:
     return True
 
 
+def _empty_partition(parameters: Iterable[Any]) -> Any:
+    return next((p for p in parameters if is_partitioned(p) and p.numel() == 0 and getattr(p, "ds_numel", 0)), None)
+
+
 def check_ema_source(parameters: Iterable[Any], who: str) -> None:
     """Refuse an EMA made from ZeRO-3 partitions: its shadow weights would be empty tensors."""
-    empty = next((p for p in parameters if is_partitioned(p) and p.numel() == 0 and getattr(p, "ds_numel", 0)), None)
+    empty = _empty_partition(parameters)
     check(empty is None,
           f"{who} cannot keep LAWA over an EMA made from ZeRO-3 partitioned parameters (shape "
           f"{tuple(empty.shape) if empty is not None else ()} instead of {tuple(getattr(empty, 'ds_shape', ()))}): "
           "its weights would be empty; make the EMAModel from the model before accelerator.prepare, "
           "as diffusers' training examples do")
+
+
+def check_gathered(parameters: Iterable[Any]) -> None:
+    """Refuse to write LAWA weights into ZeRO-3 partitions outside a gather (they are empty there)."""
+    empty = _empty_partition(parameters)
+    check(empty is None,
+          f"lawa cannot copy weights into ZeRO-3 partitioned parameters (shape {tuple(empty.shape) if empty is not None else ()} "
+          f"instead of {tuple(getattr(empty, 'ds_shape', ()))}); gather them first, on every process: "
+          "with deepspeed.zero.GatheredParameters(params, modifier_rank=0): copy on the main process")

@@ -1,6 +1,7 @@
 """Real DeepSpeed ZeRO-3 (2 CPU processes under torchrun, gloo): the diffusers-style script with ``--use_ema``
-through the launch plugin (with its FID monitor), through a ``lawa-diffusion patch``-ed copy (the API:
-``LAWAEMAModel`` + ``attach`` + ``save_lawa_next_to``), and a killed plugin run resumed.
+through the launch plugin (with its FID monitor; killed after step 3 and resumed), through a
+``lawa-diffusion patch``-ed copy (``LAWAEMAModel`` + ``attach`` + ``save_lawa_next_to``), and the API by
+hand (tests/scripts/zero3_api.py: LAWA copied into the partitioned model inside ``GatheredParameters``).
 
 Parameters are ZeRO-3 partitions; the EMA, made from the model before ``accelerator.prepare``, keeps full
 tensors on every process and steps through diffusers' ``GatheredParameters``. The reference is the same
@@ -71,12 +72,13 @@ def runs(tmp_path_factory):
            "--lawa_fid_batch_size", "2", "--lawa_fid_num_inference_steps", "2"]
     done = {
         "reference": torchrun(tmp, "reference", str(SCRIPT), *script_args(data, tmp / "reference")),
-        "plugin": torchrun(tmp, "launch", *LAWA, *fid, str(SCRIPT), *script_args(data, tmp / "plugin")),
         "patched": torchrun(tmp, "script", str(patched), *script_args(data, tmp / "patched", *LAWA)),
-        "killed": torchrun(tmp, "launch", *LAWA, str(SCRIPT), *script_args(data, tmp / "resumed", "--crash_after_step", "3")),
+        "api": torchrun(tmp, "script", str(HERE / "scripts" / "zero3_api.py"), "--output_dir", str(tmp / "api")),
+        # the plugin run is killed after step 3 and resumed from checkpoint-2: its end is compared with the reference
+        "killed": torchrun(tmp, "launch", *LAWA, *fid, str(SCRIPT), *script_args(data, tmp / "plugin", "--crash_after_step", "3")),
     }
-    done["resumed"] = torchrun(tmp, "launch", *LAWA, str(SCRIPT),
-                               *script_args(data, tmp / "resumed", "--resume_from_checkpoint", "latest"))
+    done["plugin"] = torchrun(tmp, "launch", *LAWA, *fid, str(SCRIPT),
+                              *script_args(data, tmp / "plugin", "--resume_from_checkpoint", "latest"))
     for name, run in done.items():
         assert (run.returncode != 0) == (name == "killed"), f"{name}: {run.stderr[-3000:]}"
     return tmp, done
@@ -108,12 +110,12 @@ def test_fid_monitor_evaluates_once_per_step_and_variant(runs):
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumed_from_its_checkpoint_ends_exactly_as_an_uninterrupted_one(runs):
+def test_the_plugin_run_was_killed_and_resumed_from_its_checkpoint(runs):
+    """The plugin's checks above are made on a run killed after step 3 and resumed from checkpoint-2, so they
+    also say that the resume is exact: weights bitwise those of the uninterrupted reference, LAWA its mean."""
     tmp, done = runs
-    resumed, plugin = tmp / "resumed", tmp / "plugin"
-    assert "Resuming from checkpoint checkpoint-2" in done["resumed"].stdout + done["resumed"].stderr
-    for folder in (f"checkpoint-{STEPS}/unet_lawa", f"checkpoint-{STEPS}/unet_ema", "unet_raw", "unet_lawa"):
-        assert max_diff(weights(resumed / folder), weights(plugin / folder)) == 0, folder
+    assert "Resuming from checkpoint checkpoint-2" in done["plugin"].stdout + done["plugin"].stderr
+    assert sorted(p.name for p in (tmp / "plugin").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_an_ema_made_from_zero3_partitions_is_refused_in_one_sentence():
@@ -125,3 +127,17 @@ def test_an_ema_made_from_zero3_partitions_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match=r"shape \(0,\) instead of \(3, 4\).*before accelerator.prepare"):
         zero3.check_ema_source([Partition(torch.empty(0))], "the launch plugin")
     zero3.check_ema_source([torch.nn.Parameter(torch.zeros(3, 4))], "the launch plugin")
+
+
+@pytest.mark.slow
+def test_api_copies_lawa_into_gathered_partitions_and_refuses_empty_ones(runs):
+    tmp, _ = runs
+    out = tmp / "api"
+    reference = {k: v.double() for k, v in load_file(str(out / "reference.safetensors")).items()}
+    assert max_diff(load_file(str(out / "copied.safetensors")), reference) <= 1e-6  # every partition got it
+    assert max_diff(weights(out / "unet_lawa"), reference) <= 1e-6
+    assert max_diff(load_file(str(out / "last_ema.safetensors")), reference) > 1e-4
+    report = json.loads((out / "api.json").read_text())
+    assert report["snapshot_steps"] == [2, 4]
+    assert "ZeRO-3 partitioned parameters (shape (0,) instead of (8, 3, 3, 3))" in report["refused"]
+    assert "GatheredParameters(params, modifier_rank=0)" in report["refused"]
