@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 
 from tests.test_launch import make_images
 
-pytest.importorskip("deepspeed")
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "scripts" / "train_unconditional_style.py"
@@ -62,6 +61,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
     from lawa_diffusion import cli
 
     tmp = tmp_path_factory.mktemp("zero3")
