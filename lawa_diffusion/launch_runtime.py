@@ -21,7 +21,7 @@ import sys
 import traceback
 from typing import Any, Callable, Iterator, List, Optional
 
-from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state, state_file
+from lawa_diffusion.accelerate_hooks import engine_state_file, load_engine_state, save_engine_state, state_file
 from lawa_diffusion.config import check
 from lawa_diffusion.files import atomic_dir, atomic_write_json
 from lawa_diffusion.launch_fid import FIDMonitor
@@ -241,7 +241,8 @@ class Plugin:
     def adopt_late(self, ema: Any) -> None:
         """An EMA made by ``from_pretrained`` that turns out to train (first ``step``)."""
         self.adopt(ema)
-        if self.loaded_from and os.path.isfile(state_file(self.loaded_from, ema.lawa.name)):
+        if self.loaded_from and any(os.path.isfile(path) for path in (
+                state_file(self.loaded_from, ema.lawa.name), engine_state_file(ema.lawa, self.loaded_from))):
             load_engine_state(ema.lawa, self.loaded_from)
 
     def after_step(self, ema: Any) -> None:
