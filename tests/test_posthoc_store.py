@@ -221,3 +221,16 @@ def test_snapshot_plan_shares_one_dtype_per_track(tmp_path):
     assert snapshot_plan(cfg, False, 3, tracks) == {"p": torch.bfloat16}
     assert snapshot_plan(cfg, True, 4, tracks) == {"p": torch.bfloat16, "ema": torch.float16, "c": torch.float16}
     assert snapshot_plan(cfg, False, 4, tracks) == {}
+
+
+def test_lawa_window_over_a_power_track(tmp_path):
+    from lawa_diffusion.tracks import TrackSet, window_of
+
+    cfg = TrainConfig.from_dict({"output_dir": str(tmp_path), "ema_tracks": [{"name": "p", "sigma_rel": 0.1}],
+                                 "lawa_windows": [{"name": "w", "over": "p", "k": 2, "every_n_steps": 5}]})
+    track, window = window_of(cfg, "w")
+    assert track == lag.power_ema(sigma_rel=0.1) and window.k == 2
+    tracks = TrackSet.from_config(cfg, tiny_unet(), "cpu")
+    assert isinstance(tracks.emas["p"], PowerEMAModel) and tracks.emas["p"].gamma == pytest.approx(lag.gamma_of_sigma_rel(0.1))
+    assert "over power-function EMA σ_rel 0.1" in tracks.lag_lines(20)[0]
+    tracks.close()
