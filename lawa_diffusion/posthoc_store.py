@@ -74,11 +74,23 @@ def parameter_names(model_cls: Any, model_config: Any) -> List[str]:
     return [n for n, _ in model.named_parameters()]
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DataParallel and ``torch.compile`` wrappers (whose parameter names are prefixed)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 class PosthocSnapshots:
     """Power-function EMAs beside a model (and/or EMAs the caller keeps), stored every ``every_n_steps``.
 
     model: the model being trained (its parameter names and, for diffusers models, config go into every
-        file); or a list of its parameters with ``names`` (and ``model_config``) given.
+        file; DDP and ``torch.compile`` wrappers are looked through); or a list of its parameters with
+        ``names`` (and ``model_config``) given.
     output_dir: the files go to ``output_dir/ema_snapshots/<track>/``.
     sigma_rels / gammas: power-function EMAs this object keeps, tracks ``sigma_rel_<σ>`` / ``gamma_<γ>``
         (default: σ_rel 0.05 and 0.10 when no ``emas`` are given).
@@ -98,6 +110,7 @@ class PosthocSnapshots:
         self.output_dir, self.every_n_steps, self.dtype = os.fspath(output_dir), every_n_steps, as_dtype(dtype)
         self.main_process = is_main_process() if main_process is None else bool(main_process)
         if isinstance(model, torch.nn.Module):
+            model = unwrapped(model)
             parameters = list(model.parameters())
             names = [n for n, _ in model.named_parameters()] if names is None else list(names)
             config = getattr(model, "config", None)

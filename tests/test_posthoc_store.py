@@ -234,3 +234,22 @@ def test_lawa_window_over_a_power_track(tmp_path):
     assert isinstance(tracks.emas["p"], PowerEMAModel) and tracks.emas["p"].gamma == pytest.approx(lag.gamma_of_sigma_rel(0.1))
     assert "over power-function EMA σ_rel 0.1" in tracks.lag_lines(20)[0]
     tracks.close()
+
+
+@pytest.mark.cuda
+def test_snapshots_of_cuda_emas_are_the_weights_of_their_step(tmp_path):
+    """The host copy is asynchronous (pinned buffers, an event the writer waits for): each file must hold
+    its own step's weights, not a later update's."""
+    unet = tiny_unet().cuda()
+    store = PosthocSnapshots(unet, tmp_path, sigma_rels=[0.1], every_n_steps=1, main_process=True)
+    want = {}
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.mul_(1.5).add_(0.25)
+        store.update(unet.parameters())
+        want[step] = store.own[TRACKS[1]].shadow_params[0].detach().cpu().clone()
+    store.close()
+    for step, tensor in want.items():
+        got, _ = read_snapshot(runfolder.snapshot_path(str(tmp_path), step, TRACKS[1]))
+        assert torch.equal(got["conv_in.weight"], tensor), step
