@@ -6,9 +6,10 @@ On the model and batch of --config (default: configs/paper_regime_cpu.yaml), wit
   {"bench": "snapshot", "file_mb": ..., "sync_write_ms": ..., "training_thread_ms": ..., "train_step_ms": ...}
      one snapshot of one track written synchronously (``tracking.save_ema_snapshot``), versus what storing it
      costs the training thread with ``PosthocSnapshots`` (host copy + hand-over to the writer thread);
-  {"bench": "run", "every_n_steps": N, "ratio": wall with snapshots / wall without, ...}
+  {"bench": "run", "every_n_steps": N, "ratio": wall with snapshots / wall without, "cpu_ratio": ..., ...}
      --steps training steps with both tracks stored every N steps versus none (alternating runs, medians
-     over --repeats; the writer thread shares the cores with training, which a ratio includes).
+     over --repeats); cpu_ratio compares the process's CPU time (the writer thread's included), which
+     a busy shared machine disturbs less than the wall time.
 
 Usage: python benchmarks/bench_posthoc_store.py [--config configs/paper_regime_cpu.yaml] [--every 25,50]
        [--steps 100] [--repeats 3] [--threads N]
@@ -45,16 +46,16 @@ def train_step(unet, opt, x, t) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def timed_run(unet, opt, x, t, steps: int, every: int, folder: str) -> float:
+def timed_run(unet, opt, x, t, steps: int, every: int, folder: str) -> tuple:
     from lawa_diffusion.posthoc_store import PosthocSnapshots
 
     store = PosthocSnapshots(unet, folder, sigma_rels=[0.05, 0.10], every_n_steps=every, main_process=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         train_step(unet, opt, x, t)
         store.update(unet.parameters())
     store.close()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -107,14 +108,20 @@ def main() -> None:
 
     for every in [int(e) for e in args.every.split(",") if e]:
         walls = {"none": [], "stored": []}
+        cpus = {"none": [], "stored": []}
         for _ in range(args.repeats):
             for kind in ("none", "stored"):
                 with tempfile.TemporaryDirectory() as folder:
-                    walls[kind].append(timed_run(unet, opt, x, t, args.steps, every if kind == "stored" else 0, folder))
+                    wall, cpu = timed_run(unet, opt, x, t, args.steps, every if kind == "stored" else 0, folder)
+                walls[kind].append(wall)
+                cpus[kind].append(cpu)
         none, stored = statistics.median(walls["none"]), statistics.median(walls["stored"])
+        cpu_none, cpu_stored = statistics.median(cpus["none"]), statistics.median(cpus["stored"])
         print(json.dumps({"bench": "run", "every_n_steps": every, "steps": args.steps, "tracks": 2,
                           "wall_none_s": round(none, 3), "wall_stored_s": round(stored, 3),
-                          "ratio": round(stored / none, 4)}), flush=True)
+                          "ratio": round(stored / none, 4), "cpu_none_s": round(cpu_none, 3),
+                          "cpu_stored_s": round(cpu_stored, 3), "cpu_ratio": round(cpu_stored / cpu_none, 4)}),
+              flush=True)
 
 
 if __name__ == "__main__":
