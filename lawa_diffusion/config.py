@@ -443,14 +443,14 @@ class EMATrackConfig:
                                   "use e.g. 6.94 (sigma_rel 0.10)")
 
     @property
-    def power(self) -> bool:
+    def is_power(self) -> bool:
         """True for a power-function EMA (``sigma_rel`` or ``gamma``)."""
         return self.sigma_rel is not None or self.gamma is not None
 
     @property
     def constant_decay(self) -> Optional[float]:
         """The constant decay of a decay / half_life track; None for a power-function EMA."""
-        if self.power:
+        if self.is_power:
             return None
         return self.decay if self.decay is not None else 0.5 ** (1.0 / self.half_life)
 
@@ -692,7 +692,7 @@ class TrainConfig:
     def _resolve_posthoc_tracks(self) -> None:
         tracks = self.track_names()
         if self.posthoc.tracks is None:
-            self.posthoc.tracks = [t.name for t in self.ema_tracks if t.power] or [BASE_TRACK]
+            self.posthoc.tracks = [t.name for t in self.ema_tracks if t.is_power] or [BASE_TRACK]
         unknown = [t for t in self.posthoc.tracks if t not in tracks]
         check(not unknown, f"posthoc tracks names {', '.join(map(repr, unknown))}, which is not an EMA track of this "
                            f"config; use names among {', '.join(tracks)}")

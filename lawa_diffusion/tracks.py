@@ -42,7 +42,7 @@ def variant_lag(track: lag.EMATrack, step: int, snapshot_steps: Optional[Sequenc
 
 def lag_track(track: Any) -> lag.EMATrack:
     """``lag``'s track of one ``ema_tracks`` entry (``EMATrackConfig``): constant decay or power-function EMA."""
-    if track.power:
+    if track.is_power:
         return lag.power_ema(gamma=track.gamma, sigma_rel=track.sigma_rel)
     return lag.constant_ema(track.constant_decay)
 
@@ -101,7 +101,7 @@ class TrackSet:
                             model_cls=UNet2DModel, model_config=unet.config, lawa=cfg.lawa)
         emas: Dict[str, Any] = {BASE_TRACK: base}
         for t in cfg.ema_tracks:
-            if t.power:
+            if t.is_power:
                 emas[t.name] = PowerEMAModel(unet.parameters(), gamma=lag_track(t).gamma, update_after_step=0,
                                              foreach=True, model_cls=UNet2DModel, model_config=unet.config)
                 continue

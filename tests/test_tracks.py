@@ -221,6 +221,8 @@ def test_two_cpu_processes_evaluate_every_track_and_the_delayed_snapshot_on_both
     delayed = rows[(6, "lawa_fast@delayed")]
     assert delayed["fid"] == rows[(delayed["snapshot_step"], "fast")]["fid"]
     assert rows[(6, "lawa_raw1")]["fid"] == rows[(6, "raw")]["fid"]
+    # the main process alone wrote the snapshot files, the posthoc ones included, across the resume at 4
+    assert [s for s, _ in runfolder.list_ema_snapshots(str(out), "power")] == [2, 3, 4, 6]
 
 
 def test_plan_takes_a_window_of_the_config(tmp_path, capsys):
