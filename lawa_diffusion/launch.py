@@ -16,7 +16,10 @@ the ``sys.argv`` / ``sys.path`` Python would give it, while:
   save / ``restore``, as for the final pipeline) gets a ``<folder>_lawa`` sibling;
 - ``Accelerator.save_state`` / ``load_state`` carry the LAWA state (same files as
   ``lawa_diffusion.attach``), so ``--resume_from_checkpoint`` continues the window exactly; a
-  checkpoint written with another k, every_n_steps, start_step or number of processes is refused.
+  checkpoint written with another k, every_n_steps, start_step or number of processes is refused;
+- with ``--lawa_posthoc_every_n_steps N`` (``--lawa_posthoc_sigma_rels``, default 0.05,0.10), power-function
+  EMAs kept beside the script's first EMA store their snapshots under its ``--output_dir``
+  (``lawa_diffusion.launch_posthoc``).
 
 LAWA only observes: it draws no random numbers the script would draw and changes no weights of the
 script's. Bad LAWA input, before or while the script runs, is one ``error:`` line and exit code 2.

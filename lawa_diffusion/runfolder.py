@@ -4,8 +4,9 @@
     RUN/metrics.jsonl                        one row per (evaluation step, variant)
     RUN/checkpoint-<step>/                   accelerate ``save_state`` (+ unet_ema[_<track>]/,
                                              unet_lawa[_<window>]/, lawa_state_<window>.safetensors)
-    RUN/ema_snapshots/step-<step>.safetensors  fp16 EMA weights at LAWA snapshot steps (optional);
-    RUN/ema_snapshots/<track>/step-<step>.safetensors  the same for the other EMA tracks
+    RUN/ema_snapshots/step-<step>.safetensors  EMA weights at LAWA snapshot steps (save_ema_snapshots, fp16)
+                                             and every posthoc.every_n_steps (posthoc.dtype); optional
+    RUN/ema_snapshots/<track>/step-<step>.safetensors  the same for the other EMA tracks (posthoc_store.py)
     RUN/lawa_snapshots/                      LAWA windows with disk storage and no snapshot_dir
     RUN/report/, RUN/sweep[-<track>]/        outputs of ``lawa-diffusion report`` / ``sweep``
 
