@@ -24,13 +24,14 @@ SAY_LINE = functools.partial(say, who=None)  # metrics lines as they are: "step 
 
 # ----------------------------------------------------------------------------- EMA snapshot files
 def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict,
-                      track: str = runfolder.BASE_TRACK, track_def: Optional[dict] = None) -> str:
-    """The EMA weights of ``track`` at ``step`` as fp16 safetensors (UNet parameter names; step, track, model
-    config and, when given, the track's full definition ``lag.EMATrack.to_dict()`` as ``track_def`` in the
-    metadata)."""
+                      track: str = runfolder.BASE_TRACK, track_def: Optional[dict] = None, *,
+                      dtype: torch.dtype = torch.float16) -> str:
+    """The EMA weights of ``track`` at ``step`` as ``dtype`` (fp16 by default) safetensors (UNet parameter names;
+    step, track, model config and, when given, the track's full definition ``lag.EMATrack.to_dict()`` as
+    ``track_def`` in the metadata)."""
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
-    tensors = {n: p.detach().to("cpu", torch.float16) for n, p in zip(names, ema.shadow_params)}
+    tensors = {n: p.detach().to("cpu", dtype) for n, p in zip(names, ema.shadow_params)}
     path = runfolder.snapshot_path(run_dir, step, track)
     metadata = {"step": str(step), "track": track, "model_config": json.dumps(model_config)}
     if track_def is not None:
