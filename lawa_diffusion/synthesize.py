@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import struct
 import sys
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,6 +27,8 @@ from lawa_diffusion.posthoc import architecture, load_into, model_class
 
 SIDECAR_NAME = "synthesis.json"
 SKIP_BELOW = 1e-12  # coefficients smaller than this (in absolute value) are not read: their files add nothing
+BLOCK_ELEMENTS = 1 << 18  # tensors summed together across the files: 2 MiB of float64 accumulators
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,35 +60,61 @@ class Synthesis:
         """(source, coefficient) of the sources whose coefficient is not negligible, in source order."""
         return [(s, float(x)) for s, x in zip(self.sources, self.solution.coefficients) if abs(x) >= SKIP_BELOW]
 
-    def state_dict(self, dtype: torch.dtype = torch.float32, progress: bool = True) -> Dict[str, torch.Tensor]:
-        """``Σ xᵢ θᵢ`` by tensor name, accumulated in float64 reading one snapshot file at a time (one tensor of
-        it in memory at a time), returned in ``dtype``."""
-        from safetensors import safe_open
+    def state_dict(self, dtype: torch.dtype = torch.float32, progress: bool = True,
+                   accumulate: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
+        """``Σ xᵢ θᵢ`` by tensor name, summed in ``accumulate`` (float64) and returned in ``dtype``.
+
+        Streams: a block of tensors at a time (about :data:`BLOCK_ELEMENTS` elements, their accumulators stay in
+        the CPU cache), each file's copy of those tensors read in turn into one reused buffer (one tensor in
+        memory at a time); a finished block is converted to ``dtype`` at once. Memory beyond the result: one
+        block's accumulators and the largest tensor of one file."""
         from tqdm.auto import tqdm
 
-        acc: Dict[str, torch.Tensor] = {}
-        first = None
-        for source, x in tqdm(self.used(), desc="synthesize", unit="file", disable=not progress, leave=False,
-                              file=sys.stderr, dynamic_ncols=True):
-            with safe_open(source.path, framework="pt") as f:
-                names = list(f.keys())
-                if first is None:
-                    first = source
-                    acc = {n: torch.zeros(f.get_slice(n).get_shape(), dtype=torch.float64) for n in names}
-                odd = sorted(set(acc).symmetric_difference(names))
-                check(not odd, f"snapshot {source.path!r} holds other tensors than {first.path!r} (e.g. {odd[:1]}); "
-                               "synthesise from snapshots of one model only")
-                for n in names:
-                    tensor = f.get_tensor(n)
-                    check(tensor.is_floating_point() and tuple(tensor.shape) == tuple(acc[n].shape),
-                          f"snapshot {source.path!r} tensor {n!r} is not a float tensor of shape {tuple(acc[n].shape)}; "
-                          "synthesise from snapshots of one model only")
-                    acc[n].add_(tensor, alpha=x)
-                    del tensor
-        if dtype != torch.float64:
-            for n in list(acc):  # one tensor converted at a time: never two full copies
-                acc[n] = acc[n].to(dtype)
-        return acc
+        used = self.used()
+        layouts = [tensor_layout(s.path) for s, _ in used]
+        first = layouts[0]
+        for (source, _), layout in zip(used, layouts):
+            odd = sorted(set(first).symmetric_difference(layout)) or sorted(
+                n for n in first if first[n][1] != layout[n][1])
+            if odd:
+                raise ValueError(f"snapshot {source.path!r} holds other tensors than {used[0][0].path!r} (e.g. "
+                                 f"{odd[0]!r}); synthesise from snapshots of one model only")
+        names = sorted(first, key=lambda n: first[n][2])  # file order: reads run forward through each file
+        blocks, block, size = [], [], 0
+        for n in names:
+            block.append(n)
+            size += math.prod(first[n][1])
+            if size >= BLOCK_ELEMENTS:
+                blocks.append(block)
+                block, size = [], 0
+        blocks += [block] if block else []
+        largest = max((entry[3] for layout in layouts for entry in layout.values()), default=0)
+        buffer = torch.empty(largest, dtype=torch.uint8)
+        # half-precision snapshots are widened through float32 first: a vectorised copy, then one add
+        staging = torch.empty(largest // 2 + 1, dtype=torch.float32)
+        total = sum(entry[3] for layout in layouts for entry in layout.values())
+        out: Dict[str, torch.Tensor] = {}
+        with tqdm(total=total, desc="synthesize", unit="B", unit_scale=True, disable=not progress, leave=False,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            for block in blocks:
+                acc = {n: torch.zeros(first[n][1], dtype=accumulate) for n in block}
+                for (source, x), layout in zip(used, layouts):
+                    fd = os.open(source.path, os.O_RDONLY)
+                    try:
+                        for n in block:
+                            kind, shape, offset, nbytes = layout[n]
+                            chunk = buffer[:nbytes]
+                            _read_into(fd, chunk, offset, source.path)
+                            values = chunk.view(kind).view(shape)
+                            if kind.itemsize < 4:
+                                values = staging[: values.numel()].view(shape).copy_(values)
+                            acc[n].add_(values, alpha=x)
+                    finally:
+                        os.close(fd)
+                    bar.update(sum(layout[n][3] for n in block))
+                for n in block:
+                    out[n] = acc.pop(n).to(dtype)
+        return out
 
     def record(self, output: Optional[str] = None) -> dict:
         """What ``synthesis.json`` and ``synthesize --json`` hold (JSON-ready)."""
@@ -97,6 +127,42 @@ class Synthesis:
                               "path": os.path.abspath(src.path)} for src, x in zip(self.sources, s.coefficients)],
             "run": os.path.abspath(self.run_dir), "output": None if output is None else os.path.abspath(output),
         }
+
+
+# ----------------------------------------------------------------------------- reading snapshot files
+def tensor_layout(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, byte offset in the file, byte count) of a safetensors file's float tensors, from
+    its header alone (8-byte little-endian header size, then the JSON header, then the data)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(size)) if 0 < size < 1 << 27 else None
+        except ValueError:
+            header = None
+    check(isinstance(header, dict), f"snapshot {path!r} is not a safetensors file; remove it from the run")
+    header.pop("__metadata__", None)
+    layout = {}
+    for name, info in header.items():
+        kind = _DTYPES.get(info.get("dtype"))
+        check(kind is not None, f"snapshot {path!r} tensor {name!r} has dtype {info.get('dtype')!r}, not a float; "
+                                "synthesise from EMA snapshot files only")
+        begin, end = info["data_offsets"]
+        shape = tuple(int(d) for d in info["shape"])
+        check(end - begin == math.prod(shape) * kind.itemsize,
+              f"snapshot {path!r} tensor {name!r} has {end - begin} bytes for shape {shape}; the file is damaged")
+        layout[name] = (kind, shape, 8 + size + begin, end - begin)
+    return layout
+
+
+def _read_into(fd: int, buffer: torch.Tensor, offset: int, path: str) -> None:
+    """Fill the uint8 tensor ``buffer`` with the bytes of ``fd`` from ``offset`` (no other copy)."""
+    view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        check(got > 0, f"snapshot {path!r} ends before its tensors do; the file is truncated")
+        done += got
 
 
 # ----------------------------------------------------------------------------- finding the snapshots
