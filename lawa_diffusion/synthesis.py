@@ -198,8 +198,7 @@ def target_profile(target: Target, t: int, tracks: Mapping[str, lag.EMATrack] = 
 # ----------------------------------------------------------------------------- statistics
 def sigma_rel_of(w: np.ndarray) -> float:
     """EDM2's relative spread of a profile at step ``t = len(w) − 1``: its spread ÷ ``t``."""
-    t = len(w) - 1
-    return lag.spread(w) / t if t > 0 else 0.0
+    return lag.sigma_rel_of_profile(w)
 
 
 def padded(w: np.ndarray, t: int) -> np.ndarray:
