@@ -64,10 +64,10 @@ class Synthesis:
                    accumulate: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
         """``Σ xᵢ θᵢ`` by tensor name, summed in ``accumulate`` (float64) and returned in ``dtype``.
 
-        Streams: a block of tensors at a time (about :data:`BLOCK_ELEMENTS` elements, their accumulators stay in
-        the CPU cache), each file's copy of those tensors read in turn into one reused buffer (one tensor in
-        memory at a time); a finished block is converted to ``dtype`` at once. Memory beyond the result: one
-        block's accumulators and the largest tensor of one file."""
+        Streams: a block of tensors at a time (about :data:`BLOCK_ELEMENTS` elements, or one larger tensor; its
+        accumulator stays in the CPU cache), each file's copy of the block read in turn into one reused buffer
+        (in one read when the block's tensors lie together in the file); a finished block is converted to
+        ``dtype`` at once. Memory beyond the result: one block's accumulator and one block of one file."""
         from tqdm.auto import tqdm
 
         used = self.used()
@@ -88,32 +88,43 @@ class Synthesis:
                 blocks.append(block)
                 block, size = [], 0
         blocks += [block] if block else []
-        largest = max((entry[3] for layout in layouts for entry in layout.values()), default=0)
+        starts = {}  # element offset of each tensor in its block
+        for block in blocks:
+            at = 0
+            for n in block:
+                starts[n] = at
+                at += math.prod(first[n][1])
+        block_bytes = [[sum(layout[n][3] for n in block) for layout in layouts] for block in blocks]
+        largest = max((b for row in block_bytes for b in row), default=0)
         buffer = torch.empty(largest, dtype=torch.uint8)
         # half-precision snapshots are widened through float32 first: a vectorised copy, then one add
         staging = torch.empty(largest // 2 + 1, dtype=torch.float32)
-        total = sum(entry[3] for layout in layouts for entry in layout.values())
         out: Dict[str, torch.Tensor] = {}
-        with tqdm(total=total, desc="synthesize", unit="B", unit_scale=True, disable=not progress, leave=False,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            for block in blocks:
-                acc = {n: torch.zeros(first[n][1], dtype=accumulate) for n in block}
-                for (source, x), layout in zip(used, layouts):
+        with tqdm(total=sum(map(sum, block_bytes)), desc="synthesize", unit="B", unit_scale=True,
+                  disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
+            for block, sizes in zip(blocks, block_bytes):
+                count = sum(math.prod(first[n][1]) for n in block)
+                acc = torch.zeros(count, dtype=accumulate)
+                for (source, x), layout, nbytes in zip(used, layouts, sizes):
                     fd = os.open(source.path, os.O_RDONLY)
                     try:
-                        for n in block:
-                            kind, shape, offset, nbytes = layout[n]
+                        if _contiguous(layout, block):  # the block's bytes in one read, added in one go
                             chunk = buffer[:nbytes]
-                            _read_into(fd, chunk, offset, source.path)
-                            values = chunk.view(kind).view(shape)
-                            if kind.itemsize < 4:
-                                values = staging[: values.numel()].view(shape).copy_(values)
-                            acc[n].add_(values, alpha=x)
+                            _read_into(fd, chunk, layout[block[0]][2], source.path)
+                            _add(acc, chunk.view(layout[block[0]][0]), x, staging)
+                        else:
+                            for n in block:
+                                kind, shape, offset, size = layout[n]
+                                chunk = buffer[:size]
+                                _read_into(fd, chunk, offset, source.path)
+                                start = starts[n]
+                                _add(acc[start:start + chunk.numel() // kind.itemsize], chunk.view(kind), x, staging)
                     finally:
                         os.close(fd)
-                    bar.update(sum(layout[n][3] for n in block))
+                    bar.update(nbytes)
                 for n in block:
-                    out[n] = acc.pop(n).to(dtype)
+                    shape = first[n][1]
+                    out[n] = acc[starts[n]:starts[n] + math.prod(shape)].view(shape).to(dtype, copy=True)
         return out
 
     def record(self, output: Optional[str] = None) -> dict:
@@ -153,6 +164,19 @@ def tensor_layout(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], in
               f"snapshot {path!r} tensor {name!r} has {end - begin} bytes for shape {shape}; the file is damaged")
         layout[name] = (kind, shape, 8 + size + begin, end - begin)
     return layout
+
+
+def _contiguous(layout: Dict[str, tuple], block: Sequence[str]) -> bool:
+    """Whether ``block``'s tensors lie one after the other in the file, in this order, all of one dtype."""
+    kind = layout[block[0]][0]
+    return all(layout[a][2] + layout[a][3] == layout[b][2] and layout[b][0] == kind for a, b in zip(block, block[1:]))
+
+
+def _add(acc: torch.Tensor, values: torch.Tensor, x: float, staging: torch.Tensor) -> None:
+    """``acc += x · values`` (flat), half precision widened through ``staging`` (float32) first."""
+    if values.element_size() < 4:
+        values = staging[: values.numel()].copy_(values)
+    acc.add_(values, alpha=x)
 
 
 def _read_into(fd: int, buffer: torch.Tensor, offset: int, path: str) -> None:

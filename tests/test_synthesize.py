@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 
 import numpy as np
@@ -16,8 +17,9 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-from lawa_diffusion import cli, lag, runfolder, synthesis, tracking
+from lawa_diffusion import cli, lag, runfolder, synthesis, synthesize, tracking
 from lawa_diffusion.ema import PowerEMAModel
+from lawa_diffusion.files import atomic_save_safetensors
 from lawa_diffusion.synthesize import SIDECAR_NAME, plan_synthesis, write_synthesis
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
@@ -143,8 +145,7 @@ def test_written_folder_loads_and_equals_the_api_state(tiny_run, tmp_path):
 
 def test_old_snapshots_take_their_track_from_config_yaml(tiny_run, tmp_path):
     run, _ = tiny_run
-    assert "track_def" not in __import__("lawa_diffusion.synthesize", fromlist=["_metadata"])._metadata(
-        runfolder.snapshot_path(run, 60, "c90"))
+    assert "track_def" not in synthesize._metadata(runfolder.snapshot_path(run, 60, "c90"))
     plan = plan_synthesis(run, "lawa:k=2,nu=5,over=c90", step=30, tracks=["c90"])
     assert all(s.definition == lag.constant_ema(DECAY) for s in plan.sources)
     assert [s.step for s in plan.sources] == list(range(5, 31, 5))
@@ -197,5 +198,34 @@ def test_bad_input_one_line_exit_2_output_untouched(tiny_run, two_model_run, tmp
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lawa-diffusion synthesize: error:")
-    assert __import__("re").search(words, err), err
+    assert re.search(words, err), err
     assert os.listdir(out) == ["marker"] and (out / "marker").read_text() == "mine"
+
+
+def test_mixed_dtype_and_scattered_files_sum_like_float64(tmp_path):
+    # Files whose tensors are of several dtypes (no block lies together in one dtype) and files of another
+    # storage dtype than their neighbours: every reading path against the float64 sum of the files.
+    run = str(tmp_path / "run")
+    unet = UNet2DModel(**TINY)
+    config = json.dumps(dict(unet.config))
+    definition = json.dumps(lag.power_ema(sigma_rel=0.1).to_dict())
+    state = unet.state_dict()
+    for step in (2, 4, 6):
+        kinds = {2: lambda i: torch.float16, 4: lambda i: (torch.float32, torch.bfloat16)[i % 2],
+                 6: lambda i: torch.float64}[step]
+        tensors = {n: (t + 0.01 * step * torch.randn_like(t)).to(kinds(i)) for i, (n, t) in enumerate(state.items())}
+        atomic_save_safetensors(runfolder.snapshot_path(run, step, "p10"), tensors, metadata={
+            "step": str(step), "track": "p10", "model_config": config, "track_def": definition})
+    plan = plan_synthesis(run, "lawa:k=3,nu=2,over=p10")
+    layout = synthesize.tensor_layout(plan.sources[1].path)
+    assert not synthesize._contiguous(layout, sorted(layout, key=lambda n: layout[n][2]))
+    old = synthesize.BLOCK_ELEMENTS
+    try:
+        for block in (old, 1000, 1):
+            synthesize.BLOCK_ELEMENTS = block
+            got = plan.state_dict(torch.float64, progress=False)
+            expected = _float64_sum([s.path for s in plan.sources], [1 / 3] * 3)
+            for name, value in expected.items():
+                torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12)
+    finally:
+        synthesize.BLOCK_ELEMENTS = old
