@@ -287,12 +287,20 @@ def shared_model(sources: Sequence[SnapshotSource]):
 
 # ----------------------------------------------------------------------------- planning
 def plan_synthesis(run_dir: str, target: str, step: Optional[int] = None, tracks: Optional[Sequence[str]] = None,
-                   max_residual: Optional[float] = synthesis.DEFAULT_MAX_RESIDUAL) -> Synthesis:
+                   max_residual: Optional[float] = synthesis.DEFAULT_MAX_RESIDUAL, *,
+                   snapshots: Optional[Sequence[SnapshotSource]] = None) -> Synthesis:
     """The coefficients of the stored snapshots (``tracks``, default all; steps ``<= step``, default the last
     stored step) whose combination is closest to ``target`` at ``step`` (ValueError when the residual exceeds
-    ``max_residual``; None: never refuse). Reads only the files' metadata."""
+    ``max_residual``; None: never refuse). Reads only the files' metadata.
+
+    snapshots: ``find_snapshots(run_dir, tracks)`` already made (many targets or steps of one run: the files'
+    metadata is then not read again to find them)."""
     parsed = synthesis.parse_target(target)
-    every = find_snapshots(os.fspath(run_dir), tracks)
+    if snapshots is None:
+        every = find_snapshots(os.fspath(run_dir), tracks)
+    else:
+        every = [s for s in snapshots if tracks is None or s.track in tracks]
+    check(bool(every), f"no snapshot of {os.fspath(run_dir)!r} was given to synthesise from")
     steps = sorted({s.step for s in every})
     if step is None:
         step = steps[-1]

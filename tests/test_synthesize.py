@@ -135,6 +135,8 @@ def test_constant_decay_synthesised_from_two_power_emas_is_the_online_ema_within
 def test_written_folder_loads_and_equals_the_api_state(tiny_run, tmp_path):
     run, walk = tiny_run
     plan = plan_synthesis(run, "sigma_rel=0.08", tracks=["p05", "p10"])
+    again = plan_synthesis(run, "sigma_rel=0.08", snapshots=synthesize.find_snapshots(run, ["p05", "p10"]))
+    np.testing.assert_array_equal(plan.solution.coefficients, again.solution.coefficients)
     record = write_synthesis(plan, tmp_path / "s08", progress=False)
     assert plan.step == STEPS and record["target"] == "sigma_rel=0.08"
     assert abs(record["sigma_rel"] - 0.08) < 0.01 and record["residual"] < synthesis.DEFAULT_MAX_RESIDUAL
