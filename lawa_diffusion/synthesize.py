@@ -79,21 +79,7 @@ class Synthesis:
             if odd:
                 raise ValueError(f"snapshot {source.path!r} holds other tensors than {used[0][0].path!r} (e.g. "
                                  f"{odd[0]!r}); synthesise from snapshots of one model only")
-        names = sorted(first, key=lambda n: first[n][2])  # file order: reads run forward through each file
-        blocks, block, size = [], [], 0
-        for n in names:
-            block.append(n)
-            size += math.prod(first[n][1])
-            if size >= BLOCK_ELEMENTS:
-                blocks.append(block)
-                block, size = [], 0
-        blocks += [block] if block else []
-        starts = {}  # element offset of each tensor in its block
-        for block in blocks:
-            at = 0
-            for n in block:
-                starts[n] = at
-                at += math.prod(first[n][1])
+        blocks, starts = _blocks(first)
         block_bytes = [[sum(layout[n][3] for n in block) for layout in layouts] for block in blocks]
         largest = max((b for row in block_bytes for b in row), default=0)
         buffer = torch.empty(largest, dtype=torch.uint8)
@@ -164,6 +150,20 @@ def tensor_layout(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], in
               f"snapshot {path!r} tensor {name!r} has {end - begin} bytes for shape {shape}; the file is damaged")
         layout[name] = (kind, shape, 8 + size + begin, end - begin)
     return layout
+
+
+def _blocks(layout: Dict[str, tuple]) -> Tuple[List[List[str]], Dict[str, int]]:
+    """The tensors in file order, cut into blocks of at least :data:`BLOCK_ELEMENTS` elements (the last may be
+    smaller), and each tensor's element offset in its block."""
+    blocks, block, size, starts = [], [], 0, {}
+    for n in sorted(layout, key=lambda n: layout[n][2]):  # file order: reads run forward through each file
+        starts[n] = size
+        block.append(n)
+        size += math.prod(layout[n][1])
+        if size >= BLOCK_ELEMENTS:
+            blocks.append(block)
+            block, size = [], 0
+    return blocks + ([block] if block else []), starts
 
 
 def _contiguous(layout: Dict[str, tuple], block: Sequence[str]) -> bool:
