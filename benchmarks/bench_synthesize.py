@@ -13,6 +13,8 @@ Prints one JSON object per line:
       float64 sums on tensors already in memory, and ``ratio_to_read_plus_arithmetic``: synthesis ÷ (read +
       arithmetic), the overhead beyond the two costs a synthesis cannot avoid (target <= 1.3 when the files come
       from a warm page cache: there the float64 arithmetic, not the reading, bounds the time).
+  {"bench": "time_cold", "ratio": r, ...}   (``--cold``) the same two timings with the snapshot files evicted
+      from the page cache before each (``posix_fadvise`` DONTNEED): reading from the disk (target <= 1.3).
   {"bench": "memory", "ratio": r, ...}
       peak resident memory added during ``plan.state_dict()`` (Linux VmHWM after resetting it, minus the
       resident memory before; mapped file pages count) ÷ (one float64 accumulator + one snapshot file's bytes)
@@ -22,7 +24,7 @@ Prints one JSON object per line:
       rests on.
 
 Usage: python benchmarks/bench_synthesize.py [--params 8000000] [--files 10] [--dtype float16] [--repeats 5]
-[--residuals]. The defaults (80M parameters in 10 fp16 files) run in well under a minute on a CPU.
+[--threads N] [--cold] [--residuals]. The defaults (80M parameters in 10 fp16 files) run in well under a minute on a CPU.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--residuals", action="store_true", help="also print the residual table behind the default bound")
+    p.add_argument("--cold", action="store_true", help="also time both from a cold page cache (the files evicted first)")
     p.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -131,6 +134,20 @@ def arithmetic_only(paths) -> callable:
     return run
 
 
+def evict(paths) -> bool:
+    """Drop these files' pages from the page cache (POSIX_FADV_DONTNEED: only these clean files, no privilege)."""
+    try:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -200,6 +217,15 @@ def main() -> None:
              ratio_to_read_plus_arithmetic=round(med["synth"] / (med["read"] + med["arithmetic"]), 3),
              fp32_ratio=round(med["synth_fp32"] / med["read"], 3),
              file_major_ratio=round(med["file_major"] / med["read"], 3), target=1.3)
+        if args.cold:
+            cold = {"read": [], "synth": []}
+            for r in range(args.repeats):
+                for name in (("read", "synth") if r % 2 == 0 else ("synth", "read")):
+                    evicted = evict(paths)
+                    cold[name].append(timed(runs[name]))
+            c_read, c_synth = statistics.median(cold["read"]), statistics.median(cold["synth"])
+            emit(bench="time_cold", ratio=round(c_synth / c_read, 3), synth_s=round(c_synth, 3), read_s=round(c_read, 3),
+                 evicted=evicted, target=1.3)
         child = [sys.executable, os.path.abspath(__file__), "--memory_of", run]
         if args.threads:
             child += ["--threads", str(args.threads)]
