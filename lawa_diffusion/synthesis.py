@@ -253,8 +253,12 @@ def solve(profiles: Sequence[np.ndarray] | np.ndarray, target: np.ndarray,
     t = len(p) - 1
     check(t >= 1, f"synthesis needs a target profile over at least steps 0..1, got {len(p)} weight(s)")
     check(len(profiles) >= 1, "synthesis needs at least one stored snapshot; store snapshots during training")
-    a = np.stack([padded(w, t) for w in profiles], axis=1)  # (t+1) × n
-    n = a.shape[1]
+    n = len(profiles)
+    a = np.zeros((t + 1, n))  # column i: profile i, zero after its step
+    for i, w in enumerate(profiles):
+        check(len(w) <= t + 1, f"a snapshot profile of step {len(w) - 1} cannot take part in a synthesis at the "
+                               f"earlier step {t}")
+        a[: len(w), i] = w
     x = np.full(n, 1.0 / n)
     if n > 1:
         basis = _constraint_basis(n)
