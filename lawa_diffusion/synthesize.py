@@ -85,12 +85,14 @@ class Synthesis:
         buffer = torch.empty(largest, dtype=torch.uint8)
         # half-precision snapshots are widened through float32 first: a vectorised copy, then one add
         staging = torch.empty(largest // 2 + 1, dtype=torch.float32)
+        # one accumulator for every block, allocated once: freeing one per block would leave holes in the heap
+        accumulator = torch.empty(max((sum(math.prod(first[n][1]) for n in b) for b in blocks), default=0),
+                                  dtype=accumulate)
         out: Dict[str, torch.Tensor] = {}
         with tqdm(total=sum(map(sum, block_bytes)), desc="synthesize", unit="B", unit_scale=True,
                   disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
             for block, sizes in zip(blocks, block_bytes):
-                count = sum(math.prod(first[n][1]) for n in block)
-                acc = torch.zeros(count, dtype=accumulate)
+                acc = accumulator[:sum(math.prod(first[n][1]) for n in block)].zero_()
                 for (source, x), layout, nbytes in zip(used, layouts, sizes):
                     fd = os.open(source.path, os.O_RDONLY)
                     try:
