@@ -35,11 +35,12 @@ import numpy as np
 from lawa_diffusion import lag
 from lawa_diffusion.config import RAW_TRACK, LAWAConfig, check
 
-# Relative profile residual above which a target counts as out of reach of the stored snapshots. Two power
-# EMAs (σ_rel 0.05 and 0.10) stored at 20 or more evenly spaced steps reach every σ_rel from 0.05 to 0.25
-# within 0.02, and constant decays whose window is at most a fifth of the step within 0.03
-# (benchmarks/bench_synthesize.py --residuals prints the table); a residual of 0.05 leaves the synthesis'
-# mean lag and σ_rel within a few percent of the target's.
+# Relative profile residual above which a target counts as out of reach of the stored snapshots. From two power
+# EMAs (σ_rel 0.05 and 0.10) with 20 evenly spaced snapshots each (benchmarks/bench_synthesize.py --residuals, at
+# steps 1000 and 10000): σ_rel 0.03 to 0.2 come within 0.027, constant decays whose window is at most a twentieth
+# of the step within 0.005, diffusers' warm-up EMA within 0.004; σ_rel 0.25 (0.060) and a constant decay whose
+# window is a fifth of the step (0.13 to 0.39) are refused. Up to 0.05 the mean lag and σ_rel of the synthesis
+# stay within a few percent of the target's.
 DEFAULT_MAX_RESIDUAL = 0.05
 RCOND = 1e-10  # singular values below this fraction of the largest are treated as zero (duplicate snapshots)
 
