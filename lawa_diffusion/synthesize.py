@@ -324,19 +324,19 @@ def plan_synthesis(run_dir: str, target: str, step: Optional[int] = None, tracks
     return Synthesis(os.fspath(run_dir), target, description, step, sources, solution, cls, arch, max_residual)
 
 
-def write_synthesis(synthesis_: Synthesis, out: str | os.PathLike, overwrite: bool = False,
+def write_synthesis(synthesis: Synthesis, out: str | os.PathLike, overwrite: bool = False,
                     progress: bool = True) -> dict:
     """Write the synthesised weights as a diffusers model folder ``out`` (``from_pretrained`` loads it; fp32) with
     ``synthesis.json`` (its :meth:`Synthesis.record`) beside config.json; atomic, refusing an existing ``out``
     unless ``overwrite``. Returns the record."""
     from accelerate import init_empty_weights
 
-    record = synthesis_.record(os.fspath(out))
+    record = synthesis.record(os.fspath(out))
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        state = synthesis_.state_dict(torch.float32, progress=progress)
+        state = synthesis.state_dict(torch.float32, progress=progress)
         with init_empty_weights():
-            model = synthesis_.model_cls.from_config(synthesis_.model_config)
-        load_into_assigned(model, state, synthesis_.sources[-1].path)
+            model = synthesis.model_cls.from_config(synthesis.model_config)
+        load_into_assigned(model, state, synthesis.sources[-1].path)
         model.save_pretrained(tmp)
         atomic_write_json(os.path.join(tmp, SIDECAR_NAME), record)
     return record
