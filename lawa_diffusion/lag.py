@@ -266,6 +266,12 @@ def spread(w: np.ndarray) -> float:
     return float(math.sqrt(max(0.0, np.dot(w, (ages - mean_lag(w)) ** 2))))
 
 
+def sigma_rel_of_profile(w: np.ndarray) -> float:
+    """EDM2's relative spread of a profile over ``s = 0..t``: its spread ÷ ``t`` (0 at ``t = 0``)."""
+    t = len(w) - 1
+    return spread(w) / t if t > 0 else 0.0
+
+
 def variance(w: np.ndarray) -> float:
     """White-noise variance factor ``V = Σ w²``."""
     return float(np.dot(w, w))
@@ -306,6 +312,7 @@ def plan_row(track: EMATrack, window: LAWAConfig, t: int, d: Optional[np.ndarray
         "step": int(t), "every_n_steps": window.every_n_steps, "snapshot_steps": steps,
         "ema_lag": e["lag"], "ema_spread": e["spread"], "ema_window": e["window"],
         "lawa_lag": total, "lawa_spread": a["spread"], "lawa_window": a["window"],
+        "ema_sigma_rel": sigma_rel_of_profile(ema), "lawa_sigma_rel": sigma_rel_of_profile(lawa),
         "extra_lag": total - e["lag"], "variance_ratio": a["variance"] / e["variance"],
         "snapshot_correlation": corr,
         "nu_below_window": window.k > 1 and window.every_n_steps < e["window"],

@@ -1,8 +1,9 @@
 """``lawa-diffusion plan``: what LAWA over an EMA will do to the lag, before a run (see ``lag``).
 
 From a training config (its ``ema`` and ``lawa`` sections) or from flags, prints at each step of
-interest the EMA's and LAWA's mean lag, spread and window, LAWA's extra lag ΔL, the white-noise
-variance ratio, the correlation of consecutive snapshots and the matched-lag constant-decay EMA.
+interest the EMA's and LAWA's mean lag, spread, σ_rel (spread ÷ step, EDM2's scale) and window, LAWA's
+extra lag ΔL, the white-noise variance ratio, the correlation of consecutive snapshots and the
+matched-lag constant-decay EMA.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ LAG_NAME = "lag.json"
 
 COLUMNS = (  # (header, row key, format)
     ("step", "step", "{:d}"), ("EMA lag", "ema_lag", "{:.1f}"), ("spread", "ema_spread", "{:.1f}"),
-    ("window", "ema_window", "{:.1f}"), ("LAWA lag", "lawa_lag", "{:.1f}"), ("spread", "lawa_spread", "{:.1f}"),
+    ("σ_rel", "ema_sigma_rel", "{:.3f}"), ("window", "ema_window", "{:.1f}"), ("LAWA lag", "lawa_lag", "{:.1f}"),
+    ("spread", "lawa_spread", "{:.1f}"), ("σ_rel", "lawa_sigma_rel", "{:.3f}"),
     ("window", "lawa_window", "{:.1f}"), ("ΔL", "extra_lag", "{:.1f}"), ("V ratio", "variance_ratio", "{:.3f}"),
     ("corr", "snapshot_correlation", "{:.3f}"), ("matched decay", "matched_decay", "{:.5f}"),
 )
@@ -53,7 +55,8 @@ def check_steps(window: LAWAConfig, steps: Sequence[int]) -> None:
 def rows_for(track: lag.EMATrack, window: LAWAConfig, steps: Sequence[int]) -> List[dict]:
     """The plan table: one row per step, with the window and track described in each."""
     check_steps(window, steps)
-    described = {"track": track.describe(), "k": window.k, "start_step": window.start_step}
+    described = {"track": track.describe(), "k": window.k, "start_step": window.start_step,
+                 "decay_rule": decay_rule(track), "track_def": track.to_dict()}
     return [{**row, **described} for row in lag.plan_rows(track, window, steps)]
 
 
@@ -65,10 +68,36 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
 
 
+def decay_rule(track: lag.EMATrack) -> str:
+    """Which decay rule a track follows: "raw", "constant", "power", "warmup" or "no-warmup" (diffusers'
+    ``(1+s)/(10+s)``)."""
+    d = track.constant_decay
+    if d == 0.0:
+        return "raw"
+    if track.gamma is not None:
+        return "power"
+    if d is not None:
+        return "constant"
+    return "warmup" if track.use_ema_warmup else "no-warmup"
+
+
 def header(track: lag.EMATrack, window: LAWAConfig) -> str:
     return (f"LAWA k={window.k}, ν={window.every_n_steps} (snapshots from step {lag.first_snapshot(window)}) "
-            f"over {track.describe()}; lags and windows in steps, V ratio = white-noise Var(LAWA)/Var(EMA), "
-            f"corr = correlation of consecutive snapshots")
+            f"over {track.describe()}; lags, spreads and windows in steps, σ_rel = spread ÷ step (EDM2's scale), "
+            f"V ratio = white-noise Var(LAWA)/Var(EMA), corr = correlation of consecutive snapshots")
+
+
+def rule_note(track: lag.EMATrack, args) -> Optional[str]:
+    """Say which diffusers decay rule is planned when no flag chose it (it comes from the config)."""
+    rule = decay_rule(track)
+    if rule not in ("warmup", "no-warmup") or args.warmup or args.no_warmup:
+        return None
+    source = f"--config {args.config}" if args.config else "the default training config"
+    if rule == "warmup":
+        return (f"decay rule: warm-up 1-(1+s/{track.inv_gamma:g})^-{track.power:g} capped at {track.decay:g}, from "
+                f"{source} (ema.use_ema_warmup); --no-warmup plans diffusers' (1+s)/(10+s) rule instead")
+    return (f"decay rule: diffusers' (1+s)/(10+s) capped at {track.decay:g}, from {source} "
+            "(ema.use_ema_warmup false); --warmup plans the warm-up rule instead")
 
 
 def delay_warning(rows: Sequence[dict]) -> Optional[str]:
@@ -116,12 +145,17 @@ def record(run_dir: str, cfg: TrainConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-WARMUP_FLAGS = ("power", "inv_gamma", "max_decay", "update_after_step")
+WARMUP_FLAGS = ("power", "inv_gamma", "max_decay", "min_decay", "update_after_step")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def _track_from_args(args, base: lag.EMATrack) -> lag.EMATrack:
     constant = args.decay is not None or args.half_life is not None or args.raw
-    stray = [f"--{n.replace('_', '-')}" for n in WARMUP_FLAGS if getattr(args, n) is not None]
+    power = args.sigma_rel is not None or args.gamma is not None
+    stray = [_flag(n) for n in WARMUP_FLAGS if getattr(args, n) is not None]
     check(not (constant and stray), f"plan {stray[0] if stray else ''} applies to diffusers' EMA, not to a constant "
                                     "decay, half-life or raw weights; drop it or use --warmup")
     if args.decay is not None:
@@ -130,12 +164,24 @@ def _track_from_args(args, base: lag.EMATrack) -> lag.EMATrack:
         return lag.half_life_ema(args.half_life)
     if args.raw:
         return lag.raw_weights()
-    changes = {name: getattr(args, name) for name in ("power", "inv_gamma", "update_after_step")
+    if power:
+        odd = [f for f in stray if f != "--update-after-step"]
+        check(not odd, f"plan {odd[0] if odd else ''} applies to diffusers' EMA, not to a power-function EMA "
+                       "(--sigma-rel, --gamma); drop it")
+        track = lag.power_ema(gamma=args.gamma, sigma_rel=args.sigma_rel)
+        return dataclasses.replace(track, update_after_step=args.update_after_step or 0)
+    if args.no_warmup:
+        odd = [_flag(n) for n in ("power", "inv_gamma") if getattr(args, n) is not None]
+        check(not odd, f"plan {odd[0] if odd else ''} shapes the warm-up rule, which --no-warmup turns off; "
+                       "drop one of them")
+    changes = {name: getattr(args, name) for name in ("power", "inv_gamma", "update_after_step", "min_decay")
                if getattr(args, name) is not None}
     if args.max_decay is not None:
         changes["decay"] = args.max_decay
-    if args.warmup:
-        changes["use_ema_warmup"] = True
+    if args.warmup or args.no_warmup:
+        changes["use_ema_warmup"] = bool(args.warmup)
+    if base.gamma is not None and (changes or args.warmup or args.no_warmup):
+        changes["gamma"] = None  # diffusers' flags on a power-function track make it a diffusers EMA
     return dataclasses.replace(base, **changes)
 
 
@@ -168,6 +214,9 @@ def _cli(args) -> int:
             print(json.dumps(row), flush=True)
     else:
         print(header(track, window))
+        note = rule_note(track, args)
+        if note:
+            print(note)
         print(format_table(rows))
         print(advice(track, window, rows[-1]), flush=True)
     warning = delay_warning(rows)
@@ -189,10 +238,18 @@ def register_cli(subparsers) -> None:
     ema.add_argument("--decay", type=float, default=None, help="a constant-decay EMA of this decay (0 <= d < 1)")
     ema.add_argument("--half-life", type=float, default=None, help="a constant-decay EMA of this half-life in steps")
     ema.add_argument("--raw", action="store_true", help="LAWA over the raw weights")
-    ema.add_argument("--warmup", action="store_true", help="diffusers' warm-up EMA (use_ema_warmup)")
+    ema.add_argument("--sigma-rel", type=float, default=None,
+                     help="a power-function EMA (EDM2) of this relative spread (0 < σ_rel < 0.2887)")
+    ema.add_argument("--gamma", type=float, default=None, help="a power-function EMA of this exponent γ > 0")
+    ema.add_argument("--warmup", action="store_true", help="diffusers' warm-up EMA (use_ema_warmup true)")
+    ema.add_argument("--no-warmup", action="store_true",
+                     help="diffusers' EMA without warm-up: decay (1+s)/(10+s) (use_ema_warmup false)")
     p.add_argument("--power", type=float, default=None, help="warm-up power (diffusers EMAModel power)")
     p.add_argument("--inv-gamma", type=float, default=None, help="warm-up inv_gamma")
-    p.add_argument("--max-decay", type=float, default=None, help="the cap on the warm-up decay (EMAModel decay)")
+    p.add_argument("--max-decay", type=float, default=None,
+                   help="the cap on diffusers' decay (EMAModel decay); the rule (warm-up or not) comes from the "
+                        "config unless --warmup or --no-warmup says")
+    p.add_argument("--min-decay", type=float, default=None, help="the floor on diffusers' decay (EMAModel min_decay)")
     p.add_argument("--update-after-step", type=int, default=None, help="EMAModel update_after_step")
     p.add_argument("--k", type=int, default=None, help="snapshots in the LAWA window")
     p.add_argument("--nu", type=int, default=None, help="ν: steps between snapshots (lawa every_n_steps)")
