@@ -139,6 +139,8 @@ def streamed_mean(out: torch.Tensor, readers: Sequence[Callable[[int, int], torc
     device staging buffers); rows not in pinned memory go through two pinned host staging buffers.
     """
     n = len(readers)
+    if numel == 0:  # a process whose whole shard is empty holds nothing to average
+        return out
     chunk = min(_chunk_elems(dtype, n), numel)
     spans = [(a, min(a + chunk, numel)) for a in range(0, numel, chunk)]
     if out.device.type != "cuda":

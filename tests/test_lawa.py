@@ -369,3 +369,37 @@ def test_wrapped_window_sums_rows_in_ring_order_and_resume_keeps_slots():
     _, ref = naive_mean(expected, 3)
     flat = torch.cat([r.reshape(-1) for r in ref])
     assert (lawa.average_flat().double() - flat).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_empty_local_shards_keep_their_shape_in_every_storage(tmp_path, monkeypatch, storage):
+    """A process past the chunk count of a small dim 0 holds ``(0, C, 3, 3)`` shards (a whole shard may be
+    empty): snapshots, averages and states work whatever ``_unflatten_dense_tensors`` does with them."""
+    from tests.test_averaging import _unflatten_with_flat_empties
+
+    monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", _unflatten_with_flat_empties)
+    for tensors in ([torch.randn(2, 4), torch.empty(0, 8, 3, 3), torch.randn(3)], [torch.empty(0, 8, 3, 3), torch.empty(0)]):
+        cfg = LAWAConfig(k=2, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path / str(len(tensors))))
+        lawa = LAWA(tensors, cfg)
+        rows = []
+        for step in (1, 2, 3):
+            for t in tensors:
+                t.add_(1.0)
+            lawa.step(step)
+            rows.append([t.double().clone() for t in tensors])
+        out = [torch.full_like(t, float("nan")) for t in tensors]
+        lawa.average_into(out)
+        for o, a, b in zip(out, rows[-2], rows[-1]):
+            assert o.shape == a.shape and torch.allclose(o.double(), (a + b) / 2)
+        resumed = LAWA([t.clone() for t in tensors], {**cfg.to_dict(), "snapshot_dir": str(tmp_path / "r")})
+        resumed.load_state_dict(lawa.state_dict())
+        assert torch.equal(resumed.average_flat(), lawa.average_flat())
+        lawa.close()
+        resumed.close()
+
+
+def test_streamed_mean_of_a_whole_empty_shard():
+    from lawa_diffusion.storage import streamed_mean
+
+    out = torch.empty(0)
+    assert streamed_mean(out, [lambda a, b: torch.empty(0)] * 3, 0, torch.float32) is out
