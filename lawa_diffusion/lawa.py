@@ -19,6 +19,11 @@ from lawa_diffusion.sources import TensorSource, as_source, is_sharded, local_sh
 from lawa_diffusion.storage import FiniteCheck, Ring, make_ring
 
 STATE_FORMAT = 1
+WINDOW_KEYS = ("k", "every_n_steps", "start_step")  # a saved window continues only with the same values
+
+
+def _options(values: dict, keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={values.get(key)}" for key in keys)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -397,8 +402,8 @@ class LAWA:
         self.resolve_checks()
         state = {"format": STATE_FORMAT, "name": self.name, "config": self.config.to_dict(),
                  "snapshot_steps": self.snapshot_steps, "calls": self._calls, "skipped_steps": list(self.skipped_steps)}
-        if self.source.sharded():  # each process holds its own shard: the window only fits this many processes
-            state["world_size"] = process_count()
+        # a resume with another number of processes is refused (states of sharded EMAs before this key: sharded)
+        state.update(world_size=process_count(), sharded=self.source.sharded())
         if self._ring is None or not self.holds_snapshots:
             return state
         state["layout"] = {"numel": self._ring.numel, "dtype": _dtype_name(self._ring.dtype),
@@ -407,13 +412,32 @@ class LAWA:
         state["slots"] = [slot for _, slot in self._order]
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """Refuse (``ValueError``, one sentence) a state this engine cannot continue: another format, window
+        (k, every_n_steps, start_step), number of processes, or layout. Reads the state only; changes nothing."""
         check(isinstance(state, dict) and state.get("format") == STATE_FORMAT,
               "lawa state is not a LAWA state dict of this version; pass what LAWA.state_dict() returned")
+        saved, now = state.get("config") or {}, self.config.to_dict()
+        differ = [key for key in WINDOW_KEYS if key in saved and saved[key] != now[key]]
+        check(not differ,
+              f"lawa state holds a window of {_options(saved, differ)} but this LAWA has {_options(now, differ)}; "
+              f"resume with {_options(saved, differ)}, or start a new window")
         saved_size = state.get("world_size")
-        check(saved_size is None or int(saved_size) == process_count(),
-              f"lawa state holds the shards of a sharded EMA saved by {saved_size} processes but this run has "
-              f"{process_count()}; resume with {saved_size} processes, or start a new window")
+        if saved_size is not None and int(saved_size) != process_count():
+            what = "the shards of a sharded EMA" if state.get("sharded", True) else "a window"
+            check(False, f"lawa state holds {what} saved by {saved_size} processes but this run has "
+                         f"{process_count()}; resume with {saved_size} processes, or start a new window")
+        if "layout" in state and self.holds_snapshots:
+            layout = state["layout"]
+            tensors = self.source.tensors()
+            _, dtype, shapes = self._layout_of(tensors)
+            self._check_layout(shapes, [torch.Size(s) for s in layout["shapes"]], "saved LAWA state")
+            check(DTYPE_NAMES.get(layout["dtype"]) == dtype,
+                  f"lawa saved state stores {layout['dtype']} but this LAWA stores {_dtype_name(dtype)}; "
+                  "set lawa dtype to match the run that saved the state")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         steps = [int(s) for s in state["snapshot_steps"]][-self.config.k:]
         self._calls = int(state.get("calls", 0))
         self.skipped_steps = list(state.get("skipped_steps", []))

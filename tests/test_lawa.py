@@ -204,18 +204,37 @@ def test_state_dict_roundtrip_bitwise(tmp_path, storage):
     assert torch.equal(other.average_flat(), lawa.average_flat())
 
 
-def test_unsharded_state_records_no_world_size_and_a_sharded_one_needs_its_own(monkeypatch):
+def test_a_state_resumes_only_with_the_same_number_of_processes(monkeypatch):
     tensors, g = make_source()
     lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
     drive(lawa, tensors, g, 3)
     state = lawa.state_dict()
-    assert "world_size" not in state  # an unsharded window fits any number of processes
+    assert state["world_size"] == 1 and state["sharded"] is False
     monkeypatch.setenv("WORLD_SIZE", "3")
     other = LAWA([t.clone() for t in tensors], LAWAConfig(k=2, every_n_steps=1))
-    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="^lawa state holds a window saved by 1 processes but this run has 3; "
+                                         "resume with 1 processes, or start a new window$"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="shards of a sharded EMA saved by 2 processes but this run has 3; resume with 2"):
+        other.load_state_dict({**state, "world_size": 2, "sharded": True})
+    assert other.num_snapshots == 0
+    other.load_state_dict({**state, "world_size": 3})
     assert torch.equal(other.average_flat(), lawa.average_flat())
-    with pytest.raises(ValueError, match="saved by 2 processes but this run has 3; resume with 2 processes"):
-        other.load_state_dict({**state, "world_size": 2})  # as a sharded window of 2 processes records it
+
+
+@pytest.mark.parametrize("change", [{"k": 3}, {"every_n_steps": 2}, {"start_step": 1}, {"k": 1, "start_step": 1}])
+def test_a_state_resumes_only_with_the_same_window(change):
+    tensors, g = make_source()
+    cfg = LAWAConfig(k=2, every_n_steps=1)
+    lawa = LAWA(tensors, cfg)
+    drive(lawa, tensors, g, 3)
+    other = LAWA([t.clone() for t in tensors], {**cfg.to_dict(), **change})
+    saved = ", ".join(f"{key}={getattr(cfg, key)}" for key in change)
+    now = ", ".join(f"{key}={value}" for key, value in change.items())
+    with pytest.raises(ValueError, match=f"^lawa state holds a window of {saved} but this LAWA has {now}; "
+                                         f"resume with {saved}, or start a new window$"):
+        other.load_state_dict(lawa.state_dict())
+    assert other.num_snapshots == 0
 
 
 def test_load_rejects_other_layout():
