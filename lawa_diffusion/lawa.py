@@ -55,7 +55,9 @@ class LAWA:
 
     Over a sharded source (FSDP2 / DTensor), every process keeps the window of its own local shard
     (``snapshot_ranks`` acts as "all"), averages are elementwise on the shards, and ``save_pretrained``
-    gathers the full weights (call it on every process; the main process writes).
+    gathers the full weights (call it on every process; the main process writes). The NaN/Inf checks
+    of the shards are agreed on by all processes (a snapshot that fails on one is skipped, or raised
+    for, on all), so what reads them (``step``, averages, ``state_dict``, saves) runs on every process.
     """
 
     def __init__(self, source: Any, config: LAWAConfig | dict | None = None, *, name: str = "lawa"):
@@ -73,6 +75,7 @@ class LAWA:
         self._avg: Optional[torch.Tensor] = None
         self._since_exact = 0
         self.skipped_steps: List[int] = []
+        self._sharded: Optional[bool] = None  # whether the source is sharded, once known
         self._all_ranks_if_sharded()
         if self.config.storage == "disk":
             _check_writable(self.config.snapshot_dir)
@@ -98,7 +101,8 @@ class LAWA:
     def _all_ranks_if_sharded(self) -> None:
         """A sharded source needs every process to keep its own shard: snapshot_ranks 'main' becomes 'all'.
         Decided once, when the engine is made (a walk over every source tensor: not for each snapshot)."""
-        if self.config.snapshot_ranks == "main" and self.source.sharded():
+        self._sharded = self.source.sharded()
+        if self.config.snapshot_ranks == "main" and self._sharded:
             if is_main_process():
                 warn(f"lawa {self.name!r}: the EMA is sharded (FSDP / DTensor), so every process keeps the window "
                      "of its own shard (snapshot_ranks='all' instead of 'main')")
@@ -138,7 +142,10 @@ class LAWA:
     def resolve_checks(self) -> None:
         """Read the pending snapshot checks; take a snapshot that holds NaN/Inf out of the window."""
         pending, self._pending = self._pending, []
-        bad = [(step, slot) for step, slot, result in pending if not self._passed(slot, result)]
+        failed = [not self._passed(slot, result) for _, slot, result in pending]
+        if pending and self._sharded_across_processes():
+            failed = self._agreed(failed)
+        bad = [(step, slot) for (step, slot, _), fail in zip(pending, failed) if fail]
         for step, slot in bad:
             self._drop(step, slot)
         if not bad:
@@ -151,6 +158,18 @@ class LAWA:
             )
         self.skipped_steps.extend(step for step, _ in bad)
         warn(f"lawa: skipped the snapshot at step {steps} because the EMA weights hold NaN or Inf")
+
+    def _sharded_across_processes(self) -> bool:
+        if self._sharded is None:
+            self._sharded = self.source.sharded()
+        return self._sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _agreed(self, failed: List[bool]) -> List[bool]:
+        """Each check failed on some process (one all-reduce, MAX): over a sharded source every process must
+        drop (or raise for) the same snapshots, or the windows and the collectives that follow diverge."""
+        flags = torch.tensor([float(f) for f in failed], device=self._compute_device())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
 
     def _passed(self, slot: int, result: FiniteCheck) -> bool:
         # a non-finite flag can be an overflow of finite values: confirm element-wise (rare, synchronous)

@@ -422,3 +422,27 @@ def test_streamed_mean_of_a_whole_empty_shard():
 
     out = torch.empty(0)
     assert streamed_mean(out, [lambda a, b: torch.empty(0)] * 3, 0, torch.float32) is out
+
+
+def _torchrun(script, nproc, *args, timeout=300):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(Path(__file__).parent / "scripts" / script), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_sharded_nonfinite_decisions_are_the_same_on_every_process(tmp_path, on_nonfinite):
+    """NaN in one process's shard only: both processes skip that snapshot (same window), or both raise."""
+    done = _torchrun("sharded_nonfinite.py", 2, "--output_dir", str(tmp_path), "--on_nonfinite", on_nonfinite)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    if on_nonfinite == "skip":
+        assert [s["window"] for s in seen] == [[2, 4, 5]] * 2 and [s["skipped"] for s in seen] == [[3]] * 2
+    else:
+        assert all("lawa snapshot at step 3: the EMA weights hold NaN or Inf" in s.get("error", "") for s in seen), seen
