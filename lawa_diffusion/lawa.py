@@ -358,7 +358,8 @@ class LAWA:
                 "start_step": self.config.start_step, "snapshot_steps": self.snapshot_steps}
 
     def save_pretrained(self, path: str | os.PathLike, model: Optional[nn.Module] = None) -> None:
-        """Write the LAWA weights as a diffusers model folder (metadata under ``lawa`` in config.json).
+        """Write the LAWA weights as a diffusers model folder (metadata under ``_lawa`` in config.json,
+        :func:`read_record`).
 
         Over a sharded source every process must call it (the shards are gathered); the main process writes.
         """
@@ -397,7 +398,7 @@ class LAWA:
 
     def _write_folder(self, model: nn.Module, path: str | os.PathLike) -> None:
         if hasattr(model, "register_to_config"):
-            model.register_to_config(lawa=self.metadata())
+            record_in_config(model, self.metadata())
         check(hasattr(model, "save_pretrained"),
               f"lawa save_pretrained needs a diffusers model, got {type(model).__name__}; pass model=<a diffusers model>")
         with atomic_dir(path, overwrite=True) as tmp:
@@ -502,6 +503,26 @@ class LAWA:
         c = self.config
         return (f"LAWA(k={c.k}, every_n_steps={c.every_n_steps}, storage={c.storage!r}, "
                 f"snapshots={self.snapshot_steps}, source={self.source.kind})")
+
+
+# config.json key of what a LAWA folder averaged: diffusers drops "_"-prefixed keys when it builds the model,
+# without the "config attributes ... were passed ... not expected" warning a plain key gives
+CONFIG_KEY = "_lawa"
+OLD_CONFIG_KEY = "lawa"  # folders written before
+
+
+def record_in_config(model: nn.Module, record: dict) -> None:
+    """Keep ``record`` (what was averaged) in ``model``'s config, written to config.json by save_pretrained."""
+    model.register_to_config(**{CONFIG_KEY: record})
+
+
+def read_record(folder: str | os.PathLike) -> Optional[dict]:
+    """What the LAWA model folder ``folder`` averaged (k, every_n_steps, snapshot_steps, ...), or None."""
+    import json
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return config.get(CONFIG_KEY, config.get(OLD_CONFIG_KEY) if isinstance(config.get(OLD_CONFIG_KEY), dict) else None)
 
 
 @contextlib.contextmanager

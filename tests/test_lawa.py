@@ -331,7 +331,24 @@ def test_save_pretrained_loads_and_equals_average(tmp_path):
     lawa.average_into(expected)
     assert all(torch.equal(p, e) for p, e in zip(loaded.parameters(), expected))
     config = json.loads((tmp_path / "lawa" / "config.json").read_text())
-    assert config["lawa"]["snapshot_steps"] == [2, 3, 4] and config["lawa"]["k"] == 3
+    assert "lawa" not in config and config["_lawa"]["snapshot_steps"] == [2, 3, 4] and config["_lawa"]["k"] == 3
+    from lawa_diffusion.lawa import read_record
+
+    assert read_record(tmp_path / "lawa") == config["_lawa"]
+    # diffusers builds the model from the folder without "config attributes {...} were passed ... not expected"
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        UNet2DModel.from_pretrained(tmp_path / "lawa")
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "were passed to" in r.getMessage()], [r.getMessage() for r in records]
 
 
 def test_bad_source_type():
