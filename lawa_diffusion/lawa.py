@@ -460,6 +460,7 @@ class LAWA:
         self.check_state(state)
         steps = [int(s) for s in state["snapshot_steps"]][-self.config.k:]
         self._calls = int(state.get("calls", 0))
+        self.source.forget_step()
         self.skipped_steps = list(state.get("skipped_steps", []))
         self._avg, self._since_exact = None, 0
         self._pending = []

@@ -315,6 +315,34 @@ def test_averaged_model_source():
         assert (p.double() - (a + b) / 2).abs().max() <= 1e-6
 
 
+def test_averaged_model_steps_are_counted_without_a_host_sync_per_step(monkeypatch):
+    """n_averaged lives on the model's device: reading it (.item()) at every step would sync the host."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    net = torch.nn.Linear(4, 3)
+    avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(3):  # a resumed AveragedModel: the count starts from n_averaged
+        avg.update_parameters(net)
+    lawa = LAWA(avg, LAWAConfig(k=2, every_n_steps=2))
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t is avg.n_averaged) or item(t))
+    for _ in range(9):
+        avg.update_parameters(net)
+        lawa.step()
+    monkeypatch.undo()
+    assert reads.count(True) == 1 and lawa.snapshot_steps == [10, 12] and int(avg.n_averaged) == 12
+    state = lawa.state_dict()
+    resumed = LAWA(avg, LAWAConfig(k=2, every_n_steps=2))
+    resumed.step()  # (the same AveragedModel object: counted on)
+    resumed.load_state_dict(state)
+    taken = []
+    for _ in range(2):
+        avg.update_parameters(net)
+        taken.append(resumed.step())
+    assert taken == [False, True] and resumed.snapshot_steps == [12, 14]
+
+
 def test_save_pretrained_loads_and_equals_average(tmp_path):
     from diffusers import UNet2DModel
     from tests.helpers import perturb_, tiny_unet

@@ -135,7 +135,7 @@ def test_missing_folders_and_existing_output(run_with_checkpoints, tmp_path, cap
     assert "--overwrite" in _error(capsys, ["average", run_with_checkpoints, "--k", "1", "-o", str(out)])
     assert (out / "mine.txt").read_text() == "keep"
     assert cli.main(["average", run_with_checkpoints, "--k", "1", "-o", str(out), "--overwrite"]) == 0
-    assert UNet2DModel.from_pretrained(out).config.lawa["snapshot_steps"] == [500]
+    assert read_record(out)["snapshot_steps"] == [500]
 
 
 def test_duplicate_step_is_refused(run_with_checkpoints):
