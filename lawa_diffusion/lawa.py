@@ -181,7 +181,7 @@ class LAWA:
             return
         self._ring.release(slot)
         if self.config.keep_average:
-            self._avg = self._exact_average() if self._order else None
+            self._avg = self._exact_average() if self._order and self._runs_average() else None
             self._since_exact = 0
 
     def _next_slot(self) -> Tuple[int, Optional[int]]:
@@ -195,7 +195,8 @@ class LAWA:
     def _write(self, step: int, tensors: Sequence[torch.Tensor]) -> None:
         slot, evicted = self._next_slot()
         old_row = None
-        if self.config.keep_average and evicted is not None and self._avg is not None:
+        running = self._runs_average()
+        if running and evicted is not None and self._avg is not None:
             # (non-blocking from a pinned row: the ring's next copy into that slot waits for this stream)
             old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True, non_blocking=True)
         self._ring.write(slot, step, tensors)
@@ -203,8 +204,16 @@ class LAWA:
             self._ring.wait_source_read()
         self._pending.append((step, slot, self._ring.finite_check(slot)))
         self._order = [o for o in self._order if o[1] != slot] + [(step, slot)]
-        if self.config.keep_average:
+        if running:
             self._update_running_average(tensors, old_row)
+        elif self.config.keep_average:
+            self._avg = None  # disk: the mean of the new window is computed when it is next asked for
+
+    def _runs_average(self) -> bool:
+        """keep_average updates the mean at each snapshot, except over disk storage: that would read the evicted
+        file on the training thread (and k files every k snapshots); there the mean is computed when asked for
+        and kept until the window changes."""
+        return self.config.keep_average and self.config.storage != "disk"
 
     def before_source_update(self) -> None:
         """Order the next in-place update of the source after any pending snapshot copy (GPU-side wait)."""
@@ -289,7 +298,9 @@ class LAWA:
             return self._broadcast_average(holds)
         check(holds, f"lawa process rank {process_rank()} holds no snapshots because snapshot_ranks='main'; "
                      "average on the main process, pass sync_ranks=True, or set snapshot_ranks='all'")
-        if self.config.keep_average and self._avg is not None:
+        if self.config.keep_average:
+            if self._avg is None:
+                self._avg = self._exact_average()
             return self._avg
         return self._exact_average()
 
@@ -468,7 +479,7 @@ class LAWA:
             self._order = [(s, -1) for s in steps] if not self.holds_snapshots else []
             return
         self._load_rows(state, steps)
-        if self.config.keep_average and self._order:
+        if self._runs_average() and self._order:
             self._avg = self._exact_average()
 
     def _load_rows(self, state: dict, steps: List[int]) -> None:

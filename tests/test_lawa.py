@@ -491,3 +491,25 @@ def test_sharded_nonfinite_decisions_are_the_same_on_every_process(tmp_path, on_
         assert [s["window"] for s in seen] == [[2, 4, 5]] * 2 and [s["skipped"] for s in seen] == [[3]] * 2
     else:
         assert all("lawa snapshot at step 3: the EMA weights hold NaN or Inf" in s.get("error", "") for s in seen), seen
+
+
+def test_keep_average_over_disk_reads_no_file_in_step(tmp_path, monkeypatch):
+    from lawa_diffusion.storage import DiskRing
+
+    reads = []
+    for name in ("read", "mean_into"):
+        original = getattr(DiskRing, name)
+        monkeypatch.setattr(DiskRing, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=3, every_n_steps=1, storage="disk", snapshot_dir=str(tmp_path), keep_average=True))
+    expected = drive(lawa, tensors, g, 8)  # the window wraps: snapshots are evicted
+    assert reads == []
+    first = lawa.average_flat()
+    assert reads == ["mean_into"] and lawa.average_flat() is first  # kept until the window changes
+    _, ref = naive_mean(expected, 3)
+    assert (first.double() - torch.cat([r.reshape(-1) for r in ref])).abs().max().item() <= rounding_bound(ref, 3, False)
+    for t in tensors:
+        t.add_(1.0)
+    lawa.step(9)
+    assert reads == ["mean_into"] and not torch.equal(lawa.average_flat(), first)
+    lawa.close()
