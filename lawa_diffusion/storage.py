@@ -453,7 +453,10 @@ class DiskRing(Ring):
 
     def _run(self) -> None:
         if self.thread_device is not None:
-            torch.cuda.set_device(self.thread_device)  # event waits then use this process's GPU, not GPU 0
+            try:
+                torch.cuda.set_device(self.thread_device)  # event waits then use this process's GPU, not GPU 0
+            except BaseException as e:  # surfaced on the next write or sync()
+                self.error = e
         while True:
             job = self.queue.get()
             try:
