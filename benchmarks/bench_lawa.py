@@ -16,6 +16,10 @@ Prints one JSON object per line:
   {"bench": "average", "storage": S, "fraction_of_bound": f, ...}
       device: bound = (k+1)·P·bytes at the hbm copy rate (target >= 0.7); cpu and disk: bound = k rows
       at the h2d_pinned rate (target >= 0.8).
+  {"bench": "pinned", "storage": S, "asked_bytes": a, "pinned_bytes": p, ...}     (CUDA only; cpu and disk)
+      host bytes the ring asked for (cpu: k rows, disk: 2 staging rows) and the bytes it pinned, beside what
+      ``pin_memory=True`` blocks would pin (rounded up to powers of two), and the first snapshot's time
+      (it allocates and pins the rows).
   {"bench": "train_step_overhead", "ratio": r, "host_mb_added": h, "device_mb_added": d, ...}
       training steps with ``LAWAEMAModel`` (k=5, storage "cpu", bfloat16 snapshots) ÷ the same steps with
       diffusers' ``EMAModel.step``, alternating on the same model (order swapped every pair); each repeat
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -133,12 +138,25 @@ def bounds(tensors, device, args) -> dict:
 
 
 def make_lawa(storage: str, tensors, k: int, folder: str) -> LAWA:
+    from lawa_diffusion.storage import registered_bytes
+
     cfg = LAWAConfig(k=k, every_n_steps=1, storage=storage, snapshot_dir=folder if storage == "disk" else None)
     lawa = LAWA(tensors, cfg)
-    for step in range(1, k + 1):  # allocate and fill the ring
+    device = tensors[0].device
+    pinned_before = registered_bytes()
+    first = timed(lambda: lawa.step(1), device)  # allocates the ring
+    for step in range(2, k + 1):  # fill the ring
         lawa.step(step)
     lawa.resolve_checks()
     lawa._ring.sync()
+    if device.type == "cuda" and storage in ("cpu", "disk"):
+        ring = lawa._ring
+        rows = ring.k if storage == "cpu" else ring.STAGING_ROWS
+        asked = rows * ring.numel * ring.dtype.itemsize
+        pinned = registered_bytes() - pinned_before
+        emit(bench="pinned", storage=storage, asked_bytes=asked, pinned_bytes=pinned, ratio=round(pinned / asked, 4),
+             caching_allocator_bytes=rows * 2 ** math.ceil(math.log2(asked / rows)) if storage == "disk"
+             else 2 ** math.ceil(math.log2(asked)), first_snapshot_ms=round(first * 1e3, 1))
     return lawa
 
 

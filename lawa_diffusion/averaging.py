@@ -23,14 +23,29 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy), built in one C++ call."""
+    """Views of the 1-D ``flat`` shaped like ``like`` (consecutive, no copy), built in one C++ call.
+
+    Every view keeps its tensor's shape, zero-element ones included (an empty local shard such as
+    ``(0, C, 3, 3)``): some torch versions' ``_unflatten_dense_tensors`` give those shape ``[0]``.
+    """
     like = list(like)
-    needed = sum(t.numel() for t in like)
+    empty = []
+    needed = 0
+    for i, t in enumerate(like):
+        n = t.numel()
+        needed += n
+        if n == 0:
+            empty.append(i)
     if needed != flat.numel():
         raise ValueError(f"flat buffer holds {flat.numel()} elements but the tensors need {needed}")
     if not like:
         return []
-    return list(torch._utils._unflatten_dense_tensors(flat, like))
+    if len(empty) == len(like):
+        return [flat[:0].view(t.shape) for t in like]
+    views = list(torch._utils._unflatten_dense_tensors(flat, like))
+    for i in empty:
+        views[i] = flat[:0].view(like[i].shape)
+    return views
 
 
 def foreach_copy(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], non_blocking: bool = False) -> None:

@@ -64,7 +64,8 @@ class LAWAConfig:
     snapshot_dir: folder for "disk" storage.
     on_nonfinite: "raise" or "skip" when an EMA snapshot holds NaN/Inf.
     keep_average: keep the mean materialised on the device, updated in O(P) at each snapshot and
-        recomputed exactly every k snapshots.
+        recomputed exactly every k snapshots; with "disk" storage, computed when first asked for and
+        kept until the next snapshot (no file is read on the training thread).
     snapshot_ranks: "main" (only the main process holds snapshots; DDP EMAs are identical) or "all".
     """
 

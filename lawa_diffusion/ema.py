@@ -67,6 +67,8 @@ class LAWAEMAModel(EMAModel):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         lawa_state: Optional[dict] = state_dict.pop("lawa", None)
+        if lawa_state is not None:  # refuse a window this engine cannot continue before the EMA is touched
+            self.lawa.check_state(lawa_state)
         super().load_state_dict(state_dict)
         if lawa_state is not None:
             self.lawa.load_state_dict(lawa_state)

@@ -19,6 +19,11 @@ from lawa_diffusion.sources import TensorSource, as_source, is_sharded, local_sh
 from lawa_diffusion.storage import FiniteCheck, Ring, make_ring
 
 STATE_FORMAT = 1
+WINDOW_KEYS = ("k", "every_n_steps", "start_step")  # a saved window continues only with the same values
+
+
+def _options(values: dict, keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={values.get(key)}" for key in keys)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -50,7 +55,9 @@ class LAWA:
 
     Over a sharded source (FSDP2 / DTensor), every process keeps the window of its own local shard
     (``snapshot_ranks`` acts as "all"), averages are elementwise on the shards, and ``save_pretrained``
-    gathers the full weights (call it on every process; the main process writes).
+    gathers the full weights (call it on every process; the main process writes). The NaN/Inf checks
+    of the shards are agreed on by all processes (a snapshot that fails on one is skipped, or raised
+    for, on all), so what reads them (``step``, averages, ``state_dict``, saves) runs on every process.
     """
 
     def __init__(self, source: Any, config: LAWAConfig | dict | None = None, *, name: str = "lawa"):
@@ -68,6 +75,7 @@ class LAWA:
         self._avg: Optional[torch.Tensor] = None
         self._since_exact = 0
         self.skipped_steps: List[int] = []
+        self._sharded: Optional[bool] = None  # whether the source is sharded, once known
         self._all_ranks_if_sharded()
         if self.config.storage == "disk":
             _check_writable(self.config.snapshot_dir)
@@ -93,7 +101,8 @@ class LAWA:
     def _all_ranks_if_sharded(self) -> None:
         """A sharded source needs every process to keep its own shard: snapshot_ranks 'main' becomes 'all'.
         Decided once, when the engine is made (a walk over every source tensor: not for each snapshot)."""
-        if self.config.snapshot_ranks == "main" and self.source.sharded():
+        self._sharded = self.source.sharded()
+        if self.config.snapshot_ranks == "main" and self._sharded:
             if is_main_process():
                 warn(f"lawa {self.name!r}: the EMA is sharded (FSDP / DTensor), so every process keeps the window "
                      "of its own shard (snapshot_ranks='all' instead of 'main')")
@@ -133,7 +142,10 @@ class LAWA:
     def resolve_checks(self) -> None:
         """Read the pending snapshot checks; take a snapshot that holds NaN/Inf out of the window."""
         pending, self._pending = self._pending, []
-        bad = [(step, slot) for step, slot, result in pending if not self._passed(slot, result)]
+        failed = [not self._passed(slot, result) for _, slot, result in pending]
+        if pending and self._sharded_across_processes():
+            failed = self._agreed(failed)
+        bad = [(step, slot) for (step, slot, _), fail in zip(pending, failed) if fail]
         for step, slot in bad:
             self._drop(step, slot)
         if not bad:
@@ -147,6 +159,18 @@ class LAWA:
         self.skipped_steps.extend(step for step, _ in bad)
         warn(f"lawa: skipped the snapshot at step {steps} because the EMA weights hold NaN or Inf")
 
+    def _sharded_across_processes(self) -> bool:
+        if self._sharded is None:
+            self._sharded = self.source.sharded()
+        return self._sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def _agreed(self, failed: List[bool]) -> List[bool]:
+        """Each check failed on some process (one all-reduce, MAX): over a sharded source every process must
+        drop (or raise for) the same snapshots, or the windows and the collectives that follow diverge."""
+        flags = torch.tensor([float(f) for f in failed], device=self._compute_device())
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
+
     def _passed(self, slot: int, result: FiniteCheck) -> bool:
         # a non-finite flag can be an overflow of finite values: confirm element-wise (rare, synchronous)
         return result.passed() or (slot >= 0 and self._ring.row_is_finite(slot))
@@ -157,7 +181,7 @@ class LAWA:
             return
         self._ring.release(slot)
         if self.config.keep_average:
-            self._avg = self._exact_average() if self._order else None
+            self._avg = self._exact_average() if self._order and self._runs_average() else None
             self._since_exact = 0
 
     def _next_slot(self) -> Tuple[int, Optional[int]]:
@@ -171,7 +195,8 @@ class LAWA:
     def _write(self, step: int, tensors: Sequence[torch.Tensor]) -> None:
         slot, evicted = self._next_slot()
         old_row = None
-        if self.config.keep_average and evicted is not None and self._avg is not None:
+        running = self._runs_average()
+        if running and evicted is not None and self._avg is not None:
             # (non-blocking from a pinned row: the ring's next copy into that slot waits for this stream)
             old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True, non_blocking=True)
         self._ring.write(slot, step, tensors)
@@ -179,8 +204,16 @@ class LAWA:
             self._ring.wait_source_read()
         self._pending.append((step, slot, self._ring.finite_check(slot)))
         self._order = [o for o in self._order if o[1] != slot] + [(step, slot)]
-        if self.config.keep_average:
+        if running:
             self._update_running_average(tensors, old_row)
+        elif self.config.keep_average:
+            self._avg = None  # disk: the mean of the new window is computed when it is next asked for
+
+    def _runs_average(self) -> bool:
+        """keep_average updates the mean at each snapshot, except over disk storage: that would read the evicted
+        file on the training thread (and k files every k snapshots); there the mean is computed when asked for
+        and kept until the window changes."""
+        return self.config.keep_average and self.config.storage != "disk"
 
     def before_source_update(self) -> None:
         """Order the next in-place update of the source after any pending snapshot copy (GPU-side wait)."""
@@ -265,7 +298,9 @@ class LAWA:
             return self._broadcast_average(holds)
         check(holds, f"lawa process rank {process_rank()} holds no snapshots because snapshot_ranks='main'; "
                      "average on the main process, pass sync_ranks=True, or set snapshot_ranks='all'")
-        if self.config.keep_average and self._avg is not None:
+        if self.config.keep_average:
+            if self._avg is None:
+                self._avg = self._exact_average()
             return self._avg
         return self._exact_average()
 
@@ -334,7 +369,8 @@ class LAWA:
                 "start_step": self.config.start_step, "snapshot_steps": self.snapshot_steps}
 
     def save_pretrained(self, path: str | os.PathLike, model: Optional[nn.Module] = None) -> None:
-        """Write the LAWA weights as a diffusers model folder (metadata under ``lawa`` in config.json).
+        """Write the LAWA weights as a diffusers model folder (metadata under ``_lawa`` in config.json,
+        :func:`read_record`).
 
         Over a sharded source every process must call it (the shards are gathered); the main process writes.
         """
@@ -373,7 +409,7 @@ class LAWA:
 
     def _write_folder(self, model: nn.Module, path: str | os.PathLike) -> None:
         if hasattr(model, "register_to_config"):
-            model.register_to_config(lawa=self.metadata())
+            record_in_config(model, self.metadata())
         check(hasattr(model, "save_pretrained"),
               f"lawa save_pretrained needs a diffusers model, got {type(model).__name__}; pass model=<a diffusers model>")
         with atomic_dir(path, overwrite=True) as tmp:
@@ -397,8 +433,8 @@ class LAWA:
         self.resolve_checks()
         state = {"format": STATE_FORMAT, "name": self.name, "config": self.config.to_dict(),
                  "snapshot_steps": self.snapshot_steps, "calls": self._calls, "skipped_steps": list(self.skipped_steps)}
-        if self.source.sharded():  # each process holds its own shard: the window only fits this many processes
-            state["world_size"] = process_count()
+        # a resume with another number of processes is refused (states of sharded EMAs before this key: sharded)
+        state.update(world_size=process_count(), sharded=self.source.sharded())
         if self._ring is None or not self.holds_snapshots:
             return state
         state["layout"] = {"numel": self._ring.numel, "dtype": _dtype_name(self._ring.dtype),
@@ -407,15 +443,35 @@ class LAWA:
         state["slots"] = [slot for _, slot in self._order]
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """Refuse (``ValueError``, one sentence) a state this engine cannot continue: another format, window
+        (k, every_n_steps, start_step), number of processes, or layout. Reads the state only; changes nothing."""
         check(isinstance(state, dict) and state.get("format") == STATE_FORMAT,
               "lawa state is not a LAWA state dict of this version; pass what LAWA.state_dict() returned")
+        saved, now = state.get("config") or {}, self.config.to_dict()
+        differ = [key for key in WINDOW_KEYS if key in saved and saved[key] != now[key]]
+        check(not differ,
+              f"lawa state holds a window of {_options(saved, differ)} but this LAWA has {_options(now, differ)}; "
+              f"resume with {_options(saved, differ)}, or start a new window")
         saved_size = state.get("world_size")
-        check(saved_size is None or int(saved_size) == process_count(),
-              f"lawa state holds the shards of a sharded EMA saved by {saved_size} processes but this run has "
-              f"{process_count()}; resume with {saved_size} processes, or start a new window")
+        if saved_size is not None and int(saved_size) != process_count():
+            what = "the shards of a sharded EMA" if state.get("sharded", True) else "a window"
+            check(False, f"lawa state holds {what} saved by {saved_size} processes but this run has "
+                         f"{process_count()}; resume with {saved_size} processes, or start a new window")
+        if "layout" in state and self.holds_snapshots:
+            layout = state["layout"]
+            tensors = self.source.tensors()
+            _, dtype, shapes = self._layout_of(tensors)
+            self._check_layout(shapes, [torch.Size(s) for s in layout["shapes"]], "saved LAWA state")
+            check(DTYPE_NAMES.get(layout["dtype"]) == dtype,
+                  f"lawa saved state stores {layout['dtype']} but this LAWA stores {_dtype_name(dtype)}; "
+                  "set lawa dtype to match the run that saved the state")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state(state)
         steps = [int(s) for s in state["snapshot_steps"]][-self.config.k:]
         self._calls = int(state.get("calls", 0))
+        self.source.forget_step()
         self.skipped_steps = list(state.get("skipped_steps", []))
         self._avg, self._since_exact = None, 0
         self._pending = []
@@ -423,7 +479,7 @@ class LAWA:
             self._order = [(s, -1) for s in steps] if not self.holds_snapshots else []
             return
         self._load_rows(state, steps)
-        if self.config.keep_average and self._order:
+        if self._runs_average() and self._order:
             self._avg = self._exact_average()
 
     def _load_rows(self, state: dict, steps: List[int]) -> None:
@@ -459,6 +515,26 @@ class LAWA:
         c = self.config
         return (f"LAWA(k={c.k}, every_n_steps={c.every_n_steps}, storage={c.storage!r}, "
                 f"snapshots={self.snapshot_steps}, source={self.source.kind})")
+
+
+# config.json key of what a LAWA folder averaged: diffusers drops "_"-prefixed keys when it builds the model,
+# without the "config attributes ... were passed ... not expected" warning a plain key gives
+CONFIG_KEY = "_lawa"
+OLD_CONFIG_KEY = "lawa"  # folders written before
+
+
+def record_in_config(model: nn.Module, record: dict) -> None:
+    """Keep ``record`` (what was averaged) in ``model``'s config, written to config.json by save_pretrained."""
+    model.register_to_config(**{CONFIG_KEY: record})
+
+
+def read_record(folder: str | os.PathLike) -> Optional[dict]:
+    """What the LAWA model folder ``folder`` averaged (k, every_n_steps, snapshot_steps, ...), or None."""
+    import json
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return config.get(CONFIG_KEY, config.get(OLD_CONFIG_KEY) if isinstance(config.get(OLD_CONFIG_KEY), dict) else None)
 
 
 @contextlib.contextmanager

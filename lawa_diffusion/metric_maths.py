@@ -92,12 +92,24 @@ def kid_subset_indices(num_1: int, num_2: int, subsets: int, subset_size: int, s
     return torch.from_numpy(np.stack(idx_1)), torch.from_numpy(np.stack(idx_2))
 
 
+# torch-fidelity's names of the KID kernel defaults: 0.4 on ("kid_kernel_poly_*"), 0.3 ("kid_*")
+KID_DEFAULT_KEYS = {"degree": ("kid_kernel_poly_degree", "kid_degree"), "gamma": ("kid_kernel_poly_gamma", "kid_gamma"),
+                    "coef0": ("kid_kernel_poly_coef0", "kid_coef0"), "seed": ("rng_seed",)}
+
+
 def kid_protocol() -> dict:
-    """torch-fidelity's KID defaults: degree, gamma (None: 1 / D), coef0 and the subset seed."""
+    """torch-fidelity's KID defaults: degree, gamma (None: 1 / D), coef0 and the subset seed (under the key
+    names of torch-fidelity 0.4 or of 0.3)."""
     from torch_fidelity.defaults import DEFAULTS
 
-    return {"degree": DEFAULTS["kid_kernel_poly_degree"], "gamma": DEFAULTS["kid_kernel_poly_gamma"],
-            "coef0": DEFAULTS["kid_kernel_poly_coef0"], "seed": DEFAULTS["rng_seed"]}
+    out = {}
+    for option, keys in KID_DEFAULT_KEYS.items():
+        found = [key for key in keys if key in DEFAULTS]
+        if not found:
+            raise ValueError(f"torch-fidelity's DEFAULTS has none of {', '.join(keys)} (the KID {option}); "
+                             "install torch-fidelity 0.3 or 0.4")
+        out[option] = DEFAULTS[found[0]]
+    return out
 
 
 def kid(features_1: torch.Tensor, features_2: Array, *, subsets: int, subset_size: int,

@@ -18,6 +18,7 @@ import torch
 from lawa_diffusion.averaging import average_tensor_lists
 from lawa_diffusion.config import PosthocConfig, check
 from lawa_diffusion.files import atomic_dir
+from lawa_diffusion.lawa import record_in_config
 from lawa_diffusion.runfolder import (
     BASE_TRACK,
     check_track,
@@ -242,7 +243,8 @@ def write_average(paths: Sequence[str | os.PathLike], out: str | os.PathLike, k:
                   overwrite: bool = False, track: str = BASE_TRACK) -> dict:
     """LAWA of the latest ``k`` EMA checkpoints under ``paths`` as a diffusers model folder ``out``.
 
-    config.json records the average under ``lawa`` (k, every, snapshot_steps, sources). Returns that record.
+    config.json records the average under ``_lawa`` (k, every, snapshot_steps, sources; ``lawa.read_record``).
+    Returns that record.
     """
     sources = select_latest(find_sources(paths, subfolder, track), k, every)
     steps = [s.step for s in sources]
@@ -254,7 +256,7 @@ def write_average(paths: Sequence[str | os.PathLike], out: str | os.PathLike, k:
         cls, arch, state = average_sources(sources)
         model = cls.from_config(arch)
         load_into(model, state, sources[-1].path)
-        model.register_to_config(lawa=meta)
+        record_in_config(model, meta)
         model.save_pretrained(tmp)
     return meta
 

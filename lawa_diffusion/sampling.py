@@ -75,7 +75,8 @@ def sample_uint8(unet: nn.Module, scheduler, indices: Sequence[int], *, seed: in
     for t in scheduler.timesteps:
         with autocast(param.device, precision):
             eps = unet(scheduler.scale_model_input(x, t), t).sample
-        x = scheduler.step(eps, t, x, generator=generators, **extra).prev_sample
+        # in the sample's dtype: DPM-Solver and Euler cast their result (the next x) to the model output's dtype
+        x = scheduler.step(eps.to(x.dtype), t, x, generator=generators, **extra).prev_sample
     return to_uint8(x).cpu()
 
 

@@ -50,6 +50,9 @@ class TensorSource:
     def current_step(self) -> Optional[int]:
         return None
 
+    def forget_step(self) -> None:
+        """Read the step counter afresh next time (its owner's state was loaded)."""
+
     def model_template(self) -> tuple[Any, Any]:
         """(model_cls, model_config) for writing a diffusers folder, or (None, None)."""
         return None, None
@@ -90,8 +93,21 @@ class AveragedModelSource(TensorSource):
     def raw_tensors(self) -> List[torch.Tensor]:
         return self.raw_targets_of(self.obj.module)
 
+    def __init__(self, obj: Any):
+        super().__init__(obj)
+        self._counted: Optional[int] = None
+
     def current_step(self) -> Optional[int]:
-        return int(self.obj.n_averaged.item())
+        """``n_averaged``, read from the device once (a host sync), then counted: one call per
+        ``update_parameters``."""
+        if self._counted is None:
+            self._counted = int(self.obj.n_averaged.item())
+        else:
+            self._counted += 1
+        return self._counted
+
+    def forget_step(self) -> None:
+        self._counted = None
 
     def raw_targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
         if isinstance(module_or_params, nn.Module):

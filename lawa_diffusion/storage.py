@@ -20,6 +20,11 @@ bounded device staging buffer (one device-to-host copy per ~64 MB).
 "disk": one safetensors file per snapshot, written atomically by a background thread from one of
 two staging rows (pinned on CUDA; the thread waits for the copy's event); the oldest file beyond
 the window is deleted once its successor is safely on disk.
+
+Pinned rows are ordinary host memory registered with CUDA (:func:`host_empty`): exactly the bytes asked
+for, where torch's caching host allocator (``pin_memory=True``) would round each block up to a power
+of two. Source tensors read on the side stream are marked with ``record_stream``, so the ring holds no
+reference to them: a source that is replaced (``EMAModel.to``) is freed as soon as its copy has run.
 """
 from __future__ import annotations
 
@@ -29,7 +34,10 @@ import math
 import os
 import queue
 import re
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 import torch
 
@@ -49,6 +57,65 @@ def _chunk_elems(dtype: torch.dtype, rows: int) -> int:
 
 def _on_cuda(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------- pinned host rows
+PAGE_BYTES = 4096
+_registered_bytes = 0  # bytes registered by host_empty and not yet released
+
+
+def _cuda_host_register(ptr: int, nbytes: int) -> None:
+    code = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+    if code != 0:
+        raise RuntimeError(f"lawa could not pin {nbytes} bytes of host memory (cudaHostRegister error {code}); "
+                           "lower k, use dtype bfloat16 or storage 'disk'")
+
+
+def _cuda_host_unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+# replaced in tests (no CUDA there): (register, unregister)
+_HOST_REGISTER: List[Callable] = [_cuda_host_register, _cuda_host_unregister]
+
+
+def _release(ptr: int, nbytes: int) -> None:
+    global _registered_bytes
+    try:
+        _HOST_REGISTER[1](ptr)
+    finally:
+        _registered_bytes -= nbytes
+
+
+def registered_bytes() -> int:
+    """Host bytes pinned by :func:`host_empty` and still in use."""
+    return _registered_bytes
+
+
+def host_empty(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialised host tensor; with ``pin``, page-locked for asynchronous copies with exactly its bytes.
+
+    The memory is ordinary (pageable) host memory registered with CUDA, so pinning costs what is asked:
+    ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator, which rounds every
+    block up to the next power of two (a 17.2 GB ring would pin 34.4 GB). The registration is undone
+    when the last tensor viewing the memory is freed.
+    """
+    shape = tuple(int(n) for n in shape)
+    if not pin:
+        return torch.empty(shape, dtype=dtype)
+    global _registered_bytes
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    owner = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)  # page-aligned start inside it
+    start = -owner.ctypes.data % PAGE_BYTES
+    memory = owner[start:start + nbytes]
+    ptr = memory.ctypes.data
+    _HOST_REGISTER[0](ptr, nbytes)
+    _registered_bytes += nbytes
+    weakref.finalize(owner, _release, ptr, nbytes)  # before numpy frees the memory
+    return torch.from_numpy(memory).view(dtype).view(shape)
 
 
 class FiniteCheck:
@@ -91,17 +158,31 @@ class DeviceToHost:
         metas = [torch.empty(s, device="meta") for s in shapes]
         self.views = [flat_views(self.staging[: stop - start], metas[i0:i1]) for i0, i1, start, stop in self.groups]
         self.event: Optional[torch.cuda.Event] = None
-        self._reading: List[torch.Tensor] = []
+        self._marked: Dict[Tuple[int, int], "weakref.ref"] = {}  # (id, data_ptr) -> the sources marked last time
+
+    def _mark_read(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Tell the caching allocator that ``self.stream`` reads ``tensors``: freeing one (its owner replaced
+        it) then waits for this stream's work before the memory is reused. Once per tensor: the mark lasts
+        until the tensor is freed."""
+        marked, self._marked = self._marked, {}
+        for t in tensors:
+            ptr = t.data_ptr()  # (the same tensor object may have been given other memory)
+            ref = marked.get((id(t), ptr))
+            if ref is None or ref() is not t:
+                t.record_stream(self.stream)
+                ref = weakref.ref(t)
+            self._marked[(id(t), ptr)] = ref
 
     def copy(self, row: torch.Tensor, tensors: Sequence[torch.Tensor]) -> FiniteCheck:
         if self.event is not None and not self.event.query():
-            self.event.synchronize()  # the previous copy (ν steps ago) has surely run; release its sources
-        self._reading = list(tensors)  # alive until the copy has read them
+            self.event.synchronize()  # the previous copy (ν steps ago) has surely run
+        tensors = list(tensors)
+        self._mark_read(tensors)  # no reference is kept: a replaced source is freed once the copy has read it
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             flag = torch.zeros((), dtype=torch.float32, device=self.device)
             for (i0, i1, start, stop), views in zip(self.groups, self.views):
-                torch._foreach_copy_(views, self._reading[i0:i1])
+                torch._foreach_copy_(views, tensors[i0:i1])
                 piece = self.staging[: stop - start]
                 flag.add_(nonfinite_flag([piece]))
                 row[start:stop].copy_(piece, non_blocking=True)
@@ -138,6 +219,8 @@ def streamed_mean(out: torch.Tensor, readers: Sequence[Callable[[int, int], torc
     device staging buffers); rows not in pinned memory go through two pinned host staging buffers.
     """
     n = len(readers)
+    if numel == 0:  # a process whose whole shard is empty holds nothing to average
+        return out
     chunk = min(_chunk_elems(dtype, n), numel)
     spans = [(a, min(a + chunk, numel)) for a in range(0, numel, chunk)]
     if out.device.type != "cuda":
@@ -250,6 +333,9 @@ class DeviceRing(Ring):
             rows = self.buffer[: len(slots)]
         else:
             rows = self.buffer.index_select(0, torch.tensor(slots, device=self.buffer.device))
+        if out.device != rows.device:  # the source moved (offloaded) since the last snapshot: mean here, then copy
+            out.copy_(mean_of_rows(rows))
+            return out
         return mean_of_rows(rows, out)
 
 
@@ -259,9 +345,10 @@ class HostRing(Ring):
     def __init__(self, k, numel, dtype, shapes, source_device: torch.device):
         super().__init__(k, numel, dtype, shapes)
         self.cuda = _on_cuda(source_device)
-        self.buffer = torch.empty((k, numel), dtype=dtype, pin_memory=self.cuda)
+        self.buffer = host_empty((k, numel), dtype, pin=self.cuda)
         self.copier = DeviceToHost(source_device, dtype, self.shapes) if self.cuda else None
         self._checks: Dict[int, FiniteCheck] = {}
+        self._uploaded: Optional[torch.cuda.Event] = None  # the uploads of the last streamed mean
 
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
         if self.copier is not None and tensors[0].is_cuda:
@@ -279,8 +366,13 @@ class HostRing(Ring):
             self.copier.wait_source_read()
 
     def sync(self) -> None:
+        """Wait for the pending snapshot copy and for the uploads of the last streamed mean (the host rows
+        may be written after this)."""
         if self.copier is not None:
             self.copier.sync()
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
 
     def read(self, slot: int) -> torch.Tensor:
         self.sync()
@@ -294,8 +386,11 @@ class HostRing(Ring):
             return mean_of_rows(self.buffer[: len(slots)] if contiguous else self.buffer[slots], out)
         # uploads run on the copier's stream, after any pending snapshot copy: no host wait
         readers = [lambda a, b, s=slot: self.buffer[s, a:b] for slot in slots]
-        stream = self.copier.stream if self.copier is not None else None
-        return streamed_mean(out, readers, self.numel, self.dtype, stream, pinned=self.cuda)
+        stream = self.copier.stream if self.copier is not None else torch.cuda.Stream(device=out.device)
+        streamed_mean(out, readers, self.numel, self.dtype, stream, pinned=self.cuda)
+        self._uploaded = torch.cuda.Event()
+        self._uploaded.record(stream)  # (the uploads are the last work queued there)
+        return out
 
 
 _DISK_NAME = re.compile(r"^(?P<name>.+)-step(?P<step>\d{9,})\.safetensors$")
@@ -326,14 +421,18 @@ class DiskRing(Ring):
         self.slot_step: Dict[int, int] = {}
         cuda = _on_cuda(source_device)
         self.copier = DeviceToHost(source_device, dtype, self.shapes) if cuda else None
+        # the writer thread's CUDA device: a new thread starts on device 0 and would open a context there
+        self.thread_device = torch.device(source_device) if cuda else None
         self.free: "queue.Queue" = queue.Queue()
         self._row_views: Dict[int, List[torch.Tensor]] = {}  # staging row id -> views shaped like the source
         for _ in range(self.STAGING_ROWS):
-            row = torch.empty(numel, dtype=dtype, pin_memory=cuda)
+            row = host_empty((numel,), dtype, pin=cuda)
             self._row_views[id(row)] = self.views(row)
             self.free.put(row)
         self._checks: Dict[int, FiniteCheck] = {}
         self.writer = BackgroundWriter(f"lawa-disk-writer-{name}", f"lawa disk snapshot writer in {folder!r}")
+        if self.thread_device is not None:  # the thread's first job; a failure surfaces at the next write or sync()
+            self.writer.submit(lambda: torch.cuda.set_device(self.thread_device))
         self._remove_temp_files()
 
     def _remove_temp_files(self) -> None:

@@ -96,6 +96,7 @@ class MetricsRecorder:
         self.cfg = cfg  # FIDConfig of the KID options (None: the defaults)
         self.background = background
         self._pool = None
+        self._stream = None  # the metric maths' CUDA stream (background, GPU features)
         self._pending: collections.deque = collections.deque()
 
     def submit(self, step: int, sampled: dict, reference, extractor, lawa, variant_info: Optional[dict] = None) -> None:
@@ -109,6 +110,7 @@ class MetricsRecorder:
             return {name: fid.metrics_of(s, reference, cfg) for name, s in sampled.items()}
 
         if self.background:
+            compute = self._on_own_stream(compute, [s.device for s in sampled.values()])
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lawa-metrics")
             future = self._pool.submit(compute)
@@ -120,6 +122,23 @@ class MetricsRecorder:
         self._pending.append((step, info, future))
         if not self.background:
             self.collect()
+
+    def _on_own_stream(self, compute: Callable[[], dict], devices: list) -> Callable[[], dict]:
+        """``compute`` on a CUDA stream of the recorder's own when the maths run on a GPU: on the worker
+        thread, the current stream would be the device's default one, which training kernels use too."""
+        cuda = [d for d in devices if d is not None and torch.device(d).type == "cuda"]
+        if not cuda or not torch.cuda.is_available():
+            return compute
+        device = torch.device(cuda[0])
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device=device)
+        stream = self._stream
+
+        def on_stream() -> dict:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                return compute()  # (its results are read on the host: the stream's work is done on return)
+
+        return on_stream
 
     @property
     def pending(self) -> int:

@@ -35,3 +35,27 @@ def test_flat_views_share_memory():
     a, b = flat_views(flat, [torch.empty(2, 3), torch.empty(4)])
     a.fill_(-1)
     assert flat[:6].eq(-1).all() and b.tolist() == [6.0, 7.0, 8.0, 9.0]
+
+
+def _unflatten_with_flat_empties(flat, tensors):
+    """``_unflatten_dense_tensors`` as some torch versions have it: a zero-element tensor comes back as shape [0]."""
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(torch.empty(0, dtype=flat.dtype) if n == 0 else flat[offset:offset + n].view(t.shape))
+        offset += n
+    return tuple(out)
+
+
+@pytest.mark.parametrize("unflatten", ["installed", "flat_empties"])
+def test_flat_views_keep_the_shape_of_empty_shards(monkeypatch, unflatten):
+    if unflatten == "flat_empties":
+        monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", _unflatten_with_flat_empties)
+    flat = torch.arange(6.0)
+    like = [torch.empty(0, 8, 3, 3), torch.empty(2, 3), torch.empty(0)]  # a conv_out's empty local shard, a bias
+    views = flat_views(flat, like)
+    assert [v.shape for v in views] == [t.shape for t in like]
+    views[1].fill_(-1)
+    assert flat.eq(-1).all()
+    only_empty = flat_views(torch.empty(0), [torch.empty(0, 8, 3, 3), torch.empty(0)])  # a whole shard empty
+    assert [v.shape for v in only_empty] == [torch.Size([0, 8, 3, 3]), torch.Size([0])]

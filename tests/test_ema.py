@@ -86,3 +86,21 @@ def test_accelerate_save_and_load_state_carry_lawa(tmp_path):
     assert torch.equal(ema.lawa.average_flat(), expected)
     with pytest.raises(ValueError, match="already attached"):
         attach(accelerator, make(tiny_unet()).lawa)
+
+
+@pytest.mark.parametrize("change", [{"k": 3}, {"every_n_steps": 3}, {"start_step": 2}, {"world_size": 2}])
+def test_a_refused_window_leaves_the_ema_untouched(change, monkeypatch):
+    unet = tiny_unet()
+    ema = make(unet)
+    train(unet, ema, 5)
+    state = ema.state_dict()
+    other = make(tiny_unet(seed=9), **{k: v for k, v in change.items() if k != "world_size"})
+    if "world_size" in change:
+        monkeypatch.setenv("WORLD_SIZE", str(change["world_size"]))
+    train(tiny_unet(seed=3), other, 1)
+    before = [p.clone() for p in other.shadow_params]
+    step, decay = other.optimization_step, other.decay
+    with pytest.raises(ValueError, match="but this (LAWA|run) has .*; resume with"):
+        other.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(other.shadow_params, before))
+    assert other.optimization_step == step == 1 and other.decay == decay and other.lawa.num_snapshots == 0

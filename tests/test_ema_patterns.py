@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from lawa_diffusion.lawa import read_record
 from lawa_diffusion import launch, patch
 from lawa_diffusion.launch_runtime import RUN_FILE
 from tests.test_launch import assert_weights_close, fresh_accelerate, mean_of, weights
@@ -201,7 +202,7 @@ def test_module_target_runs_like_the_script(tmp_path, monkeypatch):
     with fresh_accelerate():
         assert launch.main([*LAWA_ARGS, "-m", "pkg.train", *args]) == 0
     assert run(SCRIPT, as_script, plugin=True) == 0
-    assert json.loads((as_module / "unet_lawa" / "config.json").read_text())["lawa"]["snapshot_steps"] == [6, 8]
+    assert read_record(as_module / "unet_lawa")["snapshot_steps"] == [6, 8]
     assert_weights_close(weights(as_module / "unet_lawa"), weights(as_script / "unet_lawa"), atol=0)
 
 

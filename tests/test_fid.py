@@ -192,6 +192,26 @@ def test_samples_do_not_depend_on_batching(name):
     assert not torch.equal(whole, sampling.sample_uint8(unet, make(), list(range(5)), seed=2, num_inference_steps=3))
 
 
+@pytest.mark.parametrize("name", ["dpm", "euler", "ddim"])
+def test_bf16_autocast_sampling_keeps_the_sampler_state_in_float32(name):
+    """Under autocast the UNet returns bf16; DPM-Solver and Euler cast their next sample to the model output's
+    dtype, so the output must reach the scheduler in the sample's dtype."""
+    unet = tiny_unet(0).eval()
+    scheduler = sampling.build_scheduler(name, {"num_train_timesteps": 100})
+    seen = []
+    step = scheduler.step
+
+    def recording_step(model_output, t, sample, *args, **kwargs):
+        out = step(model_output, t, sample, *args, **kwargs)
+        seen.append((model_output.dtype, sample.dtype, out.prev_sample.dtype))
+        return out
+
+    scheduler.step = recording_step
+    images = sampling.sample_uint8(unet, scheduler, [0, 1], seed=1, num_inference_steps=4, precision="bf16")
+    assert len(seen) == 4 and set(seen) == {(torch.float32, torch.float32, torch.float32)}
+    assert images.dtype == torch.uint8
+
+
 @contextlib.contextmanager
 def swapped(host, state):
     backup = {k: v.clone() for k, v in host.state_dict().items()}

@@ -7,6 +7,7 @@ mean of the EMA gathered at the snapshot steps in the same run.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,16 @@ def test_trainer_hooks_and_save_lawa_next_to_gather_on_every_process(tmp_path):
     reference = load_file(tmp_path / "reference.safetensors")
     assert max_diff(folder_weights(tmp_path / "checkpoint" / "unet_lawa"), reference) <= 1e-6
     assert max_diff(folder_weights(tmp_path / "unet_lawa"), reference) <= 1e-6
+
+
+@pytest.mark.slow
+def test_four_processes_with_empty_conv_out_shards(tmp_path):
+    """A 3-channel conv_out over 4 processes: the last process's shards of its weight and bias are empty
+    ((0, 8, 3, 3), (0,)); snapshots, the gathered folder and the state save work whatever torch's unflatten
+    does with zero-element tensors (here the variant that returns shape [0])."""
+    done = torchrun(4, "--output_dir", str(tmp_path), "--storage", "cpu", "--flat_empties")
+    assert done.returncode == 0, done.stderr[-3000:]
+    empty = json.loads((tmp_path / "empty_shards.rank3.json").read_text())
+    assert [0, 8, 3, 3] in empty and [0] in empty
+    assert max_diff(folder_weights(tmp_path / "unet_lawa"), load_file(tmp_path / "reference.safetensors")) <= 1e-6
+    assert max_diff(load_file(tmp_path / "swapped.safetensors"), load_file(tmp_path / "reference.safetensors")) <= 1e-6

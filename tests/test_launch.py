@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from lawa_diffusion.lawa import read_record
 from lawa_diffusion import launch
 from lawa_diffusion.launch_runtime import lawa_folder_for
 
@@ -88,7 +89,7 @@ def assert_weights_close(actual: dict, expected: dict, atol: float = 2e-7) -> No
 
 
 def snapshot_steps(folder: Path) -> list[int]:
-    return json.loads((Path(folder) / "config.json").read_text())["lawa"]["snapshot_steps"]
+    return read_record(folder)["snapshot_steps"]
 
 
 def expected_steps(step: int) -> list[int]:

@@ -204,18 +204,37 @@ def test_state_dict_roundtrip_bitwise(tmp_path, storage):
     assert torch.equal(other.average_flat(), lawa.average_flat())
 
 
-def test_unsharded_state_records_no_world_size_and_a_sharded_one_needs_its_own(monkeypatch):
+def test_a_state_resumes_only_with_the_same_number_of_processes(monkeypatch):
     tensors, g = make_source()
     lawa = LAWA(tensors, LAWAConfig(k=2, every_n_steps=1))
     drive(lawa, tensors, g, 3)
     state = lawa.state_dict()
-    assert "world_size" not in state  # an unsharded window fits any number of processes
+    assert state["world_size"] == 1 and state["sharded"] is False
     monkeypatch.setenv("WORLD_SIZE", "3")
     other = LAWA([t.clone() for t in tensors], LAWAConfig(k=2, every_n_steps=1))
-    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="^lawa state holds a window saved by 1 processes but this run has 3; "
+                                         "resume with 1 processes, or start a new window$"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="shards of a sharded EMA saved by 2 processes but this run has 3; resume with 2"):
+        other.load_state_dict({**state, "world_size": 2, "sharded": True})
+    assert other.num_snapshots == 0
+    other.load_state_dict({**state, "world_size": 3})
     assert torch.equal(other.average_flat(), lawa.average_flat())
-    with pytest.raises(ValueError, match="saved by 2 processes but this run has 3; resume with 2 processes"):
-        other.load_state_dict({**state, "world_size": 2})  # as a sharded window of 2 processes records it
+
+
+@pytest.mark.parametrize("change", [{"k": 3}, {"every_n_steps": 2}, {"start_step": 1}, {"k": 1, "start_step": 1}])
+def test_a_state_resumes_only_with_the_same_window(change):
+    tensors, g = make_source()
+    cfg = LAWAConfig(k=2, every_n_steps=1)
+    lawa = LAWA(tensors, cfg)
+    drive(lawa, tensors, g, 3)
+    other = LAWA([t.clone() for t in tensors], {**cfg.to_dict(), **change})
+    saved = ", ".join(f"{key}={getattr(cfg, key)}" for key in change)
+    now = ", ".join(f"{key}={value}" for key, value in change.items())
+    with pytest.raises(ValueError, match=f"^lawa state holds a window of {saved} but this LAWA has {now}; "
+                                         f"resume with {saved}, or start a new window$"):
+        other.load_state_dict(lawa.state_dict())
+    assert other.num_snapshots == 0
 
 
 def test_load_rejects_other_layout():
@@ -296,6 +315,34 @@ def test_averaged_model_source():
         assert (p.double() - (a + b) / 2).abs().max() <= 1e-6
 
 
+def test_averaged_model_steps_are_counted_without_a_host_sync_per_step(monkeypatch):
+    """n_averaged lives on the model's device: reading it (.item()) at every step would sync the host."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    net = torch.nn.Linear(4, 3)
+    avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(3):  # a resumed AveragedModel: the count starts from n_averaged
+        avg.update_parameters(net)
+    lawa = LAWA(avg, LAWAConfig(k=2, every_n_steps=2))
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t is avg.n_averaged) or item(t))
+    for _ in range(9):
+        avg.update_parameters(net)
+        lawa.step()
+    monkeypatch.undo()
+    assert reads.count(True) == 1 and lawa.snapshot_steps == [10, 12] and int(avg.n_averaged) == 12
+    state = lawa.state_dict()
+    resumed = LAWA(avg, LAWAConfig(k=2, every_n_steps=2))
+    resumed.step()  # (the same AveragedModel object: counted on)
+    resumed.load_state_dict(state)
+    taken = []
+    for _ in range(2):
+        avg.update_parameters(net)
+        taken.append(resumed.step())
+    assert taken == [False, True] and resumed.snapshot_steps == [12, 14]
+
+
 def test_save_pretrained_loads_and_equals_average(tmp_path):
     from diffusers import UNet2DModel
     from tests.helpers import perturb_, tiny_unet
@@ -312,7 +359,24 @@ def test_save_pretrained_loads_and_equals_average(tmp_path):
     lawa.average_into(expected)
     assert all(torch.equal(p, e) for p, e in zip(loaded.parameters(), expected))
     config = json.loads((tmp_path / "lawa" / "config.json").read_text())
-    assert config["lawa"]["snapshot_steps"] == [2, 3, 4] and config["lawa"]["k"] == 3
+    assert "lawa" not in config and config["_lawa"]["snapshot_steps"] == [2, 3, 4] and config["_lawa"]["k"] == 3
+    from lawa_diffusion.lawa import read_record
+
+    assert read_record(tmp_path / "lawa") == config["_lawa"]
+    # diffusers builds the model from the folder without "config attributes {...} were passed ... not expected"
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        UNet2DModel.from_pretrained(tmp_path / "lawa")
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "were passed to" in r.getMessage()], [r.getMessage() for r in records]
 
 
 def test_bad_source_type():
@@ -369,3 +433,83 @@ def test_wrapped_window_sums_rows_in_ring_order_and_resume_keeps_slots():
     _, ref = naive_mean(expected, 3)
     flat = torch.cat([r.reshape(-1) for r in ref])
     assert (lawa.average_flat().double() - flat).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
+def test_empty_local_shards_keep_their_shape_in_every_storage(tmp_path, monkeypatch, storage):
+    """A process past the chunk count of a small dim 0 holds ``(0, C, 3, 3)`` shards (a whole shard may be
+    empty): snapshots, averages and states work whatever ``_unflatten_dense_tensors`` does with them."""
+    from tests.test_averaging import _unflatten_with_flat_empties
+
+    monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", _unflatten_with_flat_empties)
+    for tensors in ([torch.randn(2, 4), torch.empty(0, 8, 3, 3), torch.randn(3)], [torch.empty(0, 8, 3, 3), torch.empty(0)]):
+        cfg = LAWAConfig(k=2, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path / str(len(tensors))))
+        lawa = LAWA(tensors, cfg)
+        rows = []
+        for step in (1, 2, 3):
+            for t in tensors:
+                t.add_(1.0)
+            lawa.step(step)
+            rows.append([t.double().clone() for t in tensors])
+        out = [torch.full_like(t, float("nan")) for t in tensors]
+        lawa.average_into(out)
+        for o, a, b in zip(out, rows[-2], rows[-1]):
+            assert o.shape == a.shape and torch.allclose(o.double(), (a + b) / 2)
+        resumed = LAWA([t.clone() for t in tensors], {**cfg.to_dict(), "snapshot_dir": str(tmp_path / "r")})
+        resumed.load_state_dict(lawa.state_dict())
+        assert torch.equal(resumed.average_flat(), lawa.average_flat())
+        lawa.close()
+        resumed.close()
+
+
+def test_streamed_mean_of_a_whole_empty_shard():
+    from lawa_diffusion.storage import streamed_mean
+
+    out = torch.empty(0)
+    assert streamed_mean(out, [lambda a, b: torch.empty(0)] * 3, 0, torch.float32) is out
+
+
+def _torchrun(script, nproc, *args, timeout=300):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(Path(__file__).parent / "scripts" / script), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_sharded_nonfinite_decisions_are_the_same_on_every_process(tmp_path, on_nonfinite):
+    """NaN in one process's shard only: both processes skip that snapshot (same window), or both raise."""
+    done = _torchrun("sharded_nonfinite.py", 2, "--output_dir", str(tmp_path), "--on_nonfinite", on_nonfinite)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    if on_nonfinite == "skip":
+        assert [s["window"] for s in seen] == [[2, 4, 5]] * 2 and [s["skipped"] for s in seen] == [[3]] * 2
+    else:
+        assert all("lawa snapshot at step 3: the EMA weights hold NaN or Inf" in s.get("error", "") for s in seen), seen
+
+
+def test_keep_average_over_disk_reads_no_file_in_step(tmp_path, monkeypatch):
+    from lawa_diffusion.storage import DiskRing
+
+    reads = []
+    for name in ("read", "mean_into"):
+        original = getattr(DiskRing, name)
+        monkeypatch.setattr(DiskRing, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
+    tensors, g = make_source()
+    lawa = LAWA(tensors, LAWAConfig(k=3, every_n_steps=1, storage="disk", snapshot_dir=str(tmp_path), keep_average=True))
+    expected = drive(lawa, tensors, g, 8)  # the window wraps: snapshots are evicted
+    assert reads == []
+    first = lawa.average_flat()
+    assert reads == ["mean_into"] and lawa.average_flat() is first  # kept until the window changes
+    _, ref = naive_mean(expected, 3)
+    assert (first.double() - torch.cat([r.reshape(-1) for r in ref])).abs().max().item() <= rounding_bound(ref, 3, False)
+    for t in tensors:
+        t.add_(1.0)
+    lawa.step(9)
+    assert reads == ["mean_into"] and not torch.equal(lawa.average_flat(), first)
+    lawa.close()

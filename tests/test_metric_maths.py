@@ -126,3 +126,21 @@ def test_gpu_features_take_the_device_path_and_match_torch_fidelity():
     expected = kid_features_to_metric(gen.double(), ref.double(), kid_subsets=20, kid_subset_size=500, verbose=False)
     assert gpu["kid_mean"] == pytest.approx(expected[KEY_METRIC_KID_MEAN], rel=1e-9)
     assert gpu["kid_std"] == pytest.approx(expected[KEY_METRIC_KID_STD], rel=1e-9)
+
+
+def test_kid_defaults_are_read_under_torch_fidelity_03_key_names(monkeypatch):
+    """torch-fidelity 0.3 names the kernel defaults kid_degree / kid_gamma / kid_coef0 (0.4: kid_kernel_poly_*)."""
+    from torch_fidelity import defaults
+
+    new = metric_maths.kid_protocol()
+    old_style = {k: v for k, v in defaults.DEFAULTS.items() if not k.startswith("kid_kernel")}
+    old_style.update(kid_degree=2, kid_gamma=0.5, kid_coef0=3)
+    monkeypatch.setattr(defaults, "DEFAULTS", old_style)
+    assert metric_maths.kid_protocol() == {"degree": 2, "gamma": 0.5, "coef0": 3, "seed": new["seed"]}
+    gen, ref = features(60, 8, 7, shift=0.5), features(60, 8, 8)
+    mean, _ = metric_maths.kid(gen, ref, subsets=4, subset_size=20)
+    expected, _ = metric_maths.kid(gen, ref, subsets=4, subset_size=20, degree=2, gamma=0.5, coef0=3)
+    assert mean.item() == expected.item()
+    monkeypatch.setattr(defaults, "DEFAULTS", {"rng_seed": 1})
+    with pytest.raises(ValueError, match="none of kid_kernel_poly_degree, kid_degree"):
+        metric_maths.kid_protocol()

@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+from lawa_diffusion.lawa import read_record
 from lawa_diffusion import cli
 from lawa_diffusion.files import atomic_save_safetensors
 from lawa_diffusion.posthoc import find_sources, select_latest
@@ -74,7 +75,7 @@ def test_average_equals_float64_mean_of_chosen_checkpoints(run_with_checkpoints,
     assert set(state) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(state[name].double(), value, rtol=0, atol=1e-6)
-    lawa = json.loads((out / "config.json").read_text())["lawa"]
+    lawa = read_record(out)
     assert lawa["snapshot_steps"] == list(steps) and lawa["k"] == k
 
 
@@ -134,7 +135,7 @@ def test_missing_folders_and_existing_output(run_with_checkpoints, tmp_path, cap
     assert "--overwrite" in _error(capsys, ["average", run_with_checkpoints, "--k", "1", "-o", str(out)])
     assert (out / "mine.txt").read_text() == "keep"
     assert cli.main(["average", run_with_checkpoints, "--k", "1", "-o", str(out), "--overwrite"]) == 0
-    assert UNet2DModel.from_pretrained(out).config.lawa["snapshot_steps"] == [500]
+    assert read_record(out)["snapshot_steps"] == [500]
 
 
 def test_duplicate_step_is_refused(run_with_checkpoints):
@@ -275,7 +276,7 @@ def test_average_and_sweep_take_a_track(two_track_run, tmp_path):
         want = _float64_mean([files[30], files[40]])
         for name, tensor in got.items():
             torch.testing.assert_close(tensor.double(), want[name], rtol=0, atol=1e-6)
-        assert json.loads((out / "config.json").read_text())["lawa"]["track"] == track
+        assert read_record(out)["track"] == track
         summary = run_sweep(run, [2], [1], evaluate=_param_sum_metric([]), progress=False, track=track)
         mean = _float64_mean([files[30], files[40]])
         assert summary["rows"][0]["fid"] == pytest.approx(sum(v.sum().item() for v in mean.values()), rel=1e-6)

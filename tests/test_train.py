@@ -357,3 +357,23 @@ def test_resuming_from_an_older_checkpoint_trims_everything_past_it(tmp_path):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]
     assert [s for s, _ in runfolder.list_ema_snapshots(str(run_dir))] == [2]
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"seed": 3}
+
+
+@pytest.mark.cuda
+def test_background_metric_maths_run_on_a_stream_of_their_own(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lawa_diffusion import fid, tracking
+
+    streams = []
+
+    def metrics(sampled, reference, cfg):
+        streams.append(torch.cuda.current_stream())
+        return {"fid": 1.0, "num_samples": 2, "inception_sha256": "abc"}
+
+    monkeypatch.setattr(fid, "metrics_of", metrics)
+    recorder = tracking.MetricsRecorder(str(tmp_path / "m.jsonl"), None, background=True, write=lambda line: None)
+    lawa = SimpleNamespace(config=SimpleNamespace(k=2, every_n_steps=5), num_snapshots=1)
+    recorder.submit(5, {"ema": fid.Sampled({}, 0.5, {}, torch.device("cuda", 0))}, None, None, lawa)
+    recorder.close()
+    assert len(streams) == 1 and streams[0] != torch.cuda.default_stream(0)

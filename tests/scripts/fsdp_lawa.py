@@ -8,6 +8,7 @@ its shard of the window. ``--mode resume``: ``accelerator.load_state`` of ``chec
 run, which writes its window as ``unet_lawa_resumed``; a refusal is printed as one ``error:`` line, exit 2.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -65,6 +66,9 @@ def train(out, storage):
     attach(accelerator, ema.lawa)
     accelerator.save_state(os.path.join(out, "checkpoint"))  # on every process: each saves its shard's window
     ema.lawa.close()
+    empty = [list(p.to_local().shape) for p in ema.shadow_params if p.to_local().numel() == 0]
+    with open(os.path.join(out, f"empty_shards.rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(empty, f)
     if dist.get_rank() == 0:
         latest = sorted(snapshots)[-K:]
         reference = {name: torch.stack([snapshots[s][name] for s in latest]).mean(0) for name in swapped}
@@ -91,12 +95,26 @@ def resume(out, storage):
     return 0
 
 
+def unflatten_with_flat_empties(flat, tensors):
+    """``_unflatten_dense_tensors`` as some torch versions have it: zero-element tensors come back as shape [0]."""
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel()
+        out.append(torch.empty(0, dtype=flat.dtype) if n == 0 else flat[offset:offset + n].view(t.shape))
+        offset += n
+    return tuple(out)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--mode", choices=["train", "resume"], default="train")
     parser.add_argument("--storage", default="cpu")
+    parser.add_argument("--flat_empties", action="store_true",
+                        help="give torch the unflatten behaviour that returns shape [0] for zero-element tensors")
     args = parser.parse_args()
+    if args.flat_empties:
+        torch._utils._unflatten_dense_tensors = unflatten_with_flat_empties
     dist.init_process_group("gloo")
     try:
         code = (train if args.mode == "train" else resume)(args.output_dir, args.storage)
