@@ -155,8 +155,12 @@ three_seeds() {  # seeds 0, 1, 2 of $CONFIG at once on the one device (each its 
     local left=$(( BUDGET - (SECONDS - START) - REPORT_RESERVE_S ))
     if [ "$left" -lt "$limit" ]; then limit=$(( left > MIN_STEP_S ? left : MIN_STEP_S )); fi
   fi
-  for s in 0 1 2; do OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads train "seed$s" "$s" "$limit" & done
-  wait
+  local pids=()
+  for s in 0 1 2; do
+    OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads train "seed$s" "$s" "$limit" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"  # (a bare wait would also wait for the tee of this script's output, which never ends)
   for s in 0 1 2; do show_run "seed$s" | sed "s/^/seed$s: /"; done
   step report "$T_REPORT" $PY -m lawa_diffusion report "$RUNS/seed0" "$RUNS/seed1" "$RUNS/seed2" -o "$RUNS/report" \
     --overwrite

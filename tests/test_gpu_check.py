@@ -16,7 +16,7 @@ def gpu_check(tmp_path, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "GPU_CHECK_TINY": "1", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
             "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
 
 
 def summary_rows(stdout: str) -> dict:
@@ -38,6 +38,17 @@ def test_a_failing_step_fails_the_script_and_the_next_steps_still_run(tmp_path):
     assert "--gpu-check-rejected-argument" in (tmp_path / "out" / "logs" / "device.log").read_text()
     assert "matched-lag baseline" in (tmp_path / "out" / "logs" / "plan.log").read_text()
     assert (tmp_path / "out" / "steps.tsv").read_text().splitlines()[0].split("\t")[:2] == ["device", "2"]
+
+
+def test_three_seeds_at_once_are_three_steps_and_the_script_finishes(tmp_path):
+    """The seeds run in the background, each its own step; the script waits for them (and only them: not for the
+    tee of its own output) and goes on to the report. Here every seed is refused at once, so the report finds no
+    run either."""
+    done = gpu_check(tmp_path, GPU_CHECK_PART="seeds", GPU_CHECK_STEPS="seed0,seed1,seed2,report",
+                     GPU_CHECK_FAIL="seed0,seed1,seed2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = summary_rows(done.stdout)
+    assert {name: rows[name][0] for name in rows} == {"seed0": "2", "seed1": "2", "seed2": "2", "report": "2"}
 
 
 def test_steps_past_the_budget_are_skipped_and_listed(tmp_path):
