@@ -130,7 +130,7 @@ step() {  # step NAME LIMIT_S COMMAND...: COMMAND under its limit (cut to the bu
   fi
 }
 
-passed() { grep -qP "^$1\t0\t" "$SUMMARY"; }
+passed() { grep -q "^$1"$'\t'"0"$'\t' "$SUMMARY"; }
 
 show() {  # show NAME EXTENDED-REGEX [LINES]: the matching lines of a step's log, when it passed (a failed step's
   passed "$1" || return 0  # last lines were shown already)
