@@ -5,6 +5,8 @@
   --warmup steps (compilation, CUDA graph capture) are timed apart, and the host synchronisations of a
   few later steps are counted (torch's sync debug mode, CUDA only).
   {"bench": "trainer", "fast_path": "on", "steps_per_s": ..., "warmup_s": ..., "host_syncs_per_step": ...}
+      (also "compiled", and inductor's reason when it ran without CUDA graphs ("cuda_graphs_skipped") or the
+      fallback's reason ("fell_back"), null when neither happened)
   {"bench": "trainer_speedup", "ratio": on / off}
 --bench evaluation: one evaluation as the trainer runs it: the eval variants of --config (two: ema, lawa)
   x eval.num_samples, sampled with eval.scheduler / num_inference_steps and turned into features by the
@@ -134,7 +136,8 @@ def trainer_steps(args, work: str, fast: str) -> dict:
         with counting_host_syncs(device) as syncs:
             for step in range(args.warmup + args.train_steps + 1, args.warmup + args.train_steps + counted + 1):
                 train.train_step(p, step)
-        row = dict(bench="trainer", fast_path=fast, compiled=p.forward.is_compiled, device=str(device),
+        row = dict(bench="trainer", fast_path=fast, compiled=p.forward.is_compiled,
+                   cuda_graphs_skipped=p.forward.cudagraph_skip, fell_back=p.forward.fell_back, device=str(device),
                    params=sum(t.numel() for t in p.unet.parameters()), batch=cfg.train_batch_size,
                    mixed_precision=cfg.mixed_precision, warmup_steps=args.warmup, warmup_s=round(warmup_s, 2),
                    steps=args.train_steps, steps_per_s=round(args.train_steps / seconds, 2),
@@ -166,7 +169,7 @@ def bench_evaluation(args, work: str) -> None:
     start = time.perf_counter()
     reference = fid.reference_stats(e.reference, image_size=cfg.model["sample_size"], num_images=e.reference_num_images,
                                     batch_size=e.batch_size, weights=extractor, resize_mode=e.resize_mode,
-                                    features_max=e.reference_features_max, progress=False)
+                                    reference_features_max=e.reference_features_max, progress=False)
     reference_s = time.perf_counter() - start
     variants = {name: unet for name in ("ema", "lawa")}
     options = dict(num_samples=e.num_samples, batch_size=e.batch_size, scheduler=e.scheduler,

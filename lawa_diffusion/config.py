@@ -533,8 +533,10 @@ class EvalConfig(FIDConfig):
     every_n_steps: evaluate every N optimizer steps (0: not during training).
     at_end: also evaluate after the last step.
     variants: the weights to evaluate: raw, ema, lawa, the names of ``ema_tracks`` and ``lawa_windows``, and
-        "<window>@delayed" (the window's EMA snapshot nearest its mean lag: the pure-delay baseline); a window
-        and its baseline once it holds min_snapshots. null: every variant but raw.
+        "<window>@delayed" (the pure-delay baseline: the window's own snapshot of its track nearest step − ΔL,
+        ΔL being the lag the window adds to its track; with an even number of snapshots held, the earlier of the
+        two middle ones, ΔL + ν/2 back); a window and its baseline once it holds min_snapshots. null: every
+        variant but raw.
     reference_num_images: use only this many reference images for the statistics (null: all).
     inception_weights: FID Inception weights file (null: the resolved default, see ``lawa-diffusion inception info``).
     background_metrics: run the FID/KID maths (CPU) in a background thread while training goes on; the

@@ -427,6 +427,8 @@ def _outcome(diff: dict) -> str:
         return "not measured"
     low, high = diff["ci_low"], diff["ci_high"]
     if low is None:  # one run: no interval
+        if diff["mean"] == 0:
+            return "level (one run, no CI)"
         return "ahead (one run, no CI)" if diff["mean"] > 0 else "behind (one run, no CI)"
     if low > 0:
         return "beats it"

@@ -3,8 +3,12 @@ each window's pure-delay baseline, and the mean lag of every variant.
 
 "ema" is diffusers' warm-up EMA (a ``LAWAEMAModel`` whose window is "lawa"); ``ema_tracks`` add
 constant-decay diffusers ``EMAModel``s and power-function ``PowerEMAModel``s (EDM2); ``lawa_windows`` add ``LAWA`` engines over any track or over the
-raw weights. ``<window>@delayed`` is one of the window's own snapshots, the one nearest the window's
-mean lag: its track as it was ΔL steps earlier. LAWA that only delays its track scores as that baseline.
+raw weights. ``<window>@delayed`` is one of the window's own snapshots, the one nearest step − ΔL (ΔL: the lag
+the window adds to its track): its track as it was about ΔL steps earlier. LAWA that only delays its track
+scores as that baseline. When the window holds an even number of snapshots, step − ΔL falls halfway between
+its two middle ones: no snapshot is exactly ΔL back, and the earlier of the two is taken (ΔL + ν/2 back; the
+later one would be ΔL − ν/2 back, and with two snapshots the current track itself). Each delayed row says how
+far back it is (``delay_steps``) beside the window's ΔL (``window_delta_lag``).
 """
 from __future__ import annotations
 
@@ -62,8 +66,20 @@ def window_of(cfg: TrainConfig, name: str = BASE_WINDOW) -> Tuple[lag.EMATrack, 
 
 
 def nearest_snapshot(snapshot_steps: Sequence[int], target: float) -> int:
-    """The snapshot step nearest ``target`` (ties: the later one, the harder baseline)."""
-    return min(snapshot_steps, key=lambda s: (abs(s - target), -s))
+    """The snapshot step nearest ``target``; a tie (within 1e-6 steps: the sums behind ``target`` round) goes to
+    the earlier one, so that a delayed baseline is never the current track."""
+    return min(snapshot_steps, key=lambda s: (round(abs(s - target), 6), s))
+
+
+def window_delta_lag(track: lag.EMATrack, snapshot_steps: Sequence[int], step: int) -> float:
+    """ΔL: the mean lag at ``step`` of a window over ``track`` holding ``snapshot_steps``, minus the track's own."""
+    d = lag.decays(track, step)
+    return variant_lag(track, step, snapshot_steps, d) - variant_lag(track, step, d=d)
+
+
+def delayed_snapshot(track: lag.EMATrack, snapshot_steps: Sequence[int], step: int) -> int:
+    """The pure-delay baseline of a window: its snapshot step nearest ``step`` − ΔL."""
+    return nearest_snapshot(snapshot_steps, step - window_delta_lag(track, snapshot_steps, step))
 
 
 # ----------------------------------------------------------------------------- the tracks
@@ -184,10 +200,7 @@ class TrackSet:
 
     def delayed_step(self, window: str, step: int) -> int:
         """The window's snapshot step nearest step − ΔL, ΔL = the window's mean lag − its track's."""
-        held = self.windows[window].snapshot_steps
-        track = self.over[window]
-        extra = self.track_lag(track, step, held) - self.track_lag(track, step)
-        return nearest_snapshot(held, step - extra)
+        return delayed_snapshot(self.lag_tracks[self.over[window]], self.windows[window].snapshot_steps, step)
 
     # --------------------------------------------------------------- variants
     def variants(self, names: Sequence[str], unet: torch.nn.Module, step: int) -> Tuple[dict, dict]:
@@ -222,8 +235,10 @@ class TrackSet:
             return
         at = self.delayed_step(window_name, step)
         specs[name] = lambda: window.swapped_snapshot_into(unet, at, sync_ranks=True)
-        lag = self.track_lag(self.over[window_name], step, [at])
-        info[name] = {**self._window_info(window_name), "kind": "delayed", "snapshot_step": at, "mean_lag": lag}
+        track = self.lag_tracks[self.over[window_name]]
+        info[name] = {**self._window_info(window_name), "kind": "delayed", "snapshot_step": at,
+                      "mean_lag": variant_lag(track, step, [at]), "delay_steps": step - at,
+                      "window_delta_lag": window_delta_lag(track, window.snapshot_steps, step)}
 
     def _window_info(self, name: str) -> dict:
         window = self.windows[name]

@@ -29,26 +29,46 @@ def test_gpu_average_matches_float64(tmp_path, storage, dtype, monkeypatch):
     lawa.close()
 
 
-def test_lawa_ema_model_on_gpu_deferred_wait_is_exact():
-    from diffusers import UNet2DModel
-    from tests.helpers import tiny_unet
+# ~50 ms at 2 GHz (torch.cuda._sleep spins this many GPU clock cycles): far longer than the next EMA update
+LATE_COPY_CYCLES = 100_000_000
 
-    unet = tiny_unet().cuda()
-    ema = LAWAEMAModel(unet.parameters(), decay=0.5, foreach=True, model_cls=UNet2DModel, model_config=unet.config,
-                       lawa=LAWAConfig(k=3, every_n_steps=1, storage="cpu"))
+
+@pytest.mark.parametrize("wait", [True, False], ids=["deferred_wait", "control_without_wait"])
+def test_lawa_ema_model_on_gpu_deferred_wait_is_exact(monkeypatch, wait):
+    """The snapshot copy runs on a side stream while the training stream goes on; the next EMA update overwrites
+    the shadow parameters in place, so it must wait (on the GPU) for the copy to have read them. The side stream
+    sleeps before each copy and one tensor is large (32 MB), so the next update always runs first unless the
+    wait orders it: with the wait the average is exact; without it (the control) the snapshots hold later EMA
+    values — which shows that the test can see a missing wait."""
     g = torch.Generator(device="cuda").manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g)) for s in [(8 << 20,), (257, 33), (3, 3, 3)]]
+    ema = LAWAEMAModel(params, decay=0.5, foreach=True, lawa=LAWAConfig(k=3, every_n_steps=1, storage="cpu"))
+    real_copy = storage_mod.DeviceToHost.copy
+
+    def late_copy(copier, row, tensors):
+        with torch.cuda.stream(copier.stream):
+            torch.cuda._sleep(LATE_COPY_CYCLES)  # the copy below starts only after this
+        return real_copy(copier, row, tensors)
+
+    monkeypatch.setattr(storage_mod.DeviceToHost, "copy", late_copy)
+    if not wait:
+        monkeypatch.setattr(ema.lawa, "before_source_update", lambda: None)
     kept = []
-    for _ in range(10):
+    for _ in range(8):
         with torch.no_grad():
-            for p in unet.parameters():
+            for p in params:
                 p.add_(torch.randn(p.shape, device="cuda", generator=g))
-        ema.step(unet.parameters())  # the next EMA update overwrites shadow params while a copy may be pending
-        kept.append([s.double().clone() for s in ema.shadow_params])
+        ema.step(params)  # the next EMA update overwrites shadow params while the copy is still pending
+        kept = (kept + [[s.double().clone() for s in ema.shadow_params]])[-3:]
     assert isinstance(ema.lawa._ring, storage_mod.HostRing) and ema.lawa._ring.buffer.is_pinned()
-    ref = [sum(c[i] for c in kept[-3:]) / 3 for i in range(len(kept[0]))]
+    ref = [sum(c[i] for c in kept) / 3 for i in range(len(params))]
     target = [torch.empty_like(s) for s in ema.shadow_params]
     ema.lawa.average_into(target)
-    assert max((o.double() - r).abs().max().item() for o, r in zip(target, ref)) <= 1e-6
+    error = max((o.double() - r).abs().max().item() for o, r in zip(target, ref))
+    if wait:
+        assert error <= 1e-6
+    else:
+        assert error > 0.1
 
 
 @pytest.mark.parametrize("storage", ["device", "cpu", "disk"])

@@ -319,6 +319,17 @@ def test_a_run_without_the_ema_lawa_pair_reports_its_windows(tmp_path, capsys):
             "vs the matched-lag EMA (long): 1.00, ahead (one run, no CI)") in out
 
 
+def test_one_run_with_no_difference_reads_level(tmp_path, capsys):
+    """One run, the window exactly as good as its delayed baseline (a window that only delays): neither ahead nor
+    behind."""
+    values = {"short": [80.0, 50.0, 40.0], "long": [79.0, 49.0, 39.0], "ws": [78.0, 48.0, 38.0]}
+    values["ws@delayed"] = list(values["ws"])
+    assert cli.main(["report", _write_tracks_run(tmp_path / "run", values, [300, 600, 900])]) == 0
+    out = capsys.readouterr().out
+    assert ("verdict: ws vs the delayed EMA: 0.00 FID, level (one run, no CI); "
+            "vs the matched-lag EMA (long): 1.00, ahead (one run, no CI)") in out
+
+
 def test_window_table_shows_the_baselines_values(tmp_path, capsys):
     values = {v: [80.0 - i, 50.0 - i, 40.0 - i] for i, v in enumerate(("short", "long", "ws", "ws@delayed"))}
     run = _write_tracks_run(tmp_path / "run", values, [300, 600, 900])

@@ -16,7 +16,7 @@ from lawa_diffusion import cli, lag, runfolder
 from lawa_diffusion import tracks as tracks_mod
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
-from lawa_diffusion.tracks import nearest_snapshot
+from lawa_diffusion.tracks import delayed_snapshot, nearest_snapshot, window_delta_lag
 from tests.test_train import (run, run_crashing_at, tiny_config, torchrun_to_4_then_6, unet_weights, without_timing,
                               write_yaml)
 
@@ -69,8 +69,22 @@ def brute_force_lags(ema_kwargs: dict, steps: int, cls=None) -> list:
     return lags, ema
 
 
-def test_nearest_snapshot_breaks_ties_towards_the_later_step():
-    assert nearest_snapshot([2, 4, 6], 5.0) == 6 and nearest_snapshot([2, 4, 6], 4.4) == 4
+def test_nearest_snapshot_breaks_ties_towards_the_earlier_step():
+    assert nearest_snapshot([2, 4, 6], 5.0) == 4 and nearest_snapshot([2, 4, 6], 5.0 + 1e-9) == 4
+    assert nearest_snapshot([2, 4, 6], 4.6) == 4 and nearest_snapshot([2, 4, 6], 5.1) == 6
+
+
+@pytest.mark.parametrize("held, want", [
+    ([1000, 1100], 1000),               # k = 2: ΔL = 50 lies halfway; the earlier snapshot, not the current EMA
+    ([900, 1000, 1100], 1000),          # odd k: the middle snapshot is exactly ΔL = 100 back
+    ([800, 900, 1000, 1100], 900),      # even k: ΔL = 150, halfway between 900 and 1000
+])
+def test_delayed_baseline_is_a_real_delay_for_even_windows(held, want):
+    """A constant-decay EMA far past its start: a window of snapshots ν apart adds ΔL = (n − 1)ν/2 exactly (up to
+    rounding), and the baseline is the snapshot nearest step − ΔL, the earlier one on a tie."""
+    track, step = lag.constant_ema(0.9), held[-1]
+    assert window_delta_lag(track, held, step) == pytest.approx((len(held) - 1) * 100 / 2, abs=1e-9)
+    assert delayed_snapshot(track, held, step) == want
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -140,6 +154,8 @@ def test_mean_lag_column_matches_diffusers_emas(tracks_run):
         assert rows[(step, "lawa_fast")]["lawa_num_snapshots"] == len(held)
         delayed = rows[(step, "lawa_fast@delayed")]
         assert delayed["mean_lag"] == pytest.approx(fast_lags[delayed["snapshot_step"]] + step - delayed["snapshot_step"])
+        assert delayed["delay_steps"] == step - delayed["snapshot_step"]
+        assert delayed["window_delta_lag"] == pytest.approx(want - fast_lags[step], abs=1e-9)
 
 
 def test_checkpoints_hold_every_track_and_window_and_snapshots_their_track(tracks_run):
