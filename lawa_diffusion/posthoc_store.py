@@ -29,6 +29,7 @@ from lawa_diffusion import lag, runfolder
 from lawa_diffusion.config import POSTHOC_DTYPES, check
 from lawa_diffusion.files import BackgroundWriter, atomic_save_safetensors
 from lawa_diffusion.output import is_main_process
+from lawa_diffusion.storage import host_empty
 
 DTYPES = {name: getattr(torch, name) for name in POSTHOC_DTYPES}
 STATE_FILE = "posthoc_state.safetensors"
@@ -198,7 +199,9 @@ class PosthocSnapshots:
         free = self._free.setdefault((name, dtype), queue.Queue())
         if free.empty() and self._made.get((name, dtype), 0) < BUFFERS_PER_TRACK:
             self._made[(name, dtype)] = self._made.get((name, dtype), 0) + 1
-            free.put([torch.empty(p.shape, dtype=dtype, pin_memory=cuda) for p in source])
+            # one host buffer per track, pinned for exactly its bytes (storage.host_empty), viewed per tensor
+            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda)
+            free.put([v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in source]), source)])
         buffers = free.get()  # waits only while earlier snapshots of this track are still being written
         for buffer, p in zip(buffers, source):
             buffer.copy_(p.detach(), non_blocking=cuda)
@@ -214,6 +217,8 @@ class PosthocSnapshots:
 
             try:
                 if event is not None:
+                    # this thread's CUDA calls go to the source's GPU (a new thread starts on GPU 0)
+                    torch.cuda.set_device(source[0].device)
                     event.synchronize()
                 save_ema_snapshot(self.output_dir, step, types.SimpleNamespace(shadow_params=buffers), names, config,
                                   name, definition, dtype)
