@@ -11,6 +11,14 @@ def __getattr__(name):
         from lawa_diffusion.ema import LAWAEMAModel
 
         return LAWAEMAModel
+    if name == "PowerEMAModel":
+        from lawa_diffusion.ema import PowerEMAModel
+
+        return PowerEMAModel
+    if name == "PosthocSnapshots":
+        from lawa_diffusion.posthoc_store import PosthocSnapshots
+
+        return PosthocSnapshots
     if name == "attach":
         from lawa_diffusion.accelerate_hooks import attach
 
@@ -18,4 +26,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'lawa_diffusion' has no attribute {name!r}")
 
 
-__all__ = ["LAWA", "LAWAConfig", "LAWAEMAModel", "attach", "__version__"]
+__all__ = ["LAWA", "LAWAConfig", "LAWAEMAModel", "PosthocSnapshots", "PowerEMAModel", "attach", "__version__"]

@@ -160,6 +160,11 @@ class LaunchConfig:
     fid_inception_weights: FID Inception weights file (null: the resolved default).
     metrics_file: JSON-lines file for the FID rows; null: metrics.jsonl in the script's --output_dir
         (or the working folder).
+    posthoc_sigma_rels: power-function EMAs (EDM2) kept beside the script's first EMA, as a comma list of
+        σ_rel values ("0.05,0.10"); null: 0.05,0.10 when posthoc_every_n_steps > 0.
+    posthoc_every_n_steps: store their snapshots every N optimizer steps (0: keep none) under the script's
+        --output_dir, in ema_snapshots/sigma_rel_<σ>/step-<step>.safetensors.
+    posthoc_dtype: the snapshot files' dtype (float32, bfloat16 or float16).
     """
 
     fid_every_n_steps: int = 0
@@ -169,6 +174,9 @@ class LaunchConfig:
     fid_num_inference_steps: Optional[int] = None
     fid_inception_weights: Optional[str] = None
     metrics_file: Optional[str] = None
+    posthoc_sigma_rels: Optional[str] = None
+    posthoc_every_n_steps: int = 0
+    posthoc_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name, low in (("fid_every_n_steps", 0), ("fid_num_samples", 2), ("fid_batch_size", 1),
@@ -180,6 +188,33 @@ class LaunchConfig:
                   f"lawa {name} must be an integer >= {low}, got {value!r}")
         check(self.fid_every_n_steps == 0 or bool(self.fid_reference),
               "lawa fid_every_n_steps > 0 needs fid_reference; pass --lawa_fid_reference with the FID reference")
+        _check_int("lawa", "posthoc_every_n_steps", self.posthoc_every_n_steps, 0)
+        check(self.posthoc_dtype in POSTHOC_DTYPES,
+              f"lawa posthoc_dtype must be one of {', '.join(POSTHOC_DTYPES)}, got {self.posthoc_dtype!r}")
+        values = self.sigma_rels
+        check(not values or self.posthoc_every_n_steps > 0,
+              f"lawa posthoc_sigma_rels {self.posthoc_sigma_rels!r} needs posthoc_every_n_steps > 0; pass "
+              "--lawa_posthoc_every_n_steps N (store the power EMAs every N optimizer steps)")
+        for value in values:
+            check(0.0 < value < SIGMA_REL_MAX, f"lawa posthoc_sigma_rels must hold values > 0 and < {SIGMA_REL_MAX:.4f}, "
+                                               f"got {value!r}; use e.g. 0.05,0.10")
+        check(len(set(values)) == len(values), f"lawa posthoc_sigma_rels names a value twice: {self.posthoc_sigma_rels!r}")
+
+    @property
+    def sigma_rels(self) -> tuple:
+        """The σ_rel values of ``posthoc_sigma_rels`` (0.05, 0.10 when only posthoc_every_n_steps is set)."""
+        given = self.posthoc_sigma_rels
+        if given is None or given == "":
+            return (0.05, 0.10) if self.posthoc_every_n_steps else ()
+        items = given if isinstance(given, (list, tuple)) else str(given).split(",")
+        values = []
+        for item in items:
+            try:
+                values.append(float(item))
+            except (TypeError, ValueError):
+                raise ValueError(f"lawa posthoc_sigma_rels must be a comma list of numbers such as 0.05,0.10, "
+                                 f"got {given!r}") from None
+        return tuple(values)
 
 
 FID_SCHEDULERS = ("ddim", "ddpm", "dpm", "euler")
@@ -361,36 +396,99 @@ def _check_name(where: str, name: Any) -> None:
           "it names the variant, its checkpoint folder and its metrics rows")
 
 
+SIGMA_REL_MAX = (1.0 / 12.0) ** 0.5  # σ_rel of a power-function EMA at γ = 0 (the uniform mean): 0.2887
+
+
 @dataclasses.dataclass
 class EMATrackConfig:
-    """A constant-decay EMA kept beside diffusers' warm-up EMA (``ema_tracks:`` entry).
+    """An EMA track kept beside diffusers' warm-up EMA (``ema_tracks:`` entry).
 
     name: the track's name (variant, ``unet_ema_<name>/`` in checkpoints, ``over:`` of LAWA windows).
-    decay: constant decay d in [0, 1) (mean lag d / (1 - d) steps); or
-    half_life: steps after which an update's weight has halved (decay 0.5 ** (1 / half_life)).
-    The first update copies the weights (diffusers' EMAModel); every later one uses the same decay.
+    Exactly one of
+    decay: constant decay d in [0, 1) (mean lag d / (1 - d) steps);
+    half_life: steps after which an update's weight has halved (decay 0.5 ** (1 / half_life));
+    sigma_rel: a power-function EMA (EDM2) of this relative spread, 0 < sigma_rel < 0.2887 (0.05 to 0.15
+        are usual; gamma from sigma_rel by EDM2's closed form);
+    gamma: a power-function EMA of this exponent (> 0): decay (1 - 1/t)^(gamma + 1) at its t-th update.
+    The first update copies the weights (diffusers' EMAModel); a constant-decay track then keeps its decay.
     """
 
     name: str
     decay: Optional[float] = None
     half_life: Optional[float] = None
+    sigma_rel: Optional[float] = None
+    gamma: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_name("ema_tracks", self.name)
         where = f"ema_tracks {self.name!r}"
-        check((self.decay is None) != (self.half_life is None),
-              f"{where} needs exactly one of decay and half_life, got decay={self.decay!r}, half_life={self.half_life!r}")
+        given = {k: getattr(self, k) for k in ("decay", "half_life", "sigma_rel", "gamma") if getattr(self, k) is not None}
+        check(len(given) == 1, f"{where} needs exactly one of decay, half_life, sigma_rel and gamma, got "
+                               f"{', '.join(f'{k}={v!r}' for k, v in given.items()) or 'none'}")
         if self.decay is not None:
             self.decay = _as_number(where, "decay", self.decay, minimum=float("-inf"))
             check(0.0 <= self.decay < 1.0, f"{where} decay must be >= 0 and < 1, got {self.decay!r}; "
                                            "use e.g. 0.99 (mean lag 99 steps)")
-        else:
+        elif self.half_life is not None:
             self.half_life = _as_number(where, "half_life", self.half_life, minimum=float("-inf"))
             check(self.half_life > 0, f"{where} half_life must be > 0 steps, got {self.half_life!r}")
+        elif self.sigma_rel is not None:
+            self.sigma_rel = _as_number(where, "sigma_rel", self.sigma_rel, minimum=float("-inf"))
+            check(0.0 < self.sigma_rel < SIGMA_REL_MAX,
+                  f"{where} sigma_rel must be > 0 and < {SIGMA_REL_MAX:.4f} (a power-function EMA's relative spread), "
+                  f"got {self.sigma_rel!r}; use e.g. 0.05 or 0.10")
+        else:
+            self.gamma = _as_number(where, "gamma", self.gamma, minimum=float("-inf"))
+            check(self.gamma > 0, f"{where} gamma must be > 0 (a power-function EMA's exponent), got {self.gamma!r}; "
+                                  "use e.g. 6.94 (sigma_rel 0.10)")
 
     @property
-    def constant_decay(self) -> float:
+    def power(self) -> bool:
+        """True for a power-function EMA (``sigma_rel`` or ``gamma``)."""
+        return self.sigma_rel is not None or self.gamma is not None
+
+    @property
+    def constant_decay(self) -> Optional[float]:
+        """The constant decay of a decay / half_life track; None for a power-function EMA."""
+        if self.power:
+            return None
         return self.decay if self.decay is not None else 0.5 ** (1.0 / self.half_life)
+
+
+POSTHOC_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class PosthocSnapshotConfig:
+    """Snapshots of EMA tracks stored for averaging after the fact (``posthoc:`` section of a training config).
+
+    tracks: the EMA tracks whose weights are stored ("ema" and names from ``ema_tracks``); null: every
+        power-function track (``sigma_rel`` / ``gamma``), or ["ema"] when there is none.
+    every_n_steps: store them every N optimizer steps (0: never), whatever LAWA's every_n_steps.
+    dtype: the files' dtype, "float32" (the default: a synthesised average may weigh snapshots with
+        coefficients well above 1, which multiply the storage rounding), "bfloat16" or "float16".
+    Files: RUN/ema_snapshots/<track>/step-<step>.safetensors (RUN/ema_snapshots/ for "ema"), written by a
+    background thread, each with the track's full definition in its metadata.
+    """
+
+    tracks: Optional[list] = None
+    every_n_steps: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        check(self.tracks is None or (isinstance(self.tracks, (list, tuple)) and bool(self.tracks)
+                                      and all(isinstance(t, str) for t in self.tracks)),
+              f"posthoc tracks must be null (every power-function EMA track) or a non-empty list of EMA track names, "
+              f"got {self.tracks!r}")
+        if self.tracks is not None:
+            self.tracks = list(dict.fromkeys(self.tracks))
+        _check_int("posthoc", "every_n_steps", self.every_n_steps, 0)
+        check(self.dtype in POSTHOC_DTYPES,
+              f"posthoc dtype must be one of {', '.join(POSTHOC_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0
 
 
 @dataclasses.dataclass
@@ -490,7 +588,7 @@ def _entries(values: Any, cls: type, where: str) -> list:
 
 
 TRAIN_SECTIONS = {"data": DataConfig, "noise": NoiseConfig, "optim": OptimConfig, "ema": EMASettings,
-                  "lawa": LAWAConfig, "eval": EvalConfig}
+                  "lawa": LAWAConfig, "eval": EvalConfig, "posthoc": PosthocSnapshotConfig}
 
 
 @dataclasses.dataclass
@@ -506,9 +604,11 @@ class TrainConfig:
     log_with: accelerate tracker ("tensorboard") or null; log_every_n_steps: loss logging period.
     report: write the speed-up report at the end.
     ema / lawa: diffusers' warm-up EMA (the track "ema") and the LAWA window "lawa" over it.
-    ema_tracks: more EMA tracks, each {name, decay | half_life} (``EMATrackConfig``).
+    ema_tracks: more EMA tracks, each {name, decay | half_life | sigma_rel | gamma} (``EMATrackConfig``;
+        sigma_rel / gamma: EDM2's power-function EMA).
     lawa_windows: more LAWA windows, each {name, over, k, every_n_steps, ...} (``LAWAWindowConfig``).
     LAWA with ``storage: disk`` and no snapshot_dir keeps its files in <output_dir>/lawa_snapshots.
+    posthoc: EMA snapshots stored every N steps for averages synthesised after the fact (``PosthocSnapshotConfig``).
     fast_path: "on" / "auto" (the default) on a CUDA device: fused AdamW, the training forward compiled with
         CUDA graphs (torch.compile, mode "reduce-overhead"; without graphs under gradient accumulation or
         several processes; the first steps pay the compile time) and sampling under autocast in
@@ -538,6 +638,7 @@ class TrainConfig:
     ema: EMASettings = dataclasses.field(default_factory=EMASettings)
     lawa: LAWAConfig = dataclasses.field(default_factory=LAWAConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    posthoc: PosthocSnapshotConfig = dataclasses.field(default_factory=PosthocSnapshotConfig)
 
     def __post_init__(self) -> None:
         check(isinstance(self.output_dir, str) and bool(self.output_dir), f"output_dir must be a folder path, got {self.output_dir!r}")
@@ -555,6 +656,7 @@ class TrainConfig:
         self.lawa_windows = _entries([_with_disk_dir(w, disk_dir) for w in _as_list(self.lawa_windows, "lawa_windows")],
                                      LAWAWindowConfig, "lawa_windows")
         self._check_track_names()
+        self._resolve_posthoc_tracks()
         self.eval.select_variants(self.variant_names())
         _check_int("train config", "seed", self.seed, 0)
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "log_every_n_steps"):
@@ -586,6 +688,14 @@ class TrainConfig:
             check(window.over in tracks + [RAW_TRACK],
                   f"lawa_windows {window.name!r} is over {window.over!r}, which is not an EMA track; use one of "
                   f"{', '.join(tracks + [RAW_TRACK])}")
+
+    def _resolve_posthoc_tracks(self) -> None:
+        tracks = self.track_names()
+        if self.posthoc.tracks is None:
+            self.posthoc.tracks = [t.name for t in self.ema_tracks if t.power] or [BASE_TRACK]
+        unknown = [t for t in self.posthoc.tracks if t not in tracks]
+        check(not unknown, f"posthoc tracks names {', '.join(map(repr, unknown))}, which is not an EMA track of this "
+                           f"config; use names among {', '.join(tracks)}")
 
     def track_names(self) -> list:
         """The EMA tracks: "ema" (diffusers' warm-up EMA) and the ``ema_tracks``."""

@@ -1,15 +1,18 @@
 """Atomic file writing: temp file in the same folder, fsync, rename, fsync the folder.
 
-A reader never sees a partial file: either the old content or the new one.
+A reader never sees a partial file: either the old content or the new one. ``BackgroundWriter`` runs
+such writes in order on one thread, off the training thread.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import queue
 import shutil
 import tempfile
-from typing import Callable, Iterator
+import threading
+from typing import Callable, Iterator, Optional
 
 
 def _fsync_dir(path: str) -> None:
@@ -137,3 +140,52 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 break
             raise ValueError(f"{os.fspath(path)!r} line {i + 1} is not valid JSON; repair or remove that line") from None
     return rows
+
+
+class BackgroundWriter:
+    """Runs jobs (callables that write files) in submission order on one daemon thread.
+
+    A job's exception is kept and raised, as ``OSError`` naming ``what``, by the next ``submit``, ``sync``
+    or ``close``; ``sync`` waits until every submitted job has run.
+    """
+
+    def __init__(self, name: str, what: str):
+        self.what = what
+        self.queue: "queue.Queue" = queue.Queue()
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except BaseException as e:  # surfaced on the calling thread by check()
+                if self.error is None:
+                    self.error = e
+            finally:
+                self.queue.task_done()
+
+    def check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise OSError(f"{self.what} failed: {err}") from err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.check()
+        self.queue.put(job)
+
+    def sync(self) -> None:
+        self.queue.join()
+        self.check()
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            if self.thread.is_alive():
+                self.queue.put(None)
+                self.thread.join()

@@ -25,6 +25,7 @@ from lawa_diffusion.accelerate_hooks import load_engine_state, save_engine_state
 from lawa_diffusion.config import check
 from lawa_diffusion.files import atomic_dir, atomic_write_json
 from lawa_diffusion.launch_fid import FIDMonitor
+from lawa_diffusion.launch_posthoc import PosthocBeside
 from lawa_diffusion import runfolder
 from lawa_diffusion.output import is_main_process, say
 from lawa_diffusion.sources import is_sharded
@@ -154,6 +155,7 @@ class Plugin:
         self.ema_class: Optional[type] = None
         self.fid: Optional[FIDMonitor] = None
         self.script_args: List[str] = []
+        self.posthoc: Optional[PosthocBeside] = None  # made by install() with --lawa_posthoc_every_n_steps
 
     # ------------------------------------------------------------------ install
     def install(self) -> None:
@@ -175,6 +177,8 @@ class Plugin:
         self._wrap(accelerate.Accelerator, "save_state", self._save_state_wrapper)
         self._wrap(accelerate.Accelerator, "load_state", self._state_wrapper)
         self.patched += ["ModelMixin.save_pretrained", "Accelerator.save_state/load_state"]
+        if self.options.launch.posthoc_every_n_steps:
+            self.posthoc = PosthocBeside(self.options.launch, self.script_args)
         if self.options.launch.fid_every_n_steps:
             self.fid = FIDMonitor(self.options.launch, self.script_args, PROG)
             self._wrap(accelerate.Accelerator, "__init__", self.fid.accelerator_init_wrapper)
@@ -241,7 +245,9 @@ class Plugin:
         if self.loaded_from and os.path.isfile(state_file(self.loaded_from, ema.lawa.name)):
             load_engine_state(ema.lawa, self.loaded_from)
 
-    def after_step(self, ema: Any) -> None:
+    def after_step(self, ema: Any, parameters: Any = None) -> None:
+        if self.posthoc is not None and self.emas and ema is self.emas[0] and parameters is not None:
+            self.posthoc.update(ema, parameters)
         if self.fid is not None and self.emas and ema is self.emas[0]:
             self.fid.maybe_evaluate(ema)
 
@@ -308,6 +314,8 @@ class Plugin:
                     if ema.lawa.holds_snapshots:
                         save_engine_state(ema.lawa, output_dir)
                 atomic_write_json(os.path.join(output_dir, RUN_FILE), {"world_size": accelerator.num_processes})
+            if plugin.posthoc is not None:
+                plugin.posthoc.save_state(output_dir)
 
         @reported_as_input_errors
         def load_hook(models, input_dir):
@@ -316,6 +324,8 @@ class Plugin:
             for ema in plugin.emas:
                 check_window(ema.lawa, input_dir)
                 load_engine_state(ema.lawa, input_dir)
+            if plugin.posthoc is not None:
+                plugin.posthoc.load_state(input_dir)
 
         accelerator.__dict__["_lawa_launch_handles"] = (
             accelerator.register_save_state_pre_hook(save_hook),
@@ -325,10 +335,13 @@ class Plugin:
     # ------------------------------------------------------------------ messages
     def describe(self, script: str) -> str:
         c = self.options.lawa
+        posthoc = f"; {self.posthoc.describe()}" if self.posthoc is not None else ""
         return (f"LAWA k={c.k} every_n_steps={c.every_n_steps} start_step={c.start_step} storage={c.storage} "
-                f"on every diffusers EMAModel of {script} (patched {', '.join(self.patched)})")
+                f"on every diffusers EMAModel of {script} (patched {', '.join(self.patched)}){posthoc}")
 
     def finish(self) -> None:
+        if self.posthoc is not None:
+            self.posthoc.close()
         if self.fid is not None:
             self.fid.close()
         for ema in self.emas:
@@ -342,7 +355,8 @@ class Plugin:
         where = f", the latest {self.written[-1]}" if self.written else ""
         early = (f"; {len(self.skipped)} folder(s) of EMA weights saved before the first snapshot have no LAWA twin"
                  if self.skipped else "")
-        return f"{steps}; wrote {len(self.written)} LAWA folder(s){where}{early}"
+        posthoc = f"; {self.posthoc.summary()}" if self.posthoc is not None else ""
+        return f"{steps}; wrote {len(self.written)} LAWA folder(s){where}{early}{posthoc}"
 
 
 def make_ema_class(plugin: Plugin, original: type) -> type:
@@ -363,6 +377,8 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             self._lawa_temporary = True
             if not plugin._temporary_depth:
                 plugin.adopt(self)
+                if plugin.posthoc is not None and self is plugin.emas[0]:
+                    plugin.posthoc.make(self, parameters)  # before the script shards or moves its model
 
         @classmethod
         def from_pretrained(cls, path, model_cls, foreach=False, **kwargs):
@@ -380,8 +396,10 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             if self._lawa_temporary:
                 plugin.adopt_late(self)
             self._lawa_swapped_ids = None
+            if not hasattr(parameters, "parameters"):
+                parameters = list(parameters)  # read twice: by this EMA, then by the post-hoc ones
             super().step(parameters)
-            plugin.after_step(self)
+            plugin.after_step(self, parameters)
 
         def copy_to(self, parameters, weights: str = "ema") -> None:
             parameters = list(parameters)

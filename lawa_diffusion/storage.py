@@ -29,14 +29,13 @@ import math
 import os
 import queue
 import re
-import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from lawa_diffusion.averaging import all_finite, flat_views, foreach_copy, mean_of_rows, nonfinite_flag
 from lawa_diffusion.config import check
-from lawa_diffusion.files import atomic_save_safetensors, link_or_copy_atomic
+from lawa_diffusion.files import BackgroundWriter, atomic_save_safetensors, link_or_copy_atomic
 
 # Host/disk rows are streamed to the compute device, and device rows staged to the host, in chunks of
 # about this many bytes.
@@ -334,10 +333,7 @@ class DiskRing(Ring):
             self._row_views[id(row)] = self.views(row)
             self.free.put(row)
         self._checks: Dict[int, FiniteCheck] = {}
-        self.queue: "queue.Queue" = queue.Queue()
-        self.error: Optional[BaseException] = None
-        self.thread = threading.Thread(target=self._run, name=f"lawa-disk-writer-{name}", daemon=True)
-        self.thread.start()
+        self.writer = BackgroundWriter(f"lawa-disk-writer-{name}", f"lawa disk snapshot writer in {folder!r}")
         self._remove_temp_files()
 
     def _remove_temp_files(self) -> None:
@@ -354,22 +350,6 @@ class DiskRing(Ring):
         meta = {"step": str(step), "numel": str(self.numel), "dtype": str(self.dtype).replace("torch.", "")}
         atomic_save_safetensors(self.path(step), {"snapshot": row}, metadata=meta)
 
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            try:
-                if job is None:
-                    return
-                kind, payload = job
-                if kind == "write":
-                    self._write_file(*payload)
-                elif kind == "delete" and os.path.exists(payload):
-                    os.unlink(payload)
-            except BaseException as e:  # surfaced on the next write or sync()
-                self.error = e
-            finally:
-                self.queue.task_done()
-
     def _write_file(self, step: int, row: torch.Tensor, event: Optional[torch.cuda.Event]) -> None:
         try:
             if event is not None:
@@ -378,13 +358,8 @@ class DiskRing(Ring):
         finally:
             self.free.put(row)
 
-    def _check(self) -> None:
-        if self.error is not None:
-            err, self.error = self.error, None
-            raise OSError(f"lawa disk snapshot writer failed in {self.folder!r}: {err}") from err
-
     def write(self, slot: int, step: int, tensors: Sequence[torch.Tensor]) -> None:
-        self._check()
+        self.writer.check()
         row = self.free.get()  # waits only when two earlier snapshots are still being written
         if self.copier is not None and tensors[0].is_cuda:
             self._checks[slot] = self.copier.copy(row, tensors)
@@ -395,9 +370,9 @@ class DiskRing(Ring):
             event = None
         old = self.slot_step.get(slot)
         self.slot_step[slot] = step
-        self.queue.put(("write", (step, row, event)))
+        self.writer.submit(lambda: self._write_file(step, row, event))
         if old is not None and old != step:  # evicted: delete after the new file is on disk
-            self.queue.put(("delete", self.path(old)))
+            self._delete_later(self.path(old))
 
     def finite_check(self, slot: int) -> FiniteCheck:
         return self._checks.pop(slot)
@@ -406,21 +381,20 @@ class DiskRing(Ring):
         self._checks.pop(slot, None)
         old = self.slot_step.pop(slot, None)
         if old is not None:
-            self.queue.put(("delete", self.path(old)))
+            self._delete_later(self.path(old))
+
+    def _delete_later(self, path: str) -> None:
+        self.writer.submit(lambda: os.path.exists(path) and os.unlink(path))
 
     def wait_source_read(self) -> None:
         if self.copier is not None:
             self.copier.wait_source_read()
 
     def sync(self) -> None:
-        self.queue.join()
-        self._check()
+        self.writer.sync()
 
     def close(self) -> None:
-        self.sync()
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
+        self.writer.close()
 
     def read(self, slot: int) -> torch.Tensor:
         from safetensors.torch import load_file

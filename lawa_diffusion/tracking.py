@@ -24,11 +24,11 @@ SAY_LINE = functools.partial(say, who=None)  # metrics lines as they are: "step 
 
 # ----------------------------------------------------------------------------- EMA snapshot files
 def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict,
-                      track: str = runfolder.BASE_TRACK, track_def: Optional[dict] = None, *,
+                      track: str = runfolder.BASE_TRACK, track_def: Optional[dict] = None,
                       dtype: torch.dtype = torch.float16) -> str:
-    """The EMA weights of ``track`` at ``step`` as ``dtype`` (fp16 by default) safetensors (UNet parameter names;
-    step, track, model config and, when given, the track's full definition ``lag.EMATrack.to_dict()`` as
-    ``track_def`` in the metadata)."""
+    """The EMA weights of ``track`` at ``step`` as ``dtype`` safetensors (UNet parameter names; step, track, model
+    config and, when given, the track's full definition ``lag.EMATrack.to_dict()`` as ``track_def`` in the
+    metadata). ``lawa_diffusion.posthoc_store`` calls it from its writer thread with host copies."""
     if len(names) != len(ema.shadow_params):
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", dtype) for n, p in zip(names, ema.shadow_params)}
@@ -207,13 +207,9 @@ class Tracker:
         return (e.every_n_steps > 0 and step % e.every_n_steps == 0) or (final and e.at_end)
 
     def after_step(self, step: int, final: bool) -> None:
-        """Record finished background metrics; save the EMA snapshot and evaluate when due."""
+        """Record finished background metrics; evaluate when due (EMA snapshot files: ``posthoc_store``)."""
         if self.recorder is not None:
             self.recorder.collect()
-        lawa = self.ema.lawa
-        if self.cfg.save_ema_snapshots and lawa.due(step) and self.accelerator.is_main_process:
-            for track, ema in self.tracks.emas.items():
-                save_ema_snapshot(self.run_dir, step, ema, self.param_names, self.model_config, track)
         if self.due(step, final):
             self.evaluate(step)
 

@@ -2,7 +2,7 @@
 each window's pure-delay baseline, and the mean lag of every variant.
 
 "ema" is diffusers' warm-up EMA (a ``LAWAEMAModel`` whose window is "lawa"); ``ema_tracks`` add
-constant-decay diffusers ``EMAModel``s; ``lawa_windows`` add ``LAWA`` engines over any track or over the
+constant-decay diffusers ``EMAModel``s and power-function ``PowerEMAModel``s (EDM2); ``lawa_windows`` add ``LAWA`` engines over any track or over the
 raw weights. ``<window>@delayed`` is one of the window's own snapshots, the one nearest the window's
 mean lag: its track as it was ΔL steps earlier. LAWA that only delays its track scores as that baseline.
 """
@@ -40,10 +40,17 @@ def variant_lag(track: lag.EMATrack, step: int, snapshot_steps: Optional[Sequenc
     return lag.mean_lag(lag.snapshots_profile(track, snapshot_steps, step, d))
 
 
+def lag_track(track: Any) -> lag.EMATrack:
+    """``lag``'s track of one ``ema_tracks`` entry (``EMATrackConfig``): constant decay or power-function EMA."""
+    if track.power:
+        return lag.power_ema(gamma=track.gamma, sigma_rel=track.sigma_rel)
+    return lag.constant_ema(track.constant_decay)
+
+
 def lag_tracks_of(cfg: TrainConfig) -> Dict[str, lag.EMATrack]:
     """``lag``'s track of each EMA track of a training config, and of "raw"."""
     return {BASE_TRACK: lag.EMATrack.from_settings(cfg.ema), RAW_TRACK: lag.raw_weights(),
-            **{t.name: lag.constant_ema(t.constant_decay) for t in cfg.ema_tracks}}
+            **{t.name: lag_track(t) for t in cfg.ema_tracks}}
 
 
 def window_of(cfg: TrainConfig, name: str = BASE_WINDOW) -> Tuple[lag.EMATrack, Any]:
@@ -86,7 +93,7 @@ class TrackSet:
         from diffusers import UNet2DModel
         from diffusers.training_utils import EMAModel
 
-        from lawa_diffusion.ema import LAWAEMAModel
+        from lawa_diffusion.ema import LAWAEMAModel, PowerEMAModel
 
         e = cfg.ema
         base = LAWAEMAModel(unet.parameters(), decay=e.decay, use_ema_warmup=e.use_ema_warmup, inv_gamma=e.inv_gamma,
@@ -94,6 +101,10 @@ class TrackSet:
                             model_cls=UNet2DModel, model_config=unet.config, lawa=cfg.lawa)
         emas: Dict[str, Any] = {BASE_TRACK: base}
         for t in cfg.ema_tracks:
+            if t.power:
+                emas[t.name] = PowerEMAModel(unet.parameters(), gamma=lag_track(t).gamma, update_after_step=0,
+                                             foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+                continue
             d = t.constant_decay
             emas[t.name] = EMAModel(unet.parameters(), decay=d, min_decay=d, use_ema_warmup=False, update_after_step=0,
                                     foreach=True, model_cls=UNet2DModel, model_config=unet.config)

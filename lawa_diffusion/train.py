@@ -2,8 +2,8 @@
 
 Runs as one process or under ``accelerate launch -m lawa_diffusion train`` / ``torchrun -m lawa_diffusion``.
 The run folder holds config.yaml, metrics.jsonl, checkpoint-<step>/ (accelerate ``save_state`` plus
-unet_ema[_<track>]/ and unet_lawa[_<window>]/), optionally ema_snapshots/ and lawa_snapshots/, and logs/
-(TensorBoard).
+unet_ema[_<track>]/ and unet_lawa[_<window>]/), optionally ema_snapshots/ (``save_ema_snapshots`` and
+``posthoc``, both written by one ``posthoc_store.PosthocSnapshots``) and lawa_snapshots/, and logs/ (TensorBoard).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from lawa_diffusion import accelerate_hooks, fast_path, plan, runfolder
 from lawa_diffusion.config import TrainConfig, check, load_train_config
 from lawa_diffusion.files import atomic_write_text
 from lawa_diffusion.output import say
+from lawa_diffusion.posthoc_store import DTYPES, PosthocSnapshots
 from lawa_diffusion.tracks import TrackSet
 
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
@@ -180,6 +181,7 @@ class Parts:
     tracker: Any
     model_config: dict
     forward: Any = None  # fast_path.TrainForward over unet
+    snapshots: Any = None  # posthoc_store.PosthocSnapshots: the EMA snapshot files
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: str):
@@ -232,10 +234,26 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
                           accelerator.device)
     tracker = tracking.Tracker(cfg, run_dir, accelerator, unet, tracks, noise_scheduler, model_config, fid_weights)
     tracker.sample_precision = cfg.mixed_precision if fast else None
+    snapshots = PosthocSnapshots(accelerator.unwrap_model(unet), run_dir, every_n_steps=cfg.posthoc.every_n_steps,
+                                 dtype=cfg.posthoc.dtype, emas=tracks.emas, tracks=cfg.posthoc.tracks,
+                                 model_config=model_config, main_process=accelerator.is_main_process)
     return Parts(cfg, run_dir, accelerator, unet, tracks.base, tracks, optimizer, lr_scheduler, noise_scheduler,
                  batches, tracker, model_config,
                  fast_path.TrainForward(unet, fast, fast_path.compile_mode(cfg.gradient_accumulation_steps,
-                                                                            accelerator.num_processes)))
+                                                                            accelerator.num_processes)), snapshots)
+
+
+def snapshot_plan(cfg: TrainConfig, lawa_due: bool, step: int, tracks: list) -> dict:
+    """{track: dtype} of the EMA snapshot files due at ``step``: the ``posthoc`` tracks every
+    ``posthoc.every_n_steps`` in ``posthoc.dtype``, and with ``save_ema_snapshots`` every track at the
+    "lawa" window's snapshot steps (fp16, or ``posthoc.dtype`` for a posthoc track: one dtype per track)."""
+    post = cfg.posthoc
+    stored = set(post.tracks) if post.enabled else set()
+    plan = {t: DTYPES[post.dtype] for t in post.tracks} if post.enabled and step % post.every_n_steps == 0 else {}
+    if cfg.save_ema_snapshots and lawa_due:
+        for t in tracks:
+            plan.setdefault(t, DTYPES[post.dtype] if t in stored else torch.float16)
+    return plan
 
 
 def loss_target(noise_scheduler, clean, noise, timesteps):
@@ -302,11 +320,13 @@ def run_loop(p: Parts, start_step: int) -> None:
     p.unet.train()
     for step in range(start_step + 1, cfg.max_train_steps + 1):
         loss = train_step(p, step)
+        p.snapshots.write(step, snapshot_plan(cfg, p.ema.lawa.due(step), step, list(p.tracks.emas)))
         bar.update(1)
         log_progress(p, bar, step, loss)
         p.tracker.after_step(step, final=step == cfg.max_train_steps)
         if step == cfg.max_train_steps or (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0):
             p.tracker.flush()  # metrics.jsonl complete up to the checkpoint's step
+            p.snapshots.flush()  # and the snapshot files
             save_checkpoint(p, step)
     bar.close()
 
@@ -358,7 +378,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
         try:
             p.tracker.close()
         finally:
-            p.tracks.close()
+            try:
+                p.snapshots.close()
+            finally:
+                p.tracks.close()
         accelerator.end_training()
     if accelerator.is_main_process:
         finish(p, time.time() - started, step)

@@ -28,6 +28,9 @@ K, NU, CKPT = 3, 3, 4
 NUM_IMAGES, BATCH, EPOCHS = 8, 2, 3
 STEPS = NUM_IMAGES // BATCH * EPOCHS  # 12 optimizer steps on one process
 LAWA_ARGS = ["--lawa_k", str(K), "--lawa_every_n_steps", str(NU)]
+POSTHOC_EVERY = 3
+POSTHOC_ARGS = ["--lawa_posthoc_sigma_rels", "0.05,0.10", "--lawa_posthoc_every_n_steps", str(POSTHOC_EVERY)]
+POSTHOC_TRACKS = ["sigma_rel_0.05", "sigma_rel_0.1"]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -114,8 +117,23 @@ def reference(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def plugin_run(data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plugin") / "run"
-    assert run_plugin([*LAWA_ARGS, str(SCRIPT), *script_args(data, out, "--checkpointing_steps", str(CKPT))]) == 0
+    assert run_plugin([*LAWA_ARGS, *POSTHOC_ARGS, str(SCRIPT),
+                       *script_args(data, out, "--checkpointing_steps", str(CKPT))]) == 0
     return out
+
+
+def posthoc_files(run: Path) -> dict:
+    """{(track, step): (tensors, metadata)} of the post-hoc snapshot files of a run."""
+    from safetensors import safe_open
+
+    from lawa_diffusion import runfolder
+
+    found = {}
+    for track in runfolder.snapshot_tracks(str(run)):
+        for step, path in runfolder.list_ema_snapshots(str(run), track):
+            with safe_open(path, framework="pt") as f:
+                found[(track, step)] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return found
 
 
 # ----------------------------------------------------------------------------- acceptance
@@ -133,6 +151,23 @@ def test_plugin_lawa_is_the_mean_of_the_latest_ema_snapshots(reference, plugin_r
     last = plugin_run / f"checkpoint-{STEPS}"
     gap = max((weights(last / "unet_lawa")[k] - v).abs().max().item() for k, v in weights(last / "unet_ema").items())
     assert gap > 1e-4
+
+
+def test_plugin_stores_power_emas_beside_the_scripts_ema(plugin_run):
+    """The plugin run above also kept two power EMAs (and still trained the reference's weights bitwise)."""
+    from lawa_diffusion import lag
+
+    files = posthoc_files(plugin_run)
+    assert sorted(files) == [(t, s) for t in POSTHOC_TRACKS for s in range(POSTHOC_EVERY, STEPS + 1, POSTHOC_EVERY)]
+    ema = weights(plugin_run / f"checkpoint-{STEPS}" / "unet_ema")
+    for (track, step), (tensors, meta) in files.items():
+        assert meta["track"] == track and meta["step"] == str(step)
+        assert lag.EMATrack.from_dict(json.loads(meta["track_def"])) == lag.power_ema(sigma_rel=float(track.split("_")[-1]))
+        assert json.loads(meta["model_config"])["sample_size"] == 8
+        assert tensors.keys() == ema.keys() and all(t.dtype == torch.float32 for t in tensors.values())
+    a, b = files[(POSTHOC_TRACKS[0], STEPS)][0], files[(POSTHOC_TRACKS[1], STEPS)][0]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two different averages
+    assert (plugin_run / f"checkpoint-{CKPT}" / "posthoc_state.safetensors").is_file()
 
 
 def test_plugin_writes_the_lag_plan_of_the_scripts_ema(plugin_run):
@@ -165,7 +200,8 @@ def test_killed_run_resumed_from_latest_matches_uninterrupted(data, plugin_run, 
     out, snapshots = tmp_path / "run", tmp_path / "snapshots"
     crash_at = 2 * CKPT + 2  # after checkpoint-8, before checkpoint-12: steps 9-10 are lost
     env = {**os.environ, "LAWA_K": str(K), "LAWA_EVERY_N_STEPS": str(NU), "LAWA_STORAGE": storage,
-           "LAWA_SNAPSHOT_DIR": str(snapshots), "OMP_NUM_THREADS": "1"}
+           "LAWA_SNAPSHOT_DIR": str(snapshots), "OMP_NUM_THREADS": "1",
+           "LAWA_POSTHOC_SIGMA_RELS": "0.05,0.10", "LAWA_POSTHOC_EVERY_N_STEPS": str(POSTHOC_EVERY)}
     killed = subprocess.run(
         [sys.executable, "-m", "lawa_diffusion.launch", str(SCRIPT),
          *script_args(data, out, "--checkpointing_steps", str(CKPT), "--crash_after_step", str(crash_at))],
@@ -175,12 +211,18 @@ def test_killed_run_resumed_from_latest_matches_uninterrupted(data, plugin_run, 
     assert (out / f"checkpoint-{2 * CKPT}").is_dir() and not (out / f"checkpoint-{STEPS}").exists()
 
     config = tmp_path / "lawa.yaml"  # the resumed run takes the same options from a YAML file
-    config.write_text(f"lawa:\n  k: {K}\n  every_n_steps: {NU}\n  storage: {storage}\n  snapshot_dir: {snapshots}\n")
+    config.write_text(f"lawa:\n  k: {K}\n  every_n_steps: {NU}\n  storage: {storage}\n  snapshot_dir: {snapshots}\n"
+                      f"launch:\n  posthoc_sigma_rels: [0.05, 0.10]\n  posthoc_every_n_steps: {POSTHOC_EVERY}\n")
     assert run_plugin(["--lawa_config", str(config), str(SCRIPT),
                        *script_args(data, out, "--checkpointing_steps", str(CKPT), "--resume_from_checkpoint", "latest")]) == 0
     for name in (f"checkpoint-{STEPS}/unet_lawa", "unet_lawa"):
         assert snapshot_steps(out / name) == expected_steps(STEPS)
         assert_weights_close(weights(out / name), weights(plugin_run / name), atol=1e-6)
+    # the post-hoc files of steps 9 (redone after the crash) and 12 are the uninterrupted run's, bitwise
+    got, want = posthoc_files(out), posthoc_files(plugin_run)
+    assert sorted(got) == sorted(want)
+    for key, (tensors, meta) in want.items():
+        assert got[key][1] == meta and all(torch.equal(got[key][0][k], v) for k, v in tensors.items()), key
 
 
 def test_patched_script_gives_the_plugin_result(data, plugin_run, tmp_path):

@@ -5,29 +5,33 @@ FID uses the FID module's small stand-in feature extractor (see test_train.py).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from lawa_diffusion import cli, runfolder
+from lawa_diffusion import cli, lag, runfolder
+from lawa_diffusion import tracks as tracks_mod
 from lawa_diffusion.config import TrainConfig
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.tracks import nearest_snapshot
 from tests.test_train import (run, run_crashing_at, tiny_config, torchrun_to_4_then_6, unet_weights, without_timing,
                               write_yaml)
 
-TRACKS = [{"name": "fast", "decay": 0.5}, {"name": "fast_twin", "decay": 0.5}, {"name": "slow", "half_life": 3}]
+TRACKS = [{"name": "fast", "decay": 0.5}, {"name": "fast_twin", "decay": 0.5}, {"name": "slow", "half_life": 3},
+          {"name": "power", "sigma_rel": 0.1}]
+POSTHOC = {"tracks": ["power", "slow"], "every_n_steps": 3}  # float32 files at 3 and 6, besides the fp16 ones at ν
 WINDOWS = [{"name": "lawa_fast", "over": "fast", "k": 3, "every_n_steps": 2, "storage": "disk"},
            {"name": "lawa_raw1", "over": "raw", "k": 1, "every_n_steps": 1}]
-VARIANTS = ["raw", "ema", "fast", "fast_twin", "slow", "lawa", "lawa@delayed", "lawa_fast", "lawa_fast@delayed",
+VARIANTS = ["raw", "ema", "fast", "fast_twin", "slow", "power", "lawa", "lawa@delayed", "lawa_fast", "lawa_fast@delayed",
             "lawa_raw1", "lawa_raw1@delayed"]
 
 
 def tracks_config(output_dir, **changes) -> dict:
     cfg = tiny_config(output_dir, **changes)
-    cfg["ema_tracks"], cfg["lawa_windows"] = TRACKS, WINDOWS
+    cfg["ema_tracks"], cfg["lawa_windows"], cfg["posthoc"] = TRACKS, WINDOWS, POSTHOC
     cfg["eval"] = {**cfg["eval"], "variants": VARIANTS[::-1], **changes.get("eval", {})}
     return cfg
 
@@ -51,12 +55,12 @@ def rows_by(run_dir: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- lag maths
-def brute_force_lags(ema_kwargs: dict, steps: int) -> list:
+def brute_force_lags(ema_kwargs: dict, steps: int, cls=None) -> list:
     """Mean lag of diffusers' real EMAModel at steps 0..steps: fed θ_s = s, it holds Σ w(s)·s = t − lag (float64)."""
     from diffusers.training_utils import EMAModel
 
     theta = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-    ema = EMAModel([theta], **ema_kwargs)
+    ema = (cls or EMAModel)([theta], **ema_kwargs)
     lags = [0.0]
     for s in range(1, steps + 1):
         theta.data.fill_(float(s))
@@ -108,7 +112,7 @@ def test_every_variant_gets_a_row_at_every_evaluation_from_the_same_noise(tracks
         # identical weights, identical noise: identical FID (two EMA tracks of one decay; LAWA k=1, ν=1 over raw)
         assert at["fast"]["fid"] == at["fast_twin"]["fid"]
         assert at["lawa_raw1"]["fid"] == at["raw"]["fid"] == at["lawa_raw1@delayed"]["fid"]
-        assert len({at[v]["fid"] for v in ("raw", "ema", "fast", "slow")}) == 4  # but different weights differ
+        assert len({at[v]["fid"] for v in ("raw", "ema", "fast", "slow", "power")}) == 5  # different weights differ
         for name in ("lawa", "lawa_fast"):  # the baseline is the window's track as evaluated earlier, same noise
             delayed = at[f"{name}@delayed"]
             earlier = rows[(delayed["snapshot_step"], "ema" if name == "lawa" else "fast")]
@@ -118,7 +122,10 @@ def test_every_variant_gets_a_row_at_every_evaluation_from_the_same_noise(tracks
 
 def test_mean_lag_column_matches_diffusers_emas(tracks_run):
     rows = rows_by(tracks_run)
+    from lawa_diffusion.ema import PowerEMAModel
+
     ema_lags, _ = brute_force_lags({"decay": 0.999, "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75}, 8)
+    power_lags, _ = brute_force_lags({"sigma_rel": 0.1}, 8, PowerEMAModel)
     fast_lags, _ = brute_force_lags({"decay": 0.5, "min_decay": 0.5, "use_ema_warmup": False}, 8)
     slow_decay = 0.5 ** (1 / 3)
     slow_lags, _ = brute_force_lags({"decay": slow_decay, "min_decay": slow_decay, "use_ema_warmup": False}, 8)
@@ -126,6 +133,7 @@ def test_mean_lag_column_matches_diffusers_emas(tracks_run):
         held = [s for s in (2, 4, 6, 8) if step - 4 <= s <= step]
         assert rows[(step, "ema")]["mean_lag"] == pytest.approx(ema_lags[step], abs=1e-9)
         assert rows[(step, "slow")]["mean_lag"] == pytest.approx(slow_lags[step], abs=1e-9)
+        assert rows[(step, "power")]["mean_lag"] == pytest.approx(power_lags[step], abs=1e-9)
         assert rows[(step, "raw")]["mean_lag"] == rows[(step, "lawa_raw1")]["mean_lag"] == 0
         want = sum(fast_lags[s] + step - s for s in held) / len(held)
         assert rows[(step, "lawa_fast")]["mean_lag"] == pytest.approx(want, abs=1e-9)
@@ -136,19 +144,29 @@ def test_mean_lag_column_matches_diffusers_emas(tracks_run):
 
 def test_checkpoints_hold_every_track_and_window_and_snapshots_their_track(tracks_run):
     checkpoint = os.path.join(tracks_run, "checkpoint-8")
-    for folder in ("unet_ema", "unet_ema_fast", "unet_ema_fast_twin", "unet_ema_slow", "unet_lawa",
+    for folder in ("unet_ema", "unet_ema_fast", "unet_ema_fast_twin", "unet_ema_slow", "unet_ema_power", "unet_lawa",
                    "unet_lawa_lawa_fast", "unet_lawa_lawa_raw1", "lawa_state_lawa_fast.safetensors"):
         assert os.path.exists(os.path.join(checkpoint, folder)), folder
     fast = [unet_weights(os.path.join(tracks_run, f"checkpoint-{s}", "unet_ema_fast")) for s in (4, 8)]
     assert not torch.equal(fast[0]["conv_in.weight"], fast[1]["conv_in.weight"])
     assert sorted(os.listdir(os.path.join(tracks_run, "lawa_snapshots"))) == [
         f"lawa_fast-step{s:09d}.safetensors" for s in (4, 6, 8)]  # disk storage defaults inside the run folder
-    assert runfolder.snapshot_tracks(tracks_run) == ["ema", "fast", "fast_twin", "slow"]
-    with safe_open(runfolder.snapshot_path(tracks_run, 8, "slow"), framework="pt") as f:
-        assert f.metadata()["track"] == "slow" and f.metadata()["step"] == "8"
-        snap = f.get_tensor("conv_in.weight")
-    slow = unet_weights(os.path.join(tracks_run, "checkpoint-8", "unet_ema_slow"))["conv_in.weight"]
-    assert torch.equal(snap, slow.half())
+    assert runfolder.snapshot_tracks(tracks_run) == ["ema", "fast", "fast_twin", "power", "slow"]
+    # save_ema_snapshots: every track at ν = 2 (fp16); posthoc: "power" and "slow" every 3 steps too, in float32
+    assert [s for s, _ in runfolder.list_ema_snapshots(tracks_run, "fast")] == [2, 4, 6, 8]
+    for track in ("power", "slow"):
+        assert [s for s, _ in runfolder.list_ema_snapshots(tracks_run, track)] == [2, 3, 4, 6, 8]
+    for track, cast in (("slow", torch.float32), ("fast", torch.float16), ("power", torch.float32)):
+        with safe_open(runfolder.snapshot_path(tracks_run, 8, track), framework="pt") as f:
+            meta = f.metadata()
+            snap = f.get_tensor("conv_in.weight")
+        assert meta["track"] == track and meta["step"] == "8"
+        weights = unet_weights(os.path.join(tracks_run, "checkpoint-8", f"unet_ema_{track}"))["conv_in.weight"]
+        assert torch.equal(snap, weights.to(cast))
+        assert lag.EMATrack.from_dict(json.loads(meta["track_def"])) == tracks_mod.lag_tracks_of(
+            TrainConfig.from_dict(tracks_config(tracks_run)))[track]
+    with safe_open(runfolder.snapshot_path(tracks_run, 3, "power"), framework="pt") as f:
+        assert lag.EMATrack.from_dict(json.loads(f.metadata()["track_def"])) == lag.power_ema(sigma_rel=0.1)
 
 
 def test_resume_mid_window_with_several_tracks_is_bitwise(tracks_run, tmp_path, monkeypatch):
@@ -156,10 +174,18 @@ def test_resume_mid_window_with_several_tracks_is_bitwise(tracks_run, tmp_path, 
     run_crashing_at(7, tracks_config(out), monkeypatch)
     run(tracks_config(out), resume="latest")  # checkpoint-4: every window half full
     assert without_timing(read_jsonl(out / "metrics.jsonl")) == without_timing(read_jsonl(os.path.join(tracks_run, "metrics.jsonl")))
-    for sub in ("unet_ema", "unet_ema_fast", "unet_ema_slow", "unet_lawa", "unet_lawa_lawa_fast", "unet_lawa_lawa_raw1"):
+    for sub in ("unet_ema", "unet_ema_fast", "unet_ema_slow", "unet_ema_power", "unet_lawa", "unet_lawa_lawa_fast",
+                "unet_lawa_lawa_raw1"):
         got, want = unet_weights(out / "checkpoint-8" / sub), unet_weights(os.path.join(tracks_run, "checkpoint-8", sub))
         assert all(torch.equal(got[n], want[n]) for n in want), sub
     assert sorted(os.listdir(out / "lawa_snapshots")) == sorted(os.listdir(os.path.join(tracks_run, "lawa_snapshots")))
+    for track in runfolder.snapshot_tracks(tracks_run):  # the snapshot files past checkpoint-4 were redone exactly
+        got, want = runfolder.list_ema_snapshots(str(out), track), runfolder.list_ema_snapshots(tracks_run, track)
+        assert [s for s, _ in got] == [s for s, _ in want], track
+        for (_, a), (_, b) in zip(got, want):
+            with safe_open(a, framework="pt") as fa, safe_open(b, framework="pt") as fb:
+                assert fa.metadata() == fb.metadata() and sorted(fa.keys()) == sorted(fb.keys()), a
+                assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fb.keys()), a
 
 
 def test_resume_without_a_track_folder_says_which(tracks_run, tmp_path, capsys):
