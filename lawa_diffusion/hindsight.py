@@ -26,14 +26,9 @@ from lawa_diffusion import lag, runfolder, synthesis
 from lawa_diffusion.config import DELAYED_SUFFIX, RAW_TRACK, check
 
 HINDSIGHT_FORMAT = "lawa-diffusion-hindsight/1"
-POSTHOC_DIR = "posthoc"
-JSONL_NAME, JSON_NAME = "hindsight.jsonl", "hindsight.json"
+JSONL_NAME, JSON_NAME = runfolder.HINDSIGHT_NAME, "hindsight.json"
 DEFAULT_SIGMA_RELS = "0.02:0.25:12"
 METRIC_KEYS = ("fid", "kid_mean", "kid_std", "num_samples", "inception_sha256")
-
-
-def hindsight_dir(run_dir: str) -> str:
-    return os.path.join(run_dir, POSTHOC_DIR)
 
 
 # ----------------------------------------------------------------------------- what to score
@@ -248,7 +243,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         check(name in known and name != RAW_TRACK, f"posthoc --twin {name!r} is not an EMA track of {run_dir!r}; "
                                                    f"its tracks are {', '.join(t for t in sorted(known) if t != RAW_TRACK)}")
     chosen = choose_steps(run_dir, [s.step for s in sources], steps)
-    out_dir = os.path.abspath(out_dir or hindsight_dir(run_dir))
+    out_dir = os.path.abspath(out_dir or runfolder.hindsight_dir(run_dir))
     files = _prepare(out_dir, overwrite)
     wanted = [("sigma_rel", f"sigma_rel={v:g}") for v in grid] + [("target", t) for t in targets]
     from lawa_diffusion.synthesize import shared_model
@@ -326,7 +321,7 @@ def best_per_step(rows: Sequence[dict], metric: str = "fid") -> Dict[str, dict]:
             continue
         key = str(row["step"])
         if key not in best or row[metric] < best[key][metric]:
-            best[key] = {k: row[k] for k in ("step", "target", "sigma_rel", "mean_lag", "residual", metric)}
+            best[key] = {k: row.get(k) for k in ("step", "target", "sigma_rel", "mean_lag", "residual", metric)}
     return best
 
 
@@ -392,7 +387,7 @@ def load_hindsight(run_dir: str) -> Optional[List[dict]]:
     """The rows of RUN/posthoc/hindsight.jsonl (None when the run has none)."""
     from lawa_diffusion.files import read_jsonl
 
-    path = os.path.join(hindsight_dir(run_dir), JSONL_NAME)
+    path = runfolder.hindsight_path(run_dir)
     return read_jsonl(path) if os.path.isfile(path) else None
 
 
@@ -402,7 +397,7 @@ def _cmd(args) -> int:
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
     for run, out in zip(args.runs, outs):  # every output checked before any work
-        _prepare(os.path.abspath(out or hindsight_dir(run)), args.overwrite)
+        _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite)
     for run, out in zip(args.runs, outs):
         summary = run_hindsight(run, args.sigma_rel, targets=args.target, twins=args.twin, steps=args.steps,
                                 tracks=args.tracks.split(",") if args.tracks else None, max_residual=args.max_residual,
