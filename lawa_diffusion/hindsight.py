@@ -74,7 +74,7 @@ def choose_steps(run_dir: str, stored: Sequence[int], steps: str) -> List[int]:
     check(bool(chosen) and not missing, f"posthoc --steps {steps!r}: step(s) {', '.join(map(str, missing)) or '-'} "
                                         f"have no stored snapshot; stored steps run from {stored[0]} to {stored[-1]} "
                                         f"(e.g. {', '.join(map(str, stored[-3:]))})")
-    return sorted(set(chosen))
+    return list(dict.fromkeys(chosen))  # in the order given: the most wanted step first
 
 
 # ----------------------------------------------------------------------------- σ_rel of the online variants
@@ -207,19 +207,31 @@ def _target_rows(run_dir, step, targets, tracks, max_residual):
     return out
 
 
-def _prepare(out_dir: str, overwrite: bool) -> dict:
+def _prepare(out_dir: str, overwrite: bool, append: bool = False) -> dict:
     files = {"jsonl": os.path.join(out_dir, JSONL_NAME), "json": os.path.join(out_dir, JSON_NAME),
              "png": os.path.join(out_dir, "hindsight-fid.png")}
     existing = [p for p in files.values() if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(f"posthoc output {existing[0]!r} already exists; choose another -o or pass --overwrite")
+    if existing and not overwrite and not append:
+        raise FileExistsError(f"posthoc output {existing[0]!r} already exists; choose another -o, pass --append to "
+                              "add steps to it, or --overwrite")
     return files
+
+
+def _kept_rows(path: str, append: bool, chosen: Sequence[int]) -> List[dict]:
+    """With ``append``: the rows already in ``path`` of the steps not searched again (rewritten, atomically)."""
+    from lawa_diffusion.files import atomic_write_text, read_jsonl
+
+    kept = [r for r in read_jsonl(path) if r.get("step") not in chosen] if append and os.path.isfile(path) else []
+    if os.path.exists(path):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return kept
 
 
 def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str = DEFAULT_SIGMA_RELS, *,
                   targets: Sequence[str] = (), twins: Sequence[str] = (), steps: str = "eval",
                   tracks: Optional[Sequence[str]] = None, max_residual: float = synthesis.DEFAULT_MAX_RESIDUAL,
-                  evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+                  evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, append: bool = False,
+                  progress: bool = True,
                   device=None, **eval_options) -> dict:
     """Score the synthesis of every σ_rel and target at each step on the run's evaluation noise.
 
@@ -244,7 +256,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                                                    f"its tracks are {', '.join(t for t in sorted(known) if t != RAW_TRACK)}")
     chosen = choose_steps(run_dir, [s.step for s in sources], steps)
     out_dir = os.path.abspath(out_dir or runfolder.hindsight_dir(run_dir))
-    files = _prepare(out_dir, overwrite)
+    files = _prepare(out_dir, overwrite, append)
     wanted = [("sigma_rel", f"sigma_rel={v:g}") for v in grid] + [("target", t) for t in targets]
     from lawa_diffusion.synthesize import shared_model
 
@@ -257,9 +269,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
                                  **eval_options)
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(files["jsonl"]):
-        os.unlink(files["jsonl"])
-    rows = []
+    rows = _kept_rows(files["jsonl"], append, chosen)
     bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not progress)
     for step in chosen:
         new = _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate)
@@ -269,9 +279,10 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         bar.update(1)
     bar.close()
     summary = {"format": HINDSIGHT_FORMAT, "run": run_dir, "sigma_rels": grid, "grid": "geometric",
-               "targets": list(targets), "twins": list(twins), "steps": chosen, "max_residual": max_residual,
+               "targets": list(targets), "twins": list(twins), "steps": sorted({r["step"] for r in rows} | set(chosen)),
+               "max_residual": max_residual,
                "rows": rows, "best": best_per_step(rows), "online": {str(k): v for k, v in online_points(run_dir).items()
-                                                                      if k in chosen},
+                                                                      if k in {r["step"] for r in rows}},
                "files": files}
     plot(summary, files["png"])
     atomic_write_json(files["json"], summary)
@@ -397,11 +408,12 @@ def _cmd(args) -> int:
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
     for run, out in zip(args.runs, outs):  # every output checked before any work
-        _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite)
+        _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite, args.append)
     for run, out in zip(args.runs, outs):
         summary = run_hindsight(run, args.sigma_rel, targets=args.target, twins=args.twin, steps=args.steps,
                                 tracks=args.tracks.split(",") if args.tracks else None, max_residual=args.max_residual,
-                                out_dir=out, overwrite=args.overwrite, device=args.device, **options)
+                                out_dir=out, overwrite=args.overwrite, append=args.append, device=args.device,
+                                **options)
         print(f"{summary['run']}:")
         print(format_summary(summary))
         print(f"posthoc: {summary['files']['json']}  plot: {summary['files']['png']}", flush=True)
@@ -433,4 +445,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")
     p.add_argument("--overwrite", action="store_true", help="replace existing hindsight files")
+    p.add_argument("--append", action="store_true",
+                   help="add the steps searched now to existing hindsight files (rows of a step searched again are "
+                        "replaced)")
     p.set_defaults(func=_cmd)
