@@ -267,7 +267,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         from lawa_diffusion.sweep import fid_evaluator
 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
-                                 **eval_options)
+                                 command="posthoc", **eval_options)
     os.makedirs(out_dir, exist_ok=True)
     rows = _kept_rows(files["jsonl"], append, chosen)
     bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not progress)
