@@ -215,3 +215,5 @@ def test_synthesised_constant_decay_ema_scores_as_the_online_one(trained_run, tm
     assert twin["weight_rel_error_vs_raw_gap"] < 0.1  # a tenth of the distance averaging moved the weights
     gap = abs(rows["raw"]["fid"] - rows["c"]["fid"])  # two clearly different averages of the same run
     assert abs(twin["fid_minus_online"]) < 0.1 * gap
+    # the online variant is marked at the mean lag the trainer wrote for it
+    assert summary["online"]["40"]["c"]["mean_lag"] == pytest.approx(rows["c"]["mean_lag"], rel=1e-9)
