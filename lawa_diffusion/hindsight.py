@@ -217,11 +217,14 @@ def _prepare(out_dir: str, overwrite: bool, append: bool = False) -> dict:
     return files
 
 
-def _kept_rows(path: str, append: bool, chosen: Sequence[int]) -> List[dict]:
-    """With ``append``: the rows already in ``path`` of the steps not searched again (rewritten, atomically)."""
+def _kept_rows(path: str, append: bool, chosen: Sequence[int], targets: Sequence[str]) -> List[dict]:
+    """With ``append``: the rows already in ``path`` but for the (step, target) pairs scored again (rewritten,
+    atomically)."""
     from lawa_diffusion.files import atomic_write_text, read_jsonl
 
-    kept = [r for r in read_jsonl(path) if r.get("step") not in chosen] if append and os.path.isfile(path) else []
+    again = {(step, target) for step in chosen for target in targets}
+    kept = ([r for r in read_jsonl(path) if (r.get("step"), r.get("target")) not in again]
+            if append and os.path.isfile(path) else [])
     if os.path.exists(path):
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
     return kept
@@ -269,7 +272,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
                                  command="posthoc", **eval_options)
     os.makedirs(out_dir, exist_ok=True)
-    rows = _kept_rows(files["jsonl"], append, chosen)
+    rows = _kept_rows(files["jsonl"], append, chosen, [t for _, t in wanted] + [f"twin:{n}" for n in twins])
     bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not progress)
     for step in chosen:
         new = _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate)
@@ -446,6 +449,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")
     p.add_argument("--overwrite", action="store_true", help="replace existing hindsight files")
     p.add_argument("--append", action="store_true",
-                   help="add the steps searched now to existing hindsight files (rows of a step searched again are "
-                        "replaced)")
+                   help="add to existing hindsight files (a step and target scored again replaces its row)")
     p.set_defaults(func=_cmd)

@@ -137,7 +137,7 @@ def test_search_scores_each_synthesis_on_one_call_per_step_and_refuses_out_of_re
         hindsight.run_hindsight(run, "0.1", steps="60", evaluate=_param_sum([]), out_dir=str(out), progress=False)
 
 
-def test_append_adds_steps_and_replaces_a_step_searched_again(walk_run, tmp_path):
+def test_append_adds_steps_and_targets_and_replaces_a_row_scored_again(walk_run, tmp_path):
     run, _, _ = walk_run
     out = str(tmp_path / "h")
     first = hindsight.run_hindsight(run, "0.08,0.1", steps="60", tracks=["p05", "p10"], evaluate=_param_sum([]),
@@ -145,11 +145,14 @@ def test_append_adds_steps_and_replaces_a_step_searched_again(walk_run, tmp_path
     added = hindsight.run_hindsight(run, "0.1", steps="30,60", tracks=["p05", "p10"], evaluate=_param_sum([]),
                                     out_dir=out, append=True, progress=False)
     assert added["steps"] == [30, 60]
-    assert [(r["step"], r["target"]) for r in added["rows"]] == [(30, "sigma_rel=0.1"), (60, "sigma_rel=0.1")]
+    assert [(r["step"], r["target"]) for r in added["rows"]] == [(60, "sigma_rel=0.08"), (30, "sigma_rel=0.1"),
+                                                                (60, "sigma_rel=0.1")]
+    assert added["rows"][0] == first["rows"][0]
     again = hindsight.run_hindsight(run, "0.08", steps="60", tracks=["p05", "p10"], evaluate=_param_sum([]),
                                     out_dir=out, append=True, progress=False)
-    assert [(r["step"], r["target"]) for r in again["rows"]] == [(30, "sigma_rel=0.1"), (60, "sigma_rel=0.08")]
-    assert again["rows"][1]["fid"] == first["rows"][0]["fid"]
+    assert [(r["step"], r["target"]) for r in again["rows"]] == [(30, "sigma_rel=0.1"), (60, "sigma_rel=0.1"),
+                                                                (60, "sigma_rel=0.08")]
+    assert again["rows"][2]["fid"] == first["rows"][0]["fid"]
     assert [json.loads(line) for line in open(os.path.join(out, "hindsight.jsonl"))] == again["rows"]
 
 
