@@ -281,8 +281,10 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         rows.extend(new)
         bar.update(1)
     bar.close()
-    summary = {"format": HINDSIGHT_FORMAT, "run": run_dir, "sigma_rels": grid, "grid": "geometric",
-               "targets": list(targets), "twins": list(twins), "steps": sorted({r["step"] for r in rows} | set(chosen)),
+    summary = {"format": HINDSIGHT_FORMAT, "run": run_dir, "grid": "geometric",
+               "sigma_rels": sorted({float(r["target"].split("=", 1)[1]) for r in rows if r["kind"] == "sigma_rel"}),
+               "targets": list(dict.fromkeys(r["target"] for r in rows if r["kind"] == "target")),
+               "twins": list(dict.fromkeys(r["target"][len("twin:"):] for r in rows if r["kind"] == "twin")), "steps": sorted({r["step"] for r in rows} | set(chosen)),
                "max_residual": max_residual,
                "rows": rows, "best": best_per_step(rows), "online": {str(k): v for k, v in online_points(run_dir).items()
                                                                       if k in {r["step"] for r in rows}},
