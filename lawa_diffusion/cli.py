@@ -12,10 +12,10 @@ import sys
 import warnings
 from typing import Iterator, Optional, Sequence
 
-from lawa_diffusion import __version__, fid_cli, inception, patch, plan, posthoc, report, sweep, synthesize, train
+from lawa_diffusion import __version__, fid_cli, hindsight, inception, patch, plan, posthoc, report, sweep, synthesize, train
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = (inception, fid_cli, train, plan, report, posthoc, sweep, synthesize, patch)
+COMMAND_MODULES = (inception, fid_cli, train, plan, report, posthoc, sweep, synthesize, hindsight, patch)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,10 @@ The speed-up at a LAWA evaluation point (step s, value f) is the step at which E
 value <= f (linear interpolation between EMA evaluation points) divided by s; it is "never reached"
 when no EMA point is that good. With several runs the per-step speed-ups, and LAWA's step to reach
 EMA's final value, get a mean and a Student-t confidence interval across runs (seeds).
+
+Runs searched in hindsight (``lawa-diffusion posthoc``, RUN/posthoc/hindsight.jsonl) gain a curve
+"best_in_hindsight": at each searched step the lowest metric among the synthesised averages. Each LAWA
+window is then set against it, paired per run (seed), and its speed-up against that curve is measured.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import math
 import os
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
-from lawa_diffusion import runfolder
+from lawa_diffusion import hindsight, runfolder
 from lawa_diffusion.config import ReportConfig, check
 from lawa_diffusion.files import atomic_write, atomic_write_json, read_jsonl
 
@@ -21,6 +25,7 @@ REPORT_FORMAT = "lawa-diffusion-report/1"
 METRICS = ("fid", "kid_mean")
 VARIANTS = ("raw", "ema", "lawa")
 JSON_NAME = "report.json"
+HINDSIGHT = "best_in_hindsight"  # the curve of the best synthesised average per step (lawa-diffusion posthoc)
 
 
 class Curve(NamedTuple):
@@ -155,7 +160,20 @@ def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
     check(bool(points), f"run folder {path!r} has no {metric} values in metrics.jsonl; "
                         "wait for the first evaluation or choose another --metric")
     curves = {v: Curve(sorted(p), [p[s] for s in sorted(p)]) for v, p in points.items()}
+    best = hindsight_curve(path, metric)
+    if best is not None:
+        curves[HINDSIGHT] = best
     return Run(path=path, curves=curves, kinds=kinds, lags=lags)
+
+
+def hindsight_curve(path: str, metric: str = ReportConfig.metric) -> Optional[Curve]:
+    """The best synthesised average's ``metric`` at each step the run was searched in hindsight (None: not searched)."""
+    rows = hindsight.load_hindsight(path)
+    best = hindsight.best_per_step(rows, metric) if rows else {}
+    if not best:
+        return None
+    steps = sorted(int(s) for s in best)
+    return Curve(steps, [float(best[str(s)][metric]) for s in steps])
 
 
 def variant_kind(row: dict) -> dict:
@@ -342,8 +360,24 @@ def window_comparisons(runs: Sequence[Run], confidence: float = ReportConfig.con
                     "per_step": per_step,
                     "vs_delayed": _over_steps(runs, window, delayed, confidence),
                     "vs_matched": _over_steps(runs, window, matched_name, confidence),
-                    "speedup": {t: _speedup_vs(runs, t, window, confidence) for t in tracks}})
+                    "speedup": {t: _speedup_vs(runs, t, window, confidence) for t in tracks},
+                    "hindsight": _vs_hindsight(runs, window, steps, confidence)})
     return out
+
+
+def _vs_hindsight(runs: Sequence[Run], window: str, steps: Sequence[float], confidence: float) -> Optional[dict]:
+    """The window against the best average in hindsight (None when no run was searched): per step and over the
+    searched steps, best − window paired per run (positive: the window is better); its speed-up against the
+    best-in-hindsight curve (that curve's interpolated step to reach the window's value / the window's step)."""
+    if not any(HINDSIGHT in r.curves for r in runs):
+        return None
+    searched = [s for s in steps if any(s in r.curves.get(HINDSIGHT, Curve([], [])).steps for r in runs)]
+    return {"runs": sum(HINDSIGHT in r.curves for r in runs), "steps": searched,
+            "per_step": [{"step": s, "best": _values_at(runs, HINDSIGHT, s, confidence),
+                          "best_minus_window": mean_ci(_paired(runs, window, HINDSIGHT, s), confidence)}
+                         for s in searched],
+            "vs_best": _over_steps(runs, window, HINDSIGHT, confidence),
+            "speedup": _speedup_vs(runs, HINDSIGHT, window, confidence)}
 
 
 def lag_points(runs: Sequence[Run]) -> Dict[float, Dict[str, dict]]:
@@ -466,6 +500,22 @@ def format_window(c: dict, metric: str, num_runs: int) -> List[str]:
     lines.append(f"speed-up of {c['window']} (EMA track step / its step): {speed}")
     spread = f", CI over {num_runs} runs" if num_runs > 1 else ""
     lines.append(f"verdict: {verdict(c, metric)} (mean over the evaluation steps{spread})")
+    if c.get("hindsight"):
+        lines += hindsight_lines(c, metric)
+    return lines
+
+
+def hindsight_lines(c: dict, metric: str = ReportConfig.metric) -> List[str]:
+    """Per searched step the best synthesised average and best − window; then the line over the steps."""
+    h, name = c["hindsight"], metric.upper() if metric == "fid" else metric
+    lines = [f"{'step':>8} {'best in hindsight':>18} {'best - ' + c['window']:>24}"]
+    for row in h["per_step"]:
+        lines.append(f"{row['step']:>8} {_num(row['best']['mean'], '{:.3f}'):>18} {_with_ci(row['best_minus_window']):>24}")
+    steps = ", ".join(f"{s:g}" for s in h["steps"]) or "none"
+    lines.append(f"{c['window']} vs the best average in hindsight: {_with_ci(h['vs_best'])} {name}, "
+                 f"{_outcome(h['vs_best'])} (best synthesised - {c['window']}, mean over steps {steps}, "
+                 f"{h['runs']} run(s) searched); speed-up against the best-in-hindsight curve: "
+                 f"{_with_ci(h['speedup'], none='n/a')}")
     return lines
 
 

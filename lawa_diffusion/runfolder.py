@@ -9,6 +9,7 @@
     RUN/ema_snapshots/<track>/step-<step>.safetensors  the same for the other EMA tracks (posthoc_store.py)
     RUN/lawa_snapshots/                      LAWA windows with disk storage and no snapshot_dir
     RUN/report/, RUN/sweep[-<track>]/        outputs of ``lawa-diffusion report`` / ``sweep``
+    RUN/posthoc/hindsight.{jsonl,json}       output of ``lawa-diffusion posthoc`` (search in hindsight)
 
 Resuming at step s removes what lies past s (metrics rows, snapshot files, later checkpoints), so the
 resumed run continues them without duplicates or gaps.
@@ -30,6 +31,8 @@ METRICS_NAME = "metrics.jsonl"
 SNAPSHOT_DIR = "ema_snapshots"
 REPORT_DIR = "report"
 SWEEP_DIR = "sweep"
+POSTHOC_DIR = "posthoc"
+HINDSIGHT_NAME = "hindsight.jsonl"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SNAPSHOT_RE = re.compile(r"^step-(\d+)\.safetensors$")
 _LEFTOVER_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|deleting)$")
@@ -45,6 +48,15 @@ def metrics_path(run_dir: str) -> str:
 
 def sweep_dir(run_dir: str, track: str = BASE_TRACK) -> str:
     return os.path.join(run_dir, SWEEP_DIR if track == BASE_TRACK else f"{SWEEP_DIR}-{track}")
+
+
+def hindsight_dir(run_dir: str) -> str:
+    """Where ``lawa-diffusion posthoc`` writes its search in hindsight by default."""
+    return os.path.join(run_dir, POSTHOC_DIR)
+
+
+def hindsight_path(run_dir: str) -> str:
+    return os.path.join(hindsight_dir(run_dir), HINDSIGHT_NAME)
 
 
 def report_dir(run_dirs: Sequence[str]) -> str:

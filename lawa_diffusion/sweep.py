@@ -255,7 +255,7 @@ def _noise_scheduler_config(config: dict) -> Optional[dict]:
 def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: Optional[str] = None,
                   num_samples: Optional[int] = None, batch_size: Optional[int] = None,
                   num_inference_steps: Optional[int] = None, weights: Optional[str] = None, device=None,
-                  progress: bool = True):
+                  progress: bool = True, command: str = "sweep"):
     """``evaluate(variants)``: FID/KID with the run's evaluation settings (config.yaml ``eval``, overridden by
     the arguments), against reference stats that ``fid.reference_stats`` takes from its cache when present."""
     import functools
@@ -265,13 +265,13 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
 
     config = runfolder.read_config(run_dir)
     ev = dict(config.get("eval") or {})
-    check(bool(reference or ev.get("reference")), f"sweep needs the FID reference and {run_dir!r} has no "
+    check(bool(reference or ev.get("reference")), f"{command} needs the FID reference and {run_dir!r} has no "
                                                   "config.yaml with eval.reference; pass --reference")
     given = {"reference": reference, "num_samples": num_samples, "batch_size": batch_size,
              "num_inference_steps": num_inference_steps}
     ev.update({k: v for k, v in given.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(FIDConfig)}
-    e = from_mapping(FIDConfig, {k: v for k, v in ev.items() if k in fields}, "sweep eval settings")
+    e = from_mapping(FIDConfig, {k: v for k, v in ev.items() if k in fields}, f"{command} eval settings")
     weights = weights or ev.get("inception_weights")
     stats = fid.reference_stats(e.reference, image_size=image_size, num_images=ev.get("reference_num_images"),
                                 device=device, weights=weights, progress=progress, cfg=e)
