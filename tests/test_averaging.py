@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lawa_diffusion.averaging import average_tensor_lists, flat_views, mean_of_rows
+from tests.helpers import unflatten_with_flat_empties
 
 
 def test_mean_of_rows_matches_float64_for_bf16_storage():
@@ -37,20 +38,10 @@ def test_flat_views_share_memory():
     assert flat[:6].eq(-1).all() and b.tolist() == [6.0, 7.0, 8.0, 9.0]
 
 
-def _unflatten_with_flat_empties(flat, tensors):
-    """``_unflatten_dense_tensors`` as some torch versions have it: a zero-element tensor comes back as shape [0]."""
-    out, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(torch.empty(0, dtype=flat.dtype) if n == 0 else flat[offset:offset + n].view(t.shape))
-        offset += n
-    return tuple(out)
-
-
 @pytest.mark.parametrize("unflatten", ["installed", "flat_empties"])
 def test_flat_views_keep_the_shape_of_empty_shards(monkeypatch, unflatten):
     if unflatten == "flat_empties":
-        monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", _unflatten_with_flat_empties)
+        monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", unflatten_with_flat_empties)
     flat = torch.arange(6.0)
     like = [torch.empty(0, 8, 3, 3), torch.empty(2, 3), torch.empty(0)]  # a conv_out's empty local shard, a bias
     views = flat_views(flat, like)

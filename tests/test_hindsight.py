@@ -21,25 +21,13 @@ from diffusers.training_utils import EMAModel
 from lawa_diffusion import cli, hindsight, lag, runfolder, synthesis
 from lawa_diffusion.files import read_jsonl
 from lawa_diffusion.synthesize import plan_synthesis
+from tests.helpers import param_sum_metric
 from tests.test_synthesize import DECAY, STEPS, TINY, _float64_sum, make_run
 
 
 @pytest.fixture(autouse=True)
 def _only_this_command(monkeypatch):
     monkeypatch.setattr(cli, "COMMAND_MODULES", (cli.hindsight,))
-
-
-def _param_sum(calls):
-    """Stand-in metric: the float64 sum of all weights of each variant (records the variant names per call)."""
-    def evaluate(variants):
-        calls.append(sorted(variants))
-        out = {}
-        for name, weights in variants.items():
-            with weights() as model:
-                total = sum(p.double().sum().item() for p in model.state_dict().values())
-            out[name] = {"fid": total, "kid_mean": None, "kid_std": None, "num_samples": 0, "inception_sha256": "-"}
-        return out
-    return evaluate
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +79,7 @@ def test_search_scores_each_synthesis_on_one_call_per_step_and_refuses_out_of_re
     calls = []
     out = tmp_path / "h"
     summary = hindsight.run_hindsight(run, "0.05:0.2:3", targets=["decay=0.9", "decay=0.999"], twins=["c90"],
-                                      steps="30,60", tracks=["p05", "p10"], evaluate=_param_sum(calls),
+                                      steps="30,60", tracks=["p05", "p10"], evaluate=param_sum_metric(calls),
                                       out_dir=str(out), progress=False)
     assert summary["steps"] == [30, 60] and len(calls) == 2
     assert "online:c90" in calls[1] and "online:c90" not in calls[0]  # the checkpoint is at step 60 only
@@ -134,21 +122,21 @@ def test_search_scores_each_synthesis_on_one_call_per_step_and_refuses_out_of_re
     text = hindsight.format_summary(summary)
     assert f"step 60: best σ_rel {summary['best']['60']['sigma_rel']:.4f}" in text and "refused" in text
     with pytest.raises(FileExistsError, match="--overwrite"):
-        hindsight.run_hindsight(run, "0.1", steps="60", evaluate=_param_sum([]), out_dir=str(out), progress=False)
+        hindsight.run_hindsight(run, "0.1", steps="60", evaluate=param_sum_metric([]), out_dir=str(out), progress=False)
 
 
 def test_append_adds_steps_and_targets_and_replaces_a_row_scored_again(walk_run, tmp_path):
     run, _, _ = walk_run
     out = str(tmp_path / "h")
-    first = hindsight.run_hindsight(run, "0.08,0.1", steps="60", tracks=["p05", "p10"], evaluate=_param_sum([]),
+    first = hindsight.run_hindsight(run, "0.08,0.1", steps="60", tracks=["p05", "p10"], evaluate=param_sum_metric([]),
                                     out_dir=out, progress=False)
-    added = hindsight.run_hindsight(run, "0.1", steps="30,60", tracks=["p05", "p10"], evaluate=_param_sum([]),
+    added = hindsight.run_hindsight(run, "0.1", steps="30,60", tracks=["p05", "p10"], evaluate=param_sum_metric([]),
                                     out_dir=out, append=True, progress=False)
     assert added["steps"] == [30, 60]
     assert [(r["step"], r["target"]) for r in added["rows"]] == [(60, "sigma_rel=0.08"), (30, "sigma_rel=0.1"),
                                                                 (60, "sigma_rel=0.1")]
     assert added["rows"][0] == first["rows"][0]
-    again = hindsight.run_hindsight(run, "0.08", steps="60", tracks=["p05", "p10"], evaluate=_param_sum([]),
+    again = hindsight.run_hindsight(run, "0.08", steps="60", tracks=["p05", "p10"], evaluate=param_sum_metric([]),
                                     out_dir=out, append=True, progress=False)
     assert [(r["step"], r["target"]) for r in again["rows"]] == [(30, "sigma_rel=0.1"), (60, "sigma_rel=0.1"),
                                                                 (60, "sigma_rel=0.08")]

@@ -439,9 +439,9 @@ def test_wrapped_window_sums_rows_in_ring_order_and_resume_keeps_slots():
 def test_empty_local_shards_keep_their_shape_in_every_storage(tmp_path, monkeypatch, storage):
     """A process past the chunk count of a small dim 0 holds ``(0, C, 3, 3)`` shards (a whole shard may be
     empty): snapshots, averages and states work whatever ``_unflatten_dense_tensors`` does with them."""
-    from tests.test_averaging import _unflatten_with_flat_empties
+    from tests.helpers import unflatten_with_flat_empties
 
-    monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", _unflatten_with_flat_empties)
+    monkeypatch.setattr(torch._utils, "_unflatten_dense_tensors", unflatten_with_flat_empties)
     for tensors in ([torch.randn(2, 4), torch.empty(0, 8, 3, 3), torch.randn(3)], [torch.empty(0, 8, 3, 3), torch.empty(0)]):
         cfg = LAWAConfig(k=2, every_n_steps=1, storage=storage, snapshot_dir=str(tmp_path / str(len(tensors))))
         lawa = LAWA(tensors, cfg)

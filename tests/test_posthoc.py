@@ -13,6 +13,7 @@ from lawa_diffusion import cli
 from lawa_diffusion.files import atomic_save_safetensors
 from lawa_diffusion.posthoc import find_sources, select_latest
 from lawa_diffusion.sweep import format_sweep, run_sweep, sweep_cells
+from tests.helpers import param_sum_metric
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
@@ -168,23 +169,10 @@ def snapshot_run(tmp_path_factory):
     return run, files
 
 
-def _param_sum_metric(calls):
-    """Stand-in metric: the float64 sum of all weights of each variant; records each call's variants."""
-    def evaluate(variants):
-        calls.append(sorted(variants))
-        out = {}
-        for name, weights in variants.items():
-            with weights() as model:
-                total = sum(p.double().sum().item() for p in model.state_dict().values())
-            out[name] = {"fid": total, "kid_mean": None, "kid_std": None, "num_samples": 0, "inception_sha256": "-"}
-        return out
-    return evaluate
-
-
 def test_sweep_scores_each_window_with_one_call_per_step(snapshot_run, tmp_path):
     run, files = snapshot_run
     calls = []
-    summary = run_sweep(run, [1, 2, 8], [1, 2, 4], evaluate=_param_sum_metric(calls), out_dir=str(tmp_path / "sw"),
+    summary = run_sweep(run, [1, 2, 8], [1, 2, 4], evaluate=param_sum_metric(calls), out_dir=str(tmp_path / "sw"),
                         progress=False)
     assert summary["steps"] == [40, 80] and len(calls) == 2
     assert len(summary["rows"]) == 2 * 3 * 3
@@ -210,11 +198,11 @@ def test_sweep_refuses_existing_output_and_bad_steps(snapshot_run, tmp_path):
     run, _ = snapshot_run
     (tmp_path / "sw").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        run_sweep(run, [1], [1], evaluate=_param_sum_metric([]), out_dir=str(tmp_path / "sw"), progress=False)
+        run_sweep(run, [1], [1], evaluate=param_sum_metric([]), out_dir=str(tmp_path / "sw"), progress=False)
     with pytest.raises(ValueError, match="before the first EMA snapshot"):
-        run_sweep(run, [1], [1], steps="5", evaluate=_param_sum_metric([]), out_dir=str(tmp_path / "x"), progress=False)
+        run_sweep(run, [1], [1], steps="5", evaluate=param_sum_metric([]), out_dir=str(tmp_path / "x"), progress=False)
     with pytest.raises(ValueError, match="--k must list"):
-        run_sweep(run, "1,1", [1], evaluate=_param_sum_metric([]), out_dir=str(tmp_path / "x"), progress=False)
+        run_sweep(run, "1,1", [1], evaluate=param_sum_metric([]), out_dir=str(tmp_path / "x"), progress=False)
 
 
 def test_sweep_without_snapshots_says_what_to_do(tmp_path, capsys):
@@ -277,7 +265,7 @@ def test_average_and_sweep_take_a_track(two_track_run, tmp_path):
         for name, tensor in got.items():
             torch.testing.assert_close(tensor.double(), want[name], rtol=0, atol=1e-6)
         assert read_record(out)["track"] == track
-        summary = run_sweep(run, [2], [1], evaluate=_param_sum_metric([]), progress=False, track=track)
+        summary = run_sweep(run, [2], [1], evaluate=param_sum_metric([]), progress=False, track=track)
         mean = _float64_mean([files[30], files[40]])
         assert summary["rows"][0]["fid"] == pytest.approx(sum(v.sum().item() for v in mean.values()), rel=1e-6)
         assert summary["track"] == track and os.path.basename(os.path.dirname(summary["files"]["json"])) == (

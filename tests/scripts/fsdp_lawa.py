@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from lawa_diffusion import attach
 from lawa_diffusion.ema import LAWAEMAModel
+from tests.helpers import unflatten_with_flat_empties
 
 K, NU, STEPS = 2, 2, 7
 
@@ -93,16 +94,6 @@ def resume(out, storage):
     ema.save_lawa_pretrained(os.path.join(out, "unet_lawa_resumed"))
     ema.lawa.close()
     return 0
-
-
-def unflatten_with_flat_empties(flat, tensors):
-    """``_unflatten_dense_tensors`` as some torch versions have it: zero-element tensors come back as shape [0]."""
-    out, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        out.append(torch.empty(0, dtype=flat.dtype) if n == 0 else flat[offset:offset + n].view(t.shape))
-        offset += n
-    return tuple(out)
 
 
 def main():
