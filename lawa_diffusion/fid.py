@@ -214,6 +214,18 @@ def _reference_images(source, image_size, resize_mode, num_images) -> torch.Tens
 # --------------------------------------------------------------------------- features (multi-process aware)
 
 
+def launched_accelerator():
+    """An ``accelerate.Accelerator`` when this process is one of several (``accelerate launch`` / torchrun: the
+    evaluation commands then split their samples across the processes), else None."""
+    from lawa_diffusion.output import process_count
+
+    if process_count() <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
 def resolve_device(device, accelerator) -> torch.device:
     if device is not None:
         return torch.device(device)

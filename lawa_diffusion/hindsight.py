@@ -24,6 +24,7 @@ import torch
 
 from lawa_diffusion import lag, runfolder, synthesis
 from lawa_diffusion.config import DELAYED_SUFFIX, RAW_TRACK, check
+from lawa_diffusion.output import is_main_process
 
 HINDSIGHT_FORMAT = "lawa-diffusion-hindsight/1"
 JSONL_NAME, JSON_NAME = runfolder.HINDSIGHT_NAME, "hindsight.json"
@@ -207,10 +208,12 @@ def _target_rows(run_dir, step, targets, tracks, max_residual):
     return out
 
 
-def _prepare(out_dir: str, overwrite: bool, append: bool = False) -> dict:
+def _prepare(out_dir: str, overwrite: bool, append: bool = False, check_existing: bool = True) -> dict:
+    """The output files; refuses existing ones without ``overwrite`` / ``append`` (checked by the process that
+    writes them: ``check_existing``)."""
     files = {"jsonl": os.path.join(out_dir, JSONL_NAME), "json": os.path.join(out_dir, JSON_NAME),
              "png": os.path.join(out_dir, "hindsight-fid.png")}
-    existing = [p for p in files.values() if os.path.exists(p)]
+    existing = [p for p in files.values() if os.path.exists(p)] if check_existing else []
     if existing and not overwrite and not append:
         raise FileExistsError(f"posthoc output {existing[0]!r} already exists; choose another -o, pass --append to "
                               "add steps to it, or --overwrite")
@@ -235,14 +238,17 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                   tracks: Optional[Sequence[str]] = None, max_residual: float = synthesis.DEFAULT_MAX_RESIDUAL,
                   evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, append: bool = False,
                   progress: bool = True,
-                  device=None, **eval_options) -> dict:
+                  device=None, accelerator=None, **eval_options) -> dict:
     """Score the synthesis of every σ_rel and target at each step on the run's evaluation noise.
 
     ``evaluate(variants) -> {name: metrics}`` scores the averages of one step in one call; by default the run's
     evaluator (``eval_options`` override its settings, as for ``sweep``). Returns the summary it writes.
+    Under ``accelerate launch`` / torchrun (or with ``accelerator``) every process synthesises the averages and
+    samples its share of the images; the scores equal a one-process run's and only the main process writes.
     """
     from tqdm.auto import tqdm
 
+    from lawa_diffusion.fid import resolve_device
     from lawa_diffusion.files import append_line, atomic_write_json
     from lawa_diffusion.synthesize import find_snapshots, known_tracks
 
@@ -259,25 +265,34 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                                                    f"its tracks are {', '.join(t for t in sorted(known) if t != RAW_TRACK)}")
     chosen = choose_steps(run_dir, [s.step for s in sources], steps)
     out_dir = os.path.abspath(out_dir or runfolder.hindsight_dir(run_dir))
-    files = _prepare(out_dir, overwrite, append)
+    if evaluate is None and accelerator is None:
+        from lawa_diffusion.fid import launched_accelerator
+
+        accelerator = launched_accelerator()
+    main = is_main_process(accelerator)
+    files = _prepare(out_dir, overwrite, append, check_existing=main)
     wanted = [("sigma_rel", f"sigma_rel={v:g}") for v in grid] + [("target", t) for t in targets]
     from lawa_diffusion.synthesize import shared_model
 
     cls, arch = shared_model(sources[-1:])
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device, accelerator)
     model = cls.from_config(arch).to(device).eval().requires_grad_(False)
     if evaluate is None:
         from lawa_diffusion.sweep import fid_evaluator
 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
-                                 command="posthoc", **eval_options)
-    os.makedirs(out_dir, exist_ok=True)
-    rows = _kept_rows(files["jsonl"], append, chosen, [t for _, t in wanted] + [f"twin:{n}" for n in twins])
-    bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not progress)
+                                 command="posthoc", accelerator=accelerator, **eval_options)
+    if main:
+        os.makedirs(out_dir, exist_ok=True)
+        rows = _kept_rows(files["jsonl"], append, chosen, [t for _, t in wanted] + [f"twin:{n}" for n in twins])
+    else:
+        rows = []
+    bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not (progress and main))
     for step in chosen:
         new = _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate)
-        for row in new:
-            append_line(files["jsonl"], json.dumps(row, sort_keys=True))
+        if main:
+            for row in new:
+                append_line(files["jsonl"], json.dumps(row, sort_keys=True))
         rows.extend(new)
         bar.update(1)
     bar.close()
@@ -289,8 +304,9 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                "rows": rows, "best": best_per_step(rows), "online": {str(k): v for k, v in online_points(run_dir).items()
                                                                       if k in {r["step"] for r in rows}},
                "files": files}
-    plot(summary, files["png"])
-    atomic_write_json(files["json"], summary)
+    if main:
+        plot(summary, files["png"])
+        atomic_write_json(files["json"], summary)
     return summary
 
 
@@ -412,16 +428,18 @@ def _cmd(args) -> int:
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
+    main = is_main_process()
     for run, out in zip(args.runs, outs):  # every output checked before any work
-        _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite, args.append)
+        _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite, args.append, check_existing=main)
     for run, out in zip(args.runs, outs):
         summary = run_hindsight(run, args.sigma_rel, targets=args.target, twins=args.twin, steps=args.steps,
                                 tracks=args.tracks.split(",") if args.tracks else None, max_residual=args.max_residual,
                                 out_dir=out, overwrite=args.overwrite, append=args.append, device=args.device,
                                 **options)
-        print(f"{summary['run']}:")
-        print(format_summary(summary))
-        print(f"posthoc: {summary['files']['json']}  plot: {summary['files']['png']}", flush=True)
+        if main:
+            print(f"{summary['run']}:")
+            print(format_summary(summary))
+            print(f"posthoc: {summary['files']['json']}  plot: {summary['files']['png']}", flush=True)
     return 0
 
 

@@ -255,9 +255,11 @@ def _noise_scheduler_config(config: dict) -> Optional[dict]:
 def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: Optional[str] = None,
                   num_samples: Optional[int] = None, batch_size: Optional[int] = None,
                   num_inference_steps: Optional[int] = None, weights: Optional[str] = None, device=None,
-                  progress: bool = True, command: str = "sweep"):
+                  progress: bool = True, command: str = "sweep", accelerator=None):
     """``evaluate(variants)``: FID/KID with the run's evaluation settings (config.yaml ``eval``, overridden by
-    the arguments), against reference stats that ``fid.reference_stats`` takes from its cache when present."""
+    the arguments), against reference stats that ``fid.reference_stats`` takes from its cache when present.
+    With ``accelerator`` (several processes) the samples are split across the processes; every process gets the
+    same result."""
     import functools
 
     from lawa_diffusion import fid, sampling
@@ -274,9 +276,10 @@ def fid_evaluator(run_dir: str, *, image_size: Optional[int] = None, reference: 
     e = from_mapping(FIDConfig, {k: v for k, v in ev.items() if k in fields}, f"{command} eval settings")
     weights = weights or ev.get("inception_weights")
     stats = fid.reference_stats(e.reference, image_size=image_size, num_images=ev.get("reference_num_images"),
-                                device=device, weights=weights, progress=progress, cfg=e)
+                                device=device, weights=weights, progress=progress, cfg=e, accelerator=accelerator)
     return functools.partial(sampling.evaluate_variants, reference=stats, cfg=e, weights=weights, device=device,
-                             scheduler_config=_noise_scheduler_config(config), progress=progress)
+                             scheduler_config=_noise_scheduler_config(config), progress=progress,
+                             accelerator=accelerator)
 
 
 # ----------------------------------------------------------------------------- CLI

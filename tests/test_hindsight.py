@@ -208,3 +208,30 @@ def test_synthesised_constant_decay_ema_scores_as_the_online_one(trained_run, tm
     assert abs(twin["fid_minus_online"]) < 0.1 * gap
     # the online variant is marked at the mean lag the trainer wrote for it
     assert summary["online"]["40"]["c"]["mean_lag"] == pytest.approx(rows["c"]["mean_lag"], rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::lawa_diffusion.fid.SmallSampleWarning")
+def test_two_processes_score_as_one_and_only_the_main_one_writes(trained_run, tmp_path):
+    """Under torchrun the samples are split across two processes: the same rows as one process, one set of files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lawa_diffusion.inception import stand_in_extractor
+
+    one = hindsight.run_hindsight(trained_run, "0.1", twins=["c"], steps="final", out_dir=str(tmp_path / "one"),
+                                  weights=stand_in_extractor(), device="cpu", progress=False)
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(root / "tests" / "scripts" / "hindsight_processes.py"), trained_run,
+                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = read_jsonl(str(tmp_path / "two" / hindsight.JSONL_NAME))
+    assert len(two) == len(one["rows"])  # written once, by the main process
+    for a, b in zip(one["rows"], two):
+        assert a["target"] == b["target"]
+        assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert [(tmp_path / f"two.processes.{r}").read_text() for r in (0, 1)] == ["2", "2"]  # really split in two
