@@ -187,17 +187,24 @@ def architecture(config: dict) -> dict:
     return json.loads(json.dumps({k: v for k, v in config.items() if k in params and k != "self"}))
 
 
+def one_model(configs: Sequence[Tuple[str, dict]], kind: str, fix: str) -> Tuple[type, dict]:
+    """The model class and architecture that every ``(path, config)`` shares (the first is the reference); one
+    sentence naming two ``kind`` that differ, ending with ``fix``."""
+    (reference, first), others = configs[0], configs[1:]
+    cls, arch = model_class(first), architecture(first)
+    for path, config in others:
+        other = architecture(config)
+        differ = sorted(k for k in set(arch) | set(other) if arch.get(k) != other.get(k))
+        check(model_class(config) is cls and not differ,
+              f"{kind} come from different model configs: {path!r} and {reference!r} differ in "
+              f"{', '.join(differ) or '_class_name'}; {fix}")
+    return cls, arch
+
+
 def shared_model(sources: Sequence[Source]) -> Tuple[type, dict]:
     """The model class and config every source shares; one clear error when two differ."""
-    first = read_config(sources[-1])
-    cls, arch = model_class(first), architecture(first)
-    for s in sources[:-1]:
-        other = read_config(s)
-        differ = sorted(k for k in set(arch) | set(architecture(other)) if arch.get(k) != architecture(other).get(k))
-        check(model_class(other) is cls and not differ,
-              f"checkpoints come from different model configs: {s.path!r} and {sources[-1].path!r} differ in "
-              f"{', '.join(differ) or '_class_name'}; average checkpoints of one model only")
-    return cls, arch
+    ordered = [sources[-1], *sources[:-1]]
+    return one_model([(s.path, read_config(s)) for s in ordered], "checkpoints", "average checkpoints of one model only")
 
 
 # ----------------------------------------------------------------------------- averaging

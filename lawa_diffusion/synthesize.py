@@ -23,7 +23,7 @@ import torch
 from lawa_diffusion import lag, runfolder, synthesis
 from lawa_diffusion.config import RAW_TRACK, TrainConfig, check
 from lawa_diffusion.files import atomic_dir, atomic_write_json
-from lawa_diffusion.posthoc import architecture, load_into, model_class
+from lawa_diffusion.posthoc import load_into, one_model
 
 SIDECAR_NAME = "synthesis.json"
 SKIP_BELOW = 1e-12  # coefficients smaller than this (in absolute value) are not read: their files add nothing
@@ -270,21 +270,13 @@ def known_tracks(run_dir: str, sources: Sequence[SnapshotSource]) -> Dict[str, l
 
 def shared_model(sources: Sequence[SnapshotSource]):
     """The model class and architecture every snapshot shares (one sentence naming two that differ)."""
-    reference, cls, arch = None, None, None
+    configs = []
     for s in sources:
         text = _metadata(s.path).get("model_config")
         check(text is not None, f"snapshot {s.path!r} has no model_config metadata; synthesise from snapshots "
                                 "written by lawa-diffusion")
-        config = json.loads(text)
-        this_cls, this_arch = model_class(config), architecture(config)
-        if reference is None:
-            reference, cls, arch = s, this_cls, this_arch
-            continue
-        differ = sorted(k for k in set(arch) | set(this_arch) if arch.get(k) != this_arch.get(k))
-        check(this_cls is cls and not differ,
-              f"snapshots come from different model configs: {s.path!r} and {reference.path!r} differ in "
-              f"{', '.join(differ) or '_class_name'}; synthesise from the snapshots of one model only")
-    return cls, arch
+        configs.append((s.path, json.loads(text)))
+    return one_model(configs, "snapshots", "synthesise from the snapshots of one model only")
 
 
 # ----------------------------------------------------------------------------- planning
