@@ -313,31 +313,29 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
 def _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate) -> List[dict]:
     planned = _target_rows(run_dir, step, wanted, tracks, max_residual)
     checkpoint = runfolder.checkpoint_path(run_dir, step)
-    twin_plans = []
+    twin_states = []  # (name, folder, row, online weights, synthesised weights or None): each read or summed once
     for name in twins:
         folder = os.path.join(checkpoint, runfolder.ema_folder(name))
         if os.path.isdir(folder):
             row, plan = _target_rows(run_dir, step, [("twin", name)], tracks, max_residual)[0]
-            twin_plans.append((name, folder, row, plan))
+            synthesised = None if plan is None else plan.state_dict(torch.float32, progress=False)
+            twin_states.append((name, folder, row, _folder_state(folder), synthesised))
     variants = {row["target"]: _loaded(model, lambda p=plan: p.state_dict(torch.float32, progress=False), row["target"])
                 for row, plan in planned if plan is not None}
-    for name, folder, row, plan in twin_plans:
-        variants[f"online:{name}"] = _loaded(model, lambda f=folder: _folder_state(f), folder)
-        if plan is not None:
-            variants[f"synthesised:{name}"] = _loaded(model, lambda p=plan: p.state_dict(torch.float32, progress=False),
-                                                      f"synthesised:{name}")
+    for name, folder, row, online_state, synthesised in twin_states:
+        variants[f"online:{name}"] = _loaded(model, lambda s=online_state: s, folder)
+        if synthesised is not None:
+            variants[f"synthesised:{name}"] = _loaded(model, lambda s=synthesised: s, f"synthesised:{name}")
     results = evaluate(variants) if variants else {}
     out = []
     for row, _ in planned:
         out.append({**row, **{k: results.get(row["target"], {}).get(k) for k in METRIC_KEYS}})
-    for name, folder, row, plan in twin_plans:
+    for name, folder, row, online_state, synthesised in twin_states:
         online = results.get(f"online:{name}", {})
         synth = results.get(f"synthesised:{name}", {})
         extra = {}
-        if plan is not None:
-            state = plan.state_dict(torch.float32, progress=False)
-            online_state = _folder_state(folder)
-            extra = twin_distance(state, online_state, _raw_state(checkpoint, online_state))
+        if synthesised is not None:
+            extra = twin_distance(synthesised, online_state, _raw_state(checkpoint, online_state))
         fid_diff = (synth["fid"] - online["fid"]) if synth.get("fid") is not None and online.get("fid") is not None else None
         out.append({**row, "target": f"twin:{name}", "online_folder": folder,
                     **{k: synth.get(k) for k in METRIC_KEYS}, **{f"online_{k}": online.get(k) for k in METRIC_KEYS},
