@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 
 
-def tiny_unet(seed: int = 0, sample_size: int = 8):
+def tiny_unet(seed: int = 0, sample_size: int = 8, channels: int = 1):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     return UNet2DModel(
-        sample_size=sample_size, in_channels=1, out_channels=1, layers_per_block=1,
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
     )

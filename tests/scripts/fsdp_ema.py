@@ -14,6 +14,8 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
+from tests.helpers import tiny_unet
+
 STEPS = 4
 
 
@@ -22,10 +24,7 @@ def main():
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args()
     accelerator = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = tiny_unet(0, channels=3)
     names = [n for n, _ in unet.named_parameters()]
     fully_shard(unet)
     ema = EMAModel(unet.parameters(), model_cls=UNet2DModel, model_config=unet.config)

@@ -22,16 +22,13 @@ from accelerate import Accelerator
 
 from lawa_diffusion import attach
 from lawa_diffusion.ema import LAWAEMAModel
-from tests.helpers import unflatten_with_flat_empties
+from tests.helpers import tiny_unet, unflatten_with_flat_empties
 
 K, NU, STEPS = 2, 2, 7
 
 
 def sharded_unet(storage, snapshot_dir):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = tiny_unet(0, channels=3)
     fully_shard(unet)
     ema = LAWAEMAModel(unet.parameters(), model_cls=UNet2DModel, model_config=unet.config,
                        lawa={"k": K, "every_n_steps": NU, "storage": storage, "snapshot_dir": snapshot_dir})

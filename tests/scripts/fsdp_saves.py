@@ -19,6 +19,7 @@ from lawa_diffusion import accelerate_hooks
 from lawa_diffusion.ema import LAWAEMAModel
 from lawa_diffusion.launch import save_lawa_next_to
 from lawa_diffusion.tracks import TrackSet
+from tests.helpers import tiny_unet
 
 K, NU, STEPS = 2, 2, 5
 
@@ -28,10 +29,7 @@ def main():
     parser.add_argument("--output_dir", required=True)
     out = parser.parse_args().output_dir
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = tiny_unet(0, channels=3)
     names = [n for n, _ in unet.named_parameters()]
     fully_shard(unet)
     ema = LAWAEMAModel(unet.parameters(), model_cls=UNet2DModel, model_config=unet.config,

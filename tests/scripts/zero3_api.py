@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
 from lawa_diffusion import LAWAEMAModel, attach
+from tests.helpers import tiny_unet
 
 K, NU, STEPS = 2, 2, 5
 
@@ -25,10 +26,7 @@ def main():
     parser.add_argument("--output_dir", required=True)
     out = parser.parse_args().output_dir
     accelerator = Accelerator()
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = tiny_unet(0, channels=3)
     names = [n for n, _ in unet.named_parameters()]
     ema = LAWAEMAModel(unet.parameters(), model_cls=UNet2DModel, model_config=unet.config,
                        lawa={"k": K, "every_n_steps": NU})
