@@ -65,9 +65,9 @@ def config(out: str, args, background: bool) -> dict:
 
 
 def one_run(work: str, name: str, args, background: bool, extractor) -> tuple[float, list]:
-    from lawa_diffusion import train
-    from lawa_diffusion.config import TrainConfig
-    from lawa_diffusion.files import read_jsonl
+    from lawa_diffusion.training import trainer as train
+    from lawa_diffusion.config.train import TrainConfig
+    from lawa_diffusion.utils.files import read_jsonl
 
     out = os.path.join(work, name)
     cfg = TrainConfig.from_dict(config(out, args, background))
@@ -88,7 +88,7 @@ def sync(device) -> None:
 
 
 def bench_config(args, work: str, *changes: str):
-    from lawa_diffusion.config import load_train_config
+    from lawa_diffusion.config.train import load_train_config
 
     fixed = ["eval.every_n_steps=0", "eval.at_end=false", "log_with=null", "report=false", "checkpointing_steps=0",
              "save_ema_snapshots=false"]
@@ -114,7 +114,7 @@ def counting_host_syncs(device):
 
 def trainer_steps(args, work: str, fast: str) -> dict:
     """Steps/s of ``train_step`` with ``fast_path`` = ``fast`` (after ``--warmup`` steps)."""
-    from lawa_diffusion import train
+    from lawa_diffusion.training import trainer as train
 
     cfg = bench_config(args, os.path.join(work, f"trainer-{fast}"), f"fast_path={fast}")
     accelerator = train.make_accelerator(cfg, cfg.output_dir)
@@ -159,7 +159,8 @@ def bench_trainer(args, work: str) -> None:
 
 def bench_evaluation(args, work: str) -> None:
     """One evaluation: sampling (+ features) per precision, then the metric maths on the CPU and the device."""
-    from lawa_diffusion import fid, inception, sampling, train
+    from lawa_diffusion.evaluation import fid, inception, sampling
+    from lawa_diffusion.training import trainer as train
 
     cfg = bench_config(args, os.path.join(work, "evaluation"))
     e, device = cfg.eval, torch.device(args.device)
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
 
 
 def background_bench(args) -> int:
-    from lawa_diffusion.inception import stand_in_extractor
+    from lawa_diffusion.evaluation.inception import stand_in_extractor
 
     extractor = stand_in_extractor(dim=2048, device=args.device)
     timings = {"inline": [], "background": []}

@@ -6,7 +6,7 @@
    reference cache warmed. Sampling is left out: it costs the same in both workflows.
 2. "reference_stats_cache": ``reference_stats`` recomputed vs served from the cache.
 3. "metric_maths": FID and KID of the same Inception features by torch-fidelity's functions (NumPy, CPU) and
-   by ``lawa_diffusion.metric_maths`` (float64 torch on --device; forced there on a CPU too): seconds of each
+   by ``lawa_diffusion.maths.fid_kid`` (float64 torch on --device; forced there on a CPU too): seconds of each
    (the device's first FID call also factors the reference covariance, reported apart) and their relative
    differences.
 
@@ -61,7 +61,7 @@ def _folder_workflow(images, ref_dir, work, weights, device, batch_size, cache_n
 
 
 def bench_in_memory_vs_folder(args, device, weights, generated, reference, work) -> dict:
-    from lawa_diffusion import fid, inception
+    from lawa_diffusion.evaluation import fid, inception
 
     ref_dir = os.path.join(work, "reference")
     _write_pngs(reference, ref_dir)
@@ -86,7 +86,7 @@ def bench_in_memory_vs_folder(args, device, weights, generated, reference, work)
 
 
 def bench_cache(args, device, weights, reference) -> dict:
-    from lawa_diffusion import fid
+    from lawa_diffusion.evaluation import fid
 
     kwargs = dict(weights=weights.path, device=device, batch_size=args.batch_size, progress=False)
     _, recompute_s = _timed(lambda: fid.reference_stats(reference, cache=False, **kwargs))
@@ -110,7 +110,8 @@ def bench_metric_maths(args, device, weights, generated, reference) -> dict:
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 
-    from lawa_diffusion import fid, metric_maths
+    from lawa_diffusion.evaluation import fid
+    from lawa_diffusion.maths import fid_kid as metric_maths
 
     stats = fid.reference_stats(reference, weights=weights.path, device=device, batch_size=args.batch_size,
                                 progress=False)
@@ -160,7 +161,7 @@ def main() -> int:
     n = args.num_images or (2048 if cuda else 32)
     m = args.reference_images or (10000 if cuda else 64)
 
-    from lawa_diffusion import data, inception
+    from lawa_diffusion.evaluation import images as data, inception
 
     weights = inception.resolve_weights(fetch=False)
     generated = data.fit_to_size(data.load_fashion_mnist("test", download=False)[:n], 32)

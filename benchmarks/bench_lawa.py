@@ -138,7 +138,7 @@ def bounds(tensors, device, args) -> dict:
 
 
 def make_lawa(storage: str, tensors, k: int, folder: str) -> LAWA:
-    from lawa_diffusion.storage import registered_bytes
+    from lawa_diffusion.engine.rings import registered_bytes
 
     cfg = LAWAConfig(k=k, every_n_steps=1, storage=storage, snapshot_dir=folder if storage == "disk" else None)
     lawa = LAWA(tensors, cfg)

@@ -26,8 +26,8 @@ import torch
 
 
 def build(config_path: str):
-    from lawa_diffusion.config import load_train_config
-    from lawa_diffusion.train import build_unet
+    from lawa_diffusion.config.train import load_train_config
+    from lawa_diffusion.training.trainer import build_unet
 
     cfg = load_train_config(config_path)
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def train_step(unet, opt, x, t) -> None:
 
 
 def timed_run(unet, opt, x, t, steps: int, every: int, folder: str) -> tuple:
-    from lawa_diffusion.posthoc_store import PosthocSnapshots
+    from lawa_diffusion.engine.posthoc_snapshots import PosthocSnapshots
 
     store = PosthocSnapshots(unet, folder, sigma_rels=[0.05, 0.10], every_n_steps=every, main_process=True)
     start, cpu = time.perf_counter(), time.process_time()
@@ -59,9 +59,9 @@ def timed_run(unet, opt, x, t, steps: int, every: int, folder: str) -> tuple:
 
 
 def main() -> None:
-    from lawa_diffusion.posthoc_store import PosthocSnapshots
-    from lawa_diffusion.tracking import save_ema_snapshot
-    from lawa_diffusion.train import model_config_of
+    from lawa_diffusion.engine.posthoc_snapshots import PosthocSnapshots
+    from lawa_diffusion.engine.posthoc_snapshots import save_ema_snapshot
+    from lawa_diffusion.training.trainer import model_config_of
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/paper_regime_cpu.yaml")

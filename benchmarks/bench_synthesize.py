@@ -40,9 +40,10 @@ import time
 
 import torch
 
-from lawa_diffusion import lag, runfolder, synthesis
-from lawa_diffusion.files import atomic_save_safetensors
-from lawa_diffusion.synthesize import plan_synthesis, tensor_layout
+from lawa_diffusion.maths import lag, profile_fit as synthesis
+from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils.files import atomic_save_safetensors
+from lawa_diffusion.posthoc.synthesize import plan_synthesis, tensor_layout
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,5 +1,5 @@
 import sys
 
-from lawa_diffusion.cli import main
+from lawa_diffusion.cli.entry import main
 
 sys.exit(main())

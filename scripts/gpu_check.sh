@@ -26,7 +26,7 @@
 #                       listed as skipped. Measured on an H200 (see the GPU notes): one seed alone 207 s.
 #   GPU_CHECK_STEPS     comma list: run only these steps (e.g. ref_stats,one_seed to redo a cut-off run)
 #   GPU_CHECK_FAIL      comma list of steps given an argument their command rejects (checks that a failing
-#                       step fails the script: tests/test_gpu_check.py)
+#                       step fails the script: tests/system/test_gpu_check.py)
 #   T_<STEP>            one step's limit in seconds (T_DEVICE, T_PLAN, T_TESTS, T_BENCH_LAWA, T_REF_STATS,
 #                       T_ONE_SEED, T_BENCH_FID, T_BENCH_EVAL, T_SEEDS (each of the three), T_REPORT)
 # Expects: diffusers/torch-fidelity importable, Fashion-MNIST in $LAWA_DATA (or the Debian package's
@@ -56,7 +56,7 @@ if [ "$TINY" = 1 ]; then
   DEVICE=cpu
   export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   BUDGET="${GPU_CHECK_BUDGET:-0}"
-  TESTS=(tests/test_fast_path.py tests/test_cuda.py)  # the CUDA ones skip; the fast path's CPU tests run
+  TESTS=(tests/training/test_fast_path.py tests/engine/test_cuda.py)  # the CUDA ones skip; the fast path's CPU tests run
   : "${T_DEVICE:=120}" "${T_PLAN:=120}" "${T_TESTS:=600}" "${T_BENCH_LAWA:=300}" "${T_REF_STATS:=300}" \
     "${T_ONE_SEED:=600}" "${T_BENCH_FID:=300}" "${T_BENCH_EVAL:=600}" "${T_SEEDS:=900}" "${T_REPORT:=300}"
   # bench_lawa's size flags (the one line to adjust when its flags change)

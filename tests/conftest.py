@@ -1,7 +1,11 @@
+from __future__ import annotations
+
 import os
 
 import pytest
 import torch
+
+from tests.helpers import EngineServer
 
 
 def pytest_addoption(parser):
@@ -33,3 +37,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def engine_server(tmp_path_factory):
+    """One engine server (tests/scripts/engine_train.py kept running) for the whole session."""
+    server = EngineServer(tmp_path_factory.mktemp("engine-server"))
+    yield server
+    server.close()

@@ -95,9 +95,10 @@ def pause_point(event: str, seconds: float, **fields) -> None:
 
 def install_disk_write_pause(seconds: float) -> None:
     """Make disk snapshot writes stop half-way through their temp file for ``seconds``."""
-    import lawa_diffusion.storage as storage
-    from lawa_diffusion.files import atomic_write
     from safetensors.torch import save
+
+    import lawa_diffusion.engine.rings as storage
+    from lawa_diffusion.utils.files import atomic_write
 
     def slow_atomic_save(path, tensors, metadata=None):
         data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
@@ -181,7 +182,7 @@ def make_engines(args, unet):
 
 
 def resume(args, accelerator, run_dir: str) -> int:
-    from lawa_diffusion.runfolder import latest_checkpoint
+    from lawa_diffusion.runs.folder import latest_checkpoint
 
     if args.resume != "latest":
         return 0
@@ -215,8 +216,8 @@ def train_step(step, args, data, accelerator, unet, optimizer, scheduler):
 
 
 def checkpoint(args, accelerator, run_dir: str, step: int) -> None:
-    from lawa_diffusion.accelerate_hooks import save_checkpoint
-    from lawa_diffusion.runfolder import prune_checkpoints
+    from lawa_diffusion.engine.accelerate_hooks import save_checkpoint
+    from lawa_diffusion.runs.folder import prune_checkpoints
 
     save_checkpoint(accelerator, os.path.join(run_dir, f"checkpoint-{step}"))
     if accelerator.is_main_process:
@@ -318,8 +319,8 @@ def serve() -> int:
     import safetensors.torch  # noqa: F401
     from diffusers import DDPMScheduler, UNet2DModel  # noqa: F401
 
-    import lawa_diffusion.accelerate_hooks  # noqa: F401
-    import lawa_diffusion.ema  # noqa: F401
+    import lawa_diffusion.engine.accelerate_hooks  # noqa: F401
+    import lawa_diffusion.engine.ema  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

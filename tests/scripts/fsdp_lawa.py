@@ -14,14 +14,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
-from accelerate import Accelerator
-
 from lawa_diffusion import attach
-from lawa_diffusion.ema import LAWAEMAModel
+from lawa_diffusion.engine.ema import LAWAEMAModel
 from tests.helpers import tiny_unet, unflatten_with_flat_empties
 
 K, NU, STEPS = 2, 2, 7

@@ -15,10 +15,10 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
-from lawa_diffusion import accelerate_hooks
-from lawa_diffusion.ema import LAWAEMAModel
+from lawa_diffusion.engine import accelerate_hooks
+from lawa_diffusion.engine.ema import LAWAEMAModel
 from lawa_diffusion.launch import save_lawa_next_to
-from lawa_diffusion.tracks import TrackSet
+from lawa_diffusion.training.tracks import TrackSet
 from tests.helpers import tiny_unet
 
 K, NU, STEPS = 2, 2, 5

@@ -18,8 +18,8 @@ the model, so the hooks save and load only the EMA), and, under ZeRO-3, the fina
 ``deepspeed.zero.GatheredParameters`` on every process. ``--save_raw_weights`` also writes the trained
 weights (``unet_raw``) at the final save.
 """
-import contextlib
 import argparse
+import contextlib
 import math
 import os
 

@@ -21,7 +21,7 @@ def main():
     from lawa_diffusion import launch
 
     if mode == "launch":
-        from lawa_diffusion import inception
+        from lawa_diffusion.evaluation import inception
 
         inception.load_extractor = lambda *args, **kwargs: inception.stand_in_extractor(dim=16)
         return launch.main(argv)

@@ -1,0 +1,41 @@
+"""``lawa-diffusion sweep``: FID of every (k, ν multiple) LAWA window from a run's saved EMA snapshots.
+"""
+from __future__ import annotations
+
+from lawa_diffusion.config.commands import PosthocConfig
+from lawa_diffusion.posthoc.sweep import format_sweep, run_sweep
+from lawa_diffusion.runs import folder as runfolder
+
+
+def _cmd_sweep(args) -> int:
+    options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
+    summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
+                        metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, track=args.track,
+                        **options)
+    print(format_sweep(summary))
+    print(f"sweep: {summary['files']['json']}  heat-map: {summary['files']['png']}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    d = PosthocConfig()
+    s = subparsers.add_parser("sweep", help="FID of every (k, ν multiple) LAWA window from a run's EMA snapshots",
+                              description="The k × ν ablation from RUN/ema_snapshots, with a heat-map.")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--k", default=",".join(map(str, d.sweep_k)), help="window sizes, comma-separated")
+    s.add_argument("--every", default=",".join(map(str, d.sweep_every)), help="multiples of the run's ν, comma-separated")
+    s.add_argument("--steps", default=d.sweep_steps, help="eval (metrics.jsonl's steps), final, or a comma list")
+    s.add_argument("--track", default=runfolder.BASE_TRACK,
+                   help="EMA track whose snapshots to average (default: ema, diffusers' warm-up EMA; others: the "
+                        "run's ema_tracks)")
+    s.add_argument("--heatmap-step", type=int, default=None, help="step shown in the heat-map (default: the last)")
+    s.add_argument("--metric", default="fid", help="fid or kid_mean, for the heat-map")
+    s.add_argument("--reference", default=None, help="FID reference (default: the run's eval.reference)")
+    s.add_argument("--num-samples", type=int, default=None, help="images per variant (default: the run's)")
+    s.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
+    s.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
+    s.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    s.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    s.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/sweep)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder's sweep files")
+    s.set_defaults(func=_cmd_sweep)

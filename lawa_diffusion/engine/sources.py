@@ -1,0 +1,153 @@
+"""Adapters exposing "the tensors to snapshot" from the objects LAWA can sit on.
+
+Tensors are fetched on every call (never cached): diffusers' EMAModel replaces its
+``shadow_params`` list on ``to()`` and ``load_state_dict()``. Sharded tensors (FSDP2 / DTensor)
+are exposed as this process's local shard: LAWA keeps and averages each process's own shard.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lawa_diffusion.engine import zero3
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2's sharded parameters and the EMA copies made of them)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor shards nothing
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (writes go through to it), else the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+class TensorSource:
+    """A list of same-order tensors plus, where the source keeps one, its optimizer-step counter."""
+
+    kind = "tensors"
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def raw_tensors(self) -> List[torch.Tensor]:
+        """The tensors as the source holds them (DTensors when sharded)."""
+        return list(self.obj)
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The tensors to snapshot: the local shard of each sharded one."""
+        return [local_shard(t) for t in self.raw_tensors()]
+
+    def sharded(self) -> bool:
+        return any(is_sharded(t) for t in self.raw_tensors())
+
+    def current_step(self) -> Optional[int]:
+        return None
+
+    def forget_step(self) -> None:
+        """Read the step counter afresh next time (its owner's state was loaded)."""
+
+    def model_template(self) -> tuple[Any, Any]:
+        """(model_cls, model_config) for writing a diffusers folder, or (None, None)."""
+        return None, None
+
+    def targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
+        """The tensors of ``module_or_params`` that correspond, in order, to ``tensors()`` (local shards).
+        ZeRO-3 partitions must be gathered (they are empty outside a gather)."""
+        if not isinstance(module_or_params, nn.Module):
+            module_or_params = list(module_or_params)
+        zero3.check_gathered(module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params)
+        return [local_shard(t) for t in self.raw_targets_of(module_or_params)]
+
+    def raw_targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
+        if isinstance(module_or_params, nn.Module):
+            return [p.data for p in module_or_params.parameters()]
+        return [p.data if isinstance(p, nn.Parameter) else p for p in module_or_params]
+
+
+class EMAModelSource(TensorSource):
+    kind = "diffusers.EMAModel"
+
+    def raw_tensors(self) -> List[torch.Tensor]:
+        return list(self.obj.shadow_params)
+
+    def current_step(self) -> Optional[int]:
+        return int(self.obj.optimization_step)
+
+    def model_template(self) -> tuple[Any, Any]:
+        return getattr(self.obj, "model_cls", None), getattr(self.obj, "model_config", None)
+
+
+class AveragedModelSource(TensorSource):
+    kind = "torch.optim.swa_utils.AveragedModel"
+
+    def _uses_buffers(self) -> bool:
+        return bool(getattr(self.obj, "use_buffers", False))
+
+    def raw_tensors(self) -> List[torch.Tensor]:
+        return self.raw_targets_of(self.obj.module)
+
+    def __init__(self, obj: Any):
+        super().__init__(obj)
+        self._counted: Optional[int] = None
+
+    def current_step(self) -> Optional[int]:
+        """``n_averaged``, read from the device once (a host sync), then counted: one call per
+        ``update_parameters``."""
+        if self._counted is None:
+            self._counted = int(self.obj.n_averaged.item())
+        else:
+            self._counted += 1
+        return self._counted
+
+    def forget_step(self) -> None:
+        self._counted = None
+
+    def raw_targets_of(self, module_or_params: Any) -> List[torch.Tensor]:
+        if isinstance(module_or_params, nn.Module):
+            module = getattr(module_or_params, "module", module_or_params) if module_or_params is self.obj else module_or_params
+            out = [p.data for p in module.parameters()]
+            if self._uses_buffers():
+                out += [b for b in module.buffers() if b.is_floating_point()]
+            return out
+        return super().raw_targets_of(module_or_params)
+
+    def model_template(self) -> tuple[Any, Any]:
+        module = self.obj.module
+        config = getattr(module, "config", None)
+        return (type(module), config) if config is not None else (None, None)
+
+
+class ModuleSource(TensorSource):
+    kind = "nn.Module"
+
+    def raw_tensors(self) -> List[torch.Tensor]:
+        return [p.data for p in self.obj.parameters()]
+
+    def model_template(self) -> tuple[Any, Any]:
+        config = getattr(self.obj, "config", None)
+        return (type(self.obj), config) if config is not None else (None, None)
+
+
+def as_source(obj: Any) -> TensorSource:
+    """Wrap ``obj`` (EMAModel, AveragedModel, nn.Module or a sequence of tensors)."""
+    if isinstance(obj, TensorSource):
+        return obj
+    if hasattr(obj, "shadow_params") and hasattr(obj, "optimization_step"):
+        return EMAModelSource(obj)
+    if isinstance(obj, torch.optim.swa_utils.AveragedModel):
+        return AveragedModelSource(obj)
+    if isinstance(obj, nn.Module):
+        return ModuleSource(obj)
+    if isinstance(obj, Sequence) and all(isinstance(t, torch.Tensor) for t in obj):
+        return TensorSource(list(obj))
+    raise ValueError(
+        f"LAWA source must be a diffusers EMAModel, a torch AveragedModel, an nn.Module or a list of "
+        f"tensors, got {type(obj).__name__}; pass the EMA object your training script updates"
+    )
