@@ -11,7 +11,7 @@ On the model and batch of --config (default: configs/paper_regime_cpu.yaml), wit
      over --repeats); cpu_ratio compares the process's CPU time (the writer thread's included), which
      a busy shared machine disturbs less than the wall time.
 
-Usage: python benchmarks/bench_posthoc_store.py [--config configs/paper_regime_cpu.yaml] [--every 25,50]
+Usage: python benchmarks/bench_posthoc_snapshots.py [--config configs/paper_regime_cpu.yaml] [--every 25,50]
        [--steps 100] [--repeats 3] [--threads N]
 """
 from __future__ import annotations
