@@ -31,6 +31,16 @@ class FIDConfig:
     resize_mode: how reference images reach the model resolution: "pad" (zero-pad/centre-crop) or
         "resize" (resize the shorter side, then centre-crop).
     warn_below: warn when num_samples is below this.
+
+    Conditional models (text-to-image pipelines, class-conditional UNets) also take:
+    prompts: where the conditions come from: a text file (one prompt per line), an image folder with
+        metadata.jsonl (its held-out rows: prompts and reference images, paired) or a saved dataset.
+    class_labels: for a class-conditional UNet: "all" (every class, cycled) or a comma list of labels.
+    guidance_scale: classifier-free guidance (null: the pipeline's own default; 1.0: no guidance).
+    num_reference: rows of a captioned folder or dataset held out as prompts + reference (null: all rows).
+    caption_column: the caption column of metadata.jsonl or of the dataset.
+    pipeline: the diffusers pipeline folder whose VAE, text encoder(s), tokenizer(s) and scheduler sample a
+        conditional UNet given apart from it (a ``unet_ema`` / ``unet_lawa`` / synthesised folder).
     """
 
     reference: str = "fashion-mnist"
@@ -46,6 +56,17 @@ class FIDConfig:
     reference_features_max: int = 10000
     resize_mode: str = "pad"
     warn_below: int = 2048
+    prompts: Optional[str] = None
+    class_labels: Optional[str] = None
+    guidance_scale: Optional[float] = None
+    num_reference: Optional[int] = None
+    caption_column: str = "text"
+    pipeline: Optional[str] = None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether these settings sample a conditional model (prompts or class labels given)."""
+        return self.prompts is not None or self.class_labels is not None
 
     def __post_init__(self) -> None:
         check(isinstance(self.num_samples, int) and self.num_samples >= 2,
@@ -61,6 +82,12 @@ class FIDConfig:
         check(self.reference_features_max >= 2, f"reference_features_max must be >= 2, got {self.reference_features_max}")
         check(self.resize_mode in FID_RESIZE_MODES,
               f"resize_mode must be one of {', '.join(FID_RESIZE_MODES)}, got {self.resize_mode!r}")
+        check(self.guidance_scale is None or (isinstance(self.guidance_scale, (int, float))
+                                              and not isinstance(self.guidance_scale, bool) and self.guidance_scale >= 1),
+              f"guidance_scale must be a number >= 1 (1: no guidance) or null, got {self.guidance_scale!r}")
+        check_int("eval", "num_reference", self.num_reference, 2, allow_none=True)
+        check(self.prompts is None or self.class_labels is None, "give prompts or class_labels, not both (prompts "
+              "condition a text-to-image pipeline, class labels a class-conditional UNet)")
 
 
 @dataclasses.dataclass
