@@ -445,7 +445,7 @@ def naive_window(files, step, k, m, nu, start):
 
 def one_line_error(capsys, argv) -> str:
     """Run the CLI with ``argv``; it must fail with exit code 2 and one line on stderr, which is returned."""
-    from lawa_diffusion.cli.main import entry as cli
+    from lawa_diffusion.cli import entry as cli
 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()

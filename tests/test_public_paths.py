@@ -40,9 +40,7 @@ def test_top_level_api():
 
 
 def test_config_face():
-    from lawa_diffusion.config.lawa import LAWAConfig
-    from lawa_diffusion.config.train import TrainConfig, load_train_config
-    from lawa_diffusion.config.base import check
+    from lawa_diffusion.config import LAWAConfig, TrainConfig, check, load_train_config
 
     cfg = load_train_config(str(ROOT / "configs" / "fashion_mnist_cpu.yaml"), [], None)
     assert isinstance(cfg, TrainConfig) and isinstance(cfg.lawa, LAWAConfig)

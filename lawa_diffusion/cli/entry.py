@@ -1,6 +1,6 @@
 """``lawa-diffusion`` command line: a thin argparse front over the library.
 
-Each module of ``lawa_diffusion.cli.main`` is one command, named as the user types it, and defines ``register_cli(subparsers)``, which adds its subcommand(s) and sets
+Each module of ``lawa_diffusion.cli`` is one command, named as the user types it, and defines ``register_cli(subparsers)``, which adds its subcommand(s) and sets
 ``func`` (called with the parsed args; returns an exit code or None).
 User errors (ValueError, FileNotFoundError, FileExistsError) become one line on stderr and exit 2.
 """
@@ -13,7 +13,7 @@ import warnings
 from typing import Iterator, Optional, Sequence
 
 from lawa_diffusion import __version__
-from lawa_diffusion.cli.main import average, fid, hindsight, inception, patch, plan, report, sweep, synthesize, train
+from lawa_diffusion.cli import average, fid, hindsight, inception, patch, plan, report, sweep, synthesize, train
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (inception, fid, train, plan, report, average, sweep, synthesize, hindsight, patch)

@@ -3,7 +3,7 @@
 Sources of EMA weights: diffusers model folders (``checkpoint-<step>/unet_ema``, found in a run folder
 or given one by one) and EMA snapshot files (``ema_snapshots/step-<step>.safetensors`` with the
 model config in their metadata). Averages are fp32-accumulated and stream one source at a time.
-The k × ν ablation over a run's snapshots is :mod:`lawa_diffusion.posthoc.average.sweep`.
+The k × ν ablation over a run's snapshots is :mod:`lawa_diffusion.posthoc.sweep`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.evaluation import inception
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lawa_diffusion import launch
-from lawa_diffusion.config.lawa import LAWAConfig
+from lawa_diffusion.config import LAWAConfig
 from lawa_diffusion.engine.lawa import read_record
 from lawa_diffusion.integrations import plugin_options
 from lawa_diffusion.integrations.plugin import lawa_folder_for

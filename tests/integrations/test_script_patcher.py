@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.integrations import script_patcher as patch
 from lawa_diffusion.integrations.plugin_options import add_lawa_arguments, lawa_config_from_args
 from tests.helpers import SCRIPTS

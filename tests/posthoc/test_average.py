@@ -8,7 +8,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.engine.lawa import read_record
 from lawa_diffusion.posthoc.saved_weights import find_sources, select_latest
 from lawa_diffusion.posthoc.sweep import run_sweep

@@ -16,9 +16,9 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.maths import profile_fit as synthesis
-from lawa_diffusion.posthoc.average import search as hindsight
+from lawa_diffusion.posthoc import search as hindsight
 from lawa_diffusion.posthoc.synthesize import plan_synthesis
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import read_jsonl

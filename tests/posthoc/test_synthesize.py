@@ -14,11 +14,11 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.engine.posthoc_snapshots import save_ema_snapshot
 from lawa_diffusion.maths import lag
 from lawa_diffusion.maths import profile_fit as synthesis
-from lawa_diffusion.posthoc.average import synthesize
+from lawa_diffusion.posthoc import synthesize
 from lawa_diffusion.posthoc.synthesize import SIDECAR_NAME, plan_synthesis, write_synthesis
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import atomic_save_safetensors

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.reports.run_report import (
     Curve,
     format_table,

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.reports.run_report import HINDSIGHT, load_run, summarize
 from lawa_diffusion.runs import folder as runfolder
 from tests.helpers import ci_of as _ci

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from lawa_diffusion.evaluation.inception import stand_in_extractor
-from lawa_diffusion.posthoc.average import search as hindsight
+from lawa_diffusion.posthoc import search as hindsight
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     pytest.importorskip("deepspeed")
-    from lawa_diffusion.cli.main import entry as cli
+    from lawa_diffusion.cli import entry as cli
 
     tmp = tmp_path_factory.mktemp("zero3")
     data = make_images(tmp / "data")

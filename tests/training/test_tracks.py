@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.config.train import TrainConfig
 from lawa_diffusion.maths import lag
 from lawa_diffusion.runs import folder as runfolder

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from lawa_diffusion.cli.main import entry as cli
+from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.config.train import TrainConfig, load_train_config
 from lawa_diffusion.engine.posthoc_snapshots import save_ema_snapshot
 from lawa_diffusion.evaluation.inception import stand_in_extractor
