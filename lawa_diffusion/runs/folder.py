@@ -28,6 +28,7 @@ from lawa_diffusion.config.tracks import BASE_TRACK, BASE_WINDOW
 from lawa_diffusion.utils.files import atomic_write_text, read_jsonl
 
 CONFIG_NAME = "config.yaml"
+PLUGIN_EVAL_NAME = "lawa_eval.yaml"  # what the launch plugin evaluated with (a script's run has no config.yaml)
 METRICS_NAME = "metrics.jsonl"
 SNAPSHOT_DIR = "ema_snapshots"
 REPORT_DIR = "report"
@@ -69,9 +70,23 @@ def report_dir(run_dirs: Sequence[str]) -> str:
 
 
 def read_config(run_dir: str) -> dict:
-    """The run's config.yaml as a mapping ({} when the folder has none)."""
-    path = config_path(run_dir)
-    return read_yaml(path) if os.path.isfile(path) else {}
+    """The run's config.yaml as a mapping; for a plugin run, its lawa_eval.yaml; {} when it has neither."""
+    for name in (CONFIG_NAME, PLUGIN_EVAL_NAME):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            return read_yaml(path)
+    return {}
+
+
+def write_plugin_eval(run_dir: str, eval_settings: dict, model_config: dict) -> str:
+    """Record the launch plugin's evaluation settings and the model's config (with ``_class_name``) in
+    RUN/lawa_eval.yaml, the ``eval`` and ``model`` sections after-training commands read; returns its path."""
+    import yaml
+
+    path = os.path.join(run_dir, PLUGIN_EVAL_NAME)
+    atomic_write_text(path, yaml.safe_dump({"eval": dict(eval_settings), "model": dict(model_config)},
+                                           sort_keys=True))
+    return path
 
 
 # ----------------------------------------------------------------------------- metrics rows
