@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.search import DEFAULT_SIGMA_RELS, _prepare, format_summary, run_hindsight
 from lawa_diffusion.runs import folder as runfolder
@@ -15,6 +16,7 @@ from lawa_diffusion.utils.output import is_main_process
 # ----------------------------------------------------------------------------- CLI
 def _cmd(args) -> int:
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
+    options.update(condition_options(args))
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
     main = is_main_process()
@@ -66,6 +68,7 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
     p.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    add_condition_options(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")
     p.add_argument("--overwrite", action="store_true", help="replace existing hindsight files")

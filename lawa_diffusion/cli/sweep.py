@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
 from lawa_diffusion.config.commands import PosthocConfig
 from lawa_diffusion.posthoc.sweep import format_sweep, run_sweep
 from lawa_diffusion.runs import folder as runfolder
@@ -9,6 +10,7 @@ from lawa_diffusion.runs import folder as runfolder
 
 def _cmd_sweep(args) -> int:
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
+    options.update(condition_options(args))
     summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
                         metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, track=args.track,
                         **options)
@@ -35,6 +37,7 @@ def register_cli(subparsers) -> None:
     s.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
     s.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
     s.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    add_condition_options(s)
     s.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     s.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/sweep)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder's sweep files")

@@ -150,7 +150,9 @@ def load_denoiser_folder(path: str | os.PathLike, *, device=None, dtype=None) ->
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         raise ValueError(f"denoiser folder {path!r} could not be loaded ({_first_line(e)}); pass a complete "
                          "save_pretrained folder") from None
-    return model.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+    dtype = resolve_dtype(dtype)  # diffusers warns about a dtype argument even when it is None
+    model = model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def _load_part(folder: str, name: str, library: str, class_name: str) -> Any:
@@ -572,8 +574,9 @@ class ConditionalSampler:
 
     def meta(self) -> dict:
         """What a result records about these samples (with the prompt set's fingerprint)."""
+        text = self.prompt_set.kind == "text"  # class labels are sampled without guidance
         return {"conditioning": self.prompt_set.kind, "prompts_sha256": self.prompt_set.fingerprint(),
-                "num_prompts": len(self.prompt_set), "guidance_scale": self.guidance_scale,
+                "num_prompts": len(self.prompt_set), "guidance_scale": self.guidance_scale if text else None,
                 "negative_prompt": self.negative_prompt,
                 "height": self.height, "width": self.width,
                 "scheduler": self.scheduler_name or type(self.parts.scheduler).__name__,

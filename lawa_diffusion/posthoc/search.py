@@ -285,7 +285,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         from lawa_diffusion.posthoc.run_evaluator import fid_evaluator
 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
-                                 command="posthoc", accelerator=accelerator, **eval_options)
+                                 command="posthoc", accelerator=accelerator, model=model, **eval_options)
     if main:
         os.makedirs(out_dir, exist_ok=True)
         rows = _kept_rows(files["jsonl"], append, chosen, [t for _, t in wanted] + [f"twin:{n}" for n in twins])
