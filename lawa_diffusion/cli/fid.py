@@ -13,9 +13,16 @@ import os
 import warnings
 from typing import Optional
 
+from lawa_diffusion.cli.renamed import add_old_spelling
 from lawa_diffusion.config.base import check
 from lawa_diffusion.config.fid import FIDConfig
 from lawa_diffusion.evaluation import fid
+from lawa_diffusion.evaluation.conditional import (
+    DEFAULT_RESIZE_MODE,
+    conditioning_kind,
+    prompt_set_reference_stats,
+)
+from lawa_diffusion.evaluation.conditional_evaluator import conditional_evaluation, conditions_of, denoiser_template
 from lawa_diffusion.evaluation.fid import (
     ReferenceStats,
     SmallSampleWarning,
@@ -23,12 +30,6 @@ from lawa_diffusion.evaluation.fid import (
     reference_stats,
     warn_if_few,
 )
-from lawa_diffusion.evaluation.conditional import (
-    DEFAULT_RESIZE_MODE,
-    conditioning_kind,
-    prompt_set_reference_stats,
-)
-from lawa_diffusion.evaluation.conditional_evaluator import conditional_evaluation, conditions_of, denoiser_template
 from lawa_diffusion.evaluation.inception import Extractor, load_extractor
 from lawa_diffusion.evaluation.model_folders import (
     _D,
@@ -286,8 +287,9 @@ def register_cli(subparsers) -> None:
                    help=f"images generated from a model (default {_D.num_samples}; with --prompts: one per prompt)")
     p.add_argument("--scheduler", choices=tuple(SCHEDULER_CLASSES), default=None,
                    help=f"sampler (default {_D.scheduler}; a pipeline's own scheduler for conditional pipelines)")
-    p.add_argument("--steps", "--num-inference-steps", dest="steps", type=int, default=_D.num_inference_steps,
-                   help="sampler steps")
+    p.add_argument("--num-inference-steps", dest="steps", type=int, default=_D.num_inference_steps,
+                   help="sampler steps per image")
+    add_old_spelling(p, "--steps", "--num-inference-steps", "steps", type=int)
     p.add_argument("--eta", type=float, default=_D.eta, help="DDIM eta (0: deterministic)")
     p.add_argument("--seed", type=int, default=_D.seed, help="base seed of the sampling noise")
     p.add_argument("--kid", action=argparse.BooleanOptionalAction, default=_D.kid, help="also compute KID")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from lawa_diffusion.cli.renamed import add_old_spelling
 from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.search import DEFAULT_SIGMA_RELS, _prepare, format_summary, run_hindsight
@@ -58,7 +59,8 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("--twin", action="append", default=[],
                    help="an online EMA track (repeatable): at steps with a checkpoint, score its checkpointed weights "
                         "and its synthesis, with the residual and weight-space error between them")
-    p.add_argument("--steps", default="eval", help="eval (metrics.jsonl's steps with snapshots), final, or a comma list")
+    p.add_argument("--steps", default="eval", help="training steps to score: eval (metrics.jsonl's steps with snapshots), final, "
+                                                 "or a comma list")
     p.add_argument("--tracks", default=None, help="comma-separated tracks whose snapshots may be used (default: all)")
     p.add_argument("--max-residual", type=float, default=synthesis.DEFAULT_MAX_RESIDUAL,
                    help="targets with a larger relative profile residual are listed as refused, not scored "
@@ -67,7 +69,9 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="images per average (default: the run's)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
-    p.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    p.add_argument("--inception-weights", dest="weights", default=None,
+                   help="Inception weights file (default: the run's / the resolved ones)")
+    add_old_spelling(p, "--weights", "--inception-weights", "weights")
     add_condition_options(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")

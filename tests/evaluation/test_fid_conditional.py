@@ -58,7 +58,7 @@ def test_subfolder_with_captioned_prompts_equals_torch_fidelity(pipe, tmp_path, 
 
     captioned = write_caption_folder(tmp_path / "captioned", CAPTIONS)
     result, err = run_json(capsys, ["fid", pipe, "--subfolder", "unet_lawa", "--prompts", captioned,
-                                    "--num-reference", "6", "--steps", "2", "--no-kid"])
+                                    "--num-reference", "6", "--num-inference-steps", "2", "--no-kid"])
     assert "warning: FID from 6 < 2048" in err  # one image per held-out prompt by default
     # the same images, made by the evaluator from hand-built parts, and the held-out photos read with PIL
     parts = conditional.ConditionalPipelineParts.from_pretrained(pipe, device="cpu")
@@ -76,7 +76,7 @@ def test_subfolder_with_captioned_prompts_equals_torch_fidelity(pipe, tmp_path, 
     assert result["prompts_sha256"] == prompts.prompts_from_image_folder(captioned, num_reference=6).fingerprint()
     assert result["reference"] == f"reference of {captioned}" and "kid_mean" not in result
     # the pipeline's own unet is another model: another FID on the same noise
-    own, _ = run_json(capsys, ["fid", pipe, "--prompts", captioned, "--num-reference", "6", "--steps", "2", "--no-kid"])
+    own, _ = run_json(capsys, ["fid", pipe, "--prompts", captioned, "--num-reference", "6", "--num-inference-steps", "2", "--no-kid"])
     assert own["fid"] != result["fid"] and own["reference_key"] == result["reference_key"]
 
 
@@ -98,7 +98,7 @@ def test_text_file_prompts_with_options_equal_the_evaluator_called_directly(pipe
     assert (result["guidance_scale"], result["seed"], result["num_prompts"]) == (3.0, 2, 3)
     assert result["prompts_sha256"] == ps.fingerprint() == expected["prompts_sha256"]
     again, _ = run_json(capsys, ["fid", pipe, "--subfolder", "unet_lawa", "--prompts", str(prompt_file), "--reference",
-                                 reference, "--num-samples", "5", "--steps", "2", "--guidance-scale", "1", "--seed", "2",
+                                 reference, "--num-samples", "5", "--num-inference-steps", "2", "--guidance-scale", "1", "--seed", "2",
                                  "--no-kid"])
     assert again["guidance_scale"] == 1.0 and again["fid"] != result["fid"]  # no guidance: other images
 
@@ -111,7 +111,7 @@ def test_class_conditional_unet_folder_with_all_labels(tmp_path, capsys, _stand_
     DDIMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")  # found beside the model
     reference = write_pngs(tmp_path / "ref", 6, size=8)
     result, _ = run_json(capsys, ["fid", str(folder), "--class-labels", "all", "--reference", reference,
-                                  "--num-samples", "6", "--steps", "2"])
+                                  "--num-samples", "6", "--num-inference-steps", "2"])
     parts = conditional.ConditionalPipelineParts(unet=UNet2DModel.from_pretrained(folder).eval(),
                                                  scheduler=DDIMScheduler(num_train_timesteps=100))
     with warnings.catch_warnings():
@@ -123,7 +123,7 @@ def test_class_conditional_unet_folder_with_all_labels(tmp_path, capsys, _stand_
     assert relative_error(result["kid_mean"], expected["kid_mean"]) <= 1e-9
     assert result["conditioning"] == "class" and result["num_prompts"] == 3 and result["guidance_scale"] is None
     some, _ = run_json(capsys, ["fid", str(folder), "--class-labels", "0,2", "--reference", reference,
-                                "--num-samples", "6", "--steps", "2"])
+                                "--num-samples", "6", "--num-inference-steps", "2"])
     assert some["num_prompts"] == 2 and some["fid"] != result["fid"]
 
 
@@ -139,7 +139,7 @@ def test_ref_stats_of_a_prompt_set_is_the_entry_fid_reads(pipe, tmp_path, capsys
     features = fid.extract_features(held, _stand_in, progress=False).double()
     stats = fid.ReferenceStats.load(out)
     np.testing.assert_allclose(stats.mu, features.mean(0).numpy(), rtol=1e-6, atol=1e-9)
-    result, _ = run_json(capsys, ["fid", pipe, "--prompts", captioned, "--num-reference", "4", "--steps", "2"])
+    result, _ = run_json(capsys, ["fid", pipe, "--prompts", captioned, "--num-reference", "4", "--num-inference-steps", "2"])
     assert result["reference_key"] == info["key"]  # fid found the statistics ref-stats cached
 
 
