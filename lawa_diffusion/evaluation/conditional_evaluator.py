@@ -45,9 +45,8 @@ ALL_LABELS = "all"
 def denoiser_template(folder: str | os.PathLike) -> nn.Module:
     """The model of a save_pretrained folder built on the meta device (its config only, no weights read): what
     it is conditioned on can be told before anything heavy is loaded."""
-    from accelerate import init_empty_weights
-
     import diffusers
+    from accelerate import init_empty_weights
 
     folder = os.fspath(folder)
     config_path = os.path.join(folder, "config.json")

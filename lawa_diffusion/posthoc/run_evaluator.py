@@ -16,6 +16,7 @@ from typing import Optional
 from lawa_diffusion.config.base import check
 from lawa_diffusion.runs import folder as runfolder
 
+
 def _noise_scheduler_config(config: dict) -> Optional[dict]:
     """The training noise scheduler's config (DDPMScheduler from the run's ``noise`` section), as the
     trainer hands it to its evaluations; None when the run config has no such section."""
