@@ -111,7 +111,9 @@ TRAIN_SECTIONS = {"data": DataConfig, "noise": NoiseConfig, "optim": OptimConfig
 class TrainConfig:
     """``lawa-diffusion train``: a diffusers UNet2DModel trained with EMA and LAWA over it.
 
-    model: UNet2DModel keyword arguments (the whole mapping; diffusers' defaults fill what is left out).
+    model: UNet2DModel keyword arguments (the whole mapping; diffusers' defaults fill what is left out);
+        ``num_class_embeds: N`` makes it class-conditional: it trains on the dataset's class labels (Fashion-MNIST)
+        and is evaluated on ``eval.class_labels``.
     max_train_steps: optimizer steps; train_batch_size: images per process per micro-step.
     gradient_accumulation_steps / mixed_precision ("no", "fp16", "bf16"): passed to accelerate.
     checkpointing_steps: save_state every N steps (0: only at the end); checkpoints_total_limit: keep

@@ -3,8 +3,9 @@
 One file per (track, step), the format ``tracking.save_ema_snapshot`` writes:
 
     OUT/ema_snapshots/<track>/step-<step:09d>.safetensors   (OUT/ema_snapshots/ itself for the track "ema")
-    tensors: the model's parameter names, in ``dtype``; metadata: "step", "track", "model_config" (JSON)
-    and "track_def" (JSON: the track's ``lag.EMATrack.to_dict()``, so its exact profile is known)
+    tensors: the model's parameter names, in ``dtype``; metadata: "step", "track", "model_config" (JSON, with
+    the model's ``_class_name``) and "track_def" (JSON: the track's ``lag.EMATrack.to_dict()``, so its exact
+    profile is known)
 
 ``PosthocSnapshots`` keeps power-function EMAs (EDM2, ``PowerEMAModel``) beside a model, and/or stores
 EMAs the caller keeps: ``update(parameters)`` after each optimizer step steps its own EMAs and stores
@@ -62,10 +63,16 @@ def track_def(ema: Any) -> dict:
     return lag.EMATrack.from_settings(ema).to_dict()
 
 
-def plain_config(config: Any) -> dict:
-    """A model config (diffusers ``FrozenDict``) as JSON-ready data, without its private ``_`` keys."""
-    return json.loads(json.dumps({k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")},
-                                 default=list))
+def plain_config(config: Any, model_cls: Any = None) -> dict:
+    """A model config (diffusers ``FrozenDict``) as JSON-ready data, without its private ``_`` keys but for
+    ``_class_name``: the model's class (``model_cls``'s name when given, else the config's own), which tells
+    after-training commands what to build (a config without it is read as a UNet2DModel's)."""
+    items = dict(config or {})
+    plain = json.loads(json.dumps({k: v for k, v in items.items() if not str(k).startswith("_")}, default=list))
+    name = getattr(model_cls, "__name__", None) or items.get("_class_name")
+    if name:
+        plain["_class_name"] = str(name)
+    return plain
 
 
 def parameter_names(model_cls: Any, model_config: Any) -> List[str]:
@@ -125,7 +132,7 @@ class PosthocSnapshots:
             names = list(names)
         check(len(names) == len(parameters),
               f"PosthocSnapshots got {len(names)} parameter names for {len(parameters)} parameters")
-        self.names, self.model_config = names, plain_config(model_config)
+        self.names, self.model_config = names, plain_config(model_config, model_cls)
         self.emas: Dict[str, Any] = dict(emas or {})
         if sigma_rels is None and not gammas and not emas:
             sigma_rels = DEFAULT_SIGMA_RELS

@@ -113,7 +113,8 @@ def _skip_messages() -> _SkipMessages:
 
 
 class TrainForward:
-    """The training forward ``unet(noisy, t, return_dict=False)[0]``; compiled (CUDA graphs) on the fast path.
+    """The training forward ``unet(noisy, t, return_dict=False, **conditions)[0]``; compiled (CUDA graphs) on the
+    fast path.
 
     The compiled module shares its parameters with ``unet``: evaluation, EMA and checkpoints keep using
     ``unet`` itself. If compiling fails, or one of the first ``GUARDED_CALLS`` compiled steps (compile and
@@ -145,12 +146,13 @@ class TrainForward:
              "training on the plain path")
         self.compiled, self.fell_back = None, reason
 
-    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        """The prediction for ``noisy`` at ``timesteps``; ``conditions``: the UNet's other inputs (class_labels)."""
         if self.compiled is None:
-            return self.unet(noisy, timesteps, return_dict=False)[0]
+            return self.unet(noisy, timesteps, return_dict=False, **conditions)[0]
         if self.mode == COMPILE_MODE:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-        return self.compiled(noisy, timesteps, return_dict=False)[0]
+        return self.compiled(noisy, timesteps, return_dict=False, **conditions)[0]
 
     def run(self, forward_backward: Callable[[], Any], reset: Callable[[], None]) -> Any:
         """``forward_backward()`` (which calls this object); if it fails in one of the first ``GUARDED_CALLS``
