@@ -20,6 +20,7 @@ from lawa_diffusion.config.base import check
 from lawa_diffusion.config.fid import FIDConfig
 from lawa_diffusion.evaluation import fid
 from lawa_diffusion.evaluation.conditional import (
+    CLI_OPTIONS,
     DEFAULT_RESIZE_MODE,
     ConditionalPipelineParts,
     ConditionalSampler,
@@ -62,7 +63,8 @@ def denoiser_template(folder: str | os.PathLike) -> nn.Module:
         return cls.from_config(config)
 
 
-def conditions_of(cfg: FIDConfig, unet: Optional[nn.Module] = None, where: str = "the model") -> Optional[PromptSet]:
+def conditions_of(cfg: FIDConfig, unet: Optional[nn.Module] = None, where: str = "the model",
+                  options: Mapping[str, str] = CLI_OPTIONS) -> Optional[PromptSet]:
     """The prompt set of ``cfg`` (``prompts`` with ``num_reference`` / ``caption_column``, or ``class_labels``
     of ``unet``'s classes), None when it names neither; checked against what ``unet`` is conditioned on when
     given (one sentence naming the option to add or drop)."""
@@ -70,17 +72,17 @@ def conditions_of(cfg: FIDConfig, unet: Optional[nn.Module] = None, where: str =
         prompt_set = load_prompt_set(cfg.prompts, num_reference=cfg.num_reference, caption_column=cfg.caption_column)
     elif cfg.class_labels is not None:
         check(unet is not None, "class labels are read against the model's classes; pass the model (unet=)")
-        check(conditioning_kind(unet) == "class", conditioning_message(unet, where))
+        check(conditioning_kind(unet) == "class", conditioning_message(unet, where, options))
         num = getattr(_unwrapped(unet).config, "num_class_embeds", None)
         labels = cfg.class_labels
         every = isinstance(labels, str) and labels.strip().lower() == ALL_LABELS
-        check(num is not None or not every, f"--class-labels all needs the number of classes, and {where} has no "
-              "num_class_embeds; pass the class numbers instead, e.g. --class-labels 0,1,2")
+        check(num is not None or not every, f"{options['class_labels']} all needs the number of classes, and {where} "
+              f"has no num_class_embeds; pass the class numbers instead, e.g. {options['class_labels']} 0,1,2")
         prompt_set = class_label_set(labels, num if num is not None else 2**31 - 1)
     else:
         prompt_set = None
     if unet is not None:
-        check_conditions(unet, prompt_set, where)
+        check_conditions(unet, prompt_set, where, options)
     return prompt_set
 
 

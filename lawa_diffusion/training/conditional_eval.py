@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
-from lawa_diffusion.config.base import check
 
 TRAINER_OPTIONS = {"prompts": "eval.prompts", "class_labels": "eval.class_labels"}
 
@@ -38,24 +37,11 @@ def text_prompt_set(prompts: Sequence[str], source: str):
 
 def prompt_set_of(e, unet, options: Mapping[str, str] = TRAINER_OPTIONS):
     """The conditions ``e`` (an ``FIDConfig``) names for ``unet`` (unwrapped): its prompts (a text file, a captioned
-    image folder or a saved dataset) or class labels; one sentence naming the option to set when none fit."""
-    from lawa_diffusion.evaluation import prompts
+    image folder or a saved dataset) or class labels; one sentence naming the option to set (``options``: as the
+    trainer's config or the plugin's flags name them) when none fit."""
+    from lawa_diffusion.evaluation.conditional_evaluator import conditions_of
 
-    kind = conditioning_kind(unet)
-    name = type(unet).__name__
-    if kind == "text":
-        check(e.prompts is not None, f"the model is a text-conditioned {name}; set {options['prompts']} to a text "
-              "file with one prompt per line or an image folder with metadata.jsonl captions")
-        return prompts.load_prompt_set(e.prompts, num_reference=e.num_reference, caption_column=e.caption_column)
-    if kind == "class":
-        num = getattr(unet.config, "num_class_embeds", None)
-        check(e.class_labels is not None, f"the model is a class-conditional {name} (num_class_embeds {num}); set "
-              f"{options['class_labels']} to all or a comma list of class numbers")
-        check(isinstance(num, int), f"the class-conditional {name} has no num_class_embeds; FID sampling needs the "
-              "number of classes")
-        return prompts.class_label_set(e.class_labels, num, option=options["class_labels"])
-    given = options["prompts"] if e.prompts is not None else options["class_labels"]
-    raise ValueError(f"the model is an unconditional {name}; drop {given}")
+    return conditions_of(e, unet, "the model", options)
 
 
 class ConditionalEval:
