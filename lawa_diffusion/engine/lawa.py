@@ -24,6 +24,7 @@ from lawa_diffusion.maths.averaging import (
     foreach_copy,
     nonfinite_flag,
 )
+from lawa_diffusion.maths.lag import first_snapshot
 from lawa_diffusion.utils.files import atomic_dir
 from lawa_diffusion.utils.output import is_main_process, process_count, process_rank, warn
 
@@ -290,8 +291,9 @@ class LAWA:
     def _next_due_hint(self) -> int:
         c = self.config
         need = c.min_snapshots - self.num_snapshots
-        last = self._order[-1][0] if self._order else c.start_step - c.every_n_steps
-        return last + need * c.every_n_steps
+        if self._order:
+            return self._order[-1][0] + need * c.every_n_steps
+        return first_snapshot(c) + (need - 1) * c.every_n_steps  # never step 0: the EMA counts steps from 1
 
     def _exact_average(self) -> torch.Tensor:
         device = self._compute_device()

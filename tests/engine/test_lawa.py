@@ -514,3 +514,17 @@ def test_keep_average_over_disk_reads_no_file_in_step(tmp_path, monkeypatch):
     lawa.step(9)
     assert reads == ["mean_into"] and not torch.equal(lawa.average_flat(), first)
     lawa.close()
+
+
+@pytest.mark.parametrize("start, nu, min_snapshots, first", [(0, 10, 1, 10), (0, 10, 2, 20), (7, 10, 1, 7)])
+def test_no_snapshot_yet_names_the_step_that_will_have_one(start, nu, min_snapshots, first):
+    # the EMA counts steps from 1, so with start_step 0 the first snapshot is at ν, never at step 0
+    lawa = LAWA([torch.zeros(3)], LAWAConfig(k=3, every_n_steps=nu, start_step=start, min_snapshots=min_snapshots))
+    with pytest.raises(ValueError, match=f"holds 0 snapshot\\(s\\) .*train until step {first} "):
+        lawa.average_into([torch.zeros(3)])
+    assert first == lawa_first_due(start, nu) + (min_snapshots - 1) * nu
+
+
+def lawa_first_due(start: int, nu: int) -> int:
+    """Independent reference: the first step s >= 1 with s >= start and s ≡ start (mod ν)."""
+    return next(s for s in range(1, start + nu + 1) if s >= start and (s - start) % nu == 0)
