@@ -72,7 +72,8 @@ if [ "$TINY" = 1 ]; then
   BUDGET="${GPU_CHECK_BUDGET:-0}"
   ONE_SEED_RESERVE_S="${GPU_CHECK_ONE_SEED_RESERVE_S:-0}"
   # the CPU tests of the GPU-path modules (their CUDA tests are left out, not skipped)
-  DEFAULT_TESTS='-m "not cuda and not slow" tests/engine/test_rings.py tests/engine/test_collectives.py tests/engine/test_bench_lawa.py tests/training/test_fast_path.py'
+  DEFAULT_TESTS='-m "not cuda and not slow" tests/engine/test_rings.py tests/engine/test_collectives.py
+                 tests/engine/test_bench_lawa.py tests/training/test_fast_path.py'
   : "${T_PREFLIGHT:=120}" "${T_PLAN:=120}" "${T_TESTS:=600}" "${T_BENCH_LAWA:=300}" "${T_REF_STATS:=300}" \
     "${T_ONE_SEED:=600}" "${T_BENCH_FID:=300}" "${T_BENCH_EVAL:=600}" "${T_SEEDS:=900}" "${T_REPORT:=300}"
   # bench_lawa's size flags (the one line to adjust when its flags change)

@@ -201,7 +201,7 @@ class PosthocSnapshots:
         free = self._free.setdefault((name, dtype), queue.Queue())
         if free.empty() and self._made.get((name, dtype), 0) < BUFFERS_PER_TRACK:
             self._made[(name, dtype)] = self._made.get((name, dtype), 0) + 1
-            # one host buffer per track, pinned for its bytes under the source's GPU (rings.host_empty), viewed per tensor
+            # one host buffer per track, pinned under the source's GPU (rings.host_empty), viewed per tensor
             flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda, device=source[0].device)
             free.put([v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in source]), source)])
         buffers = free.get()  # waits only while earlier snapshots of this track are still being written

@@ -23,8 +23,8 @@ the window is deleted once its successor is safely on disk.
 
 Pinned rows are whole pages of anonymous memory registered with CUDA under the source's GPU
 (:func:`host_empty`): the bytes asked for, rounded up to a page, where torch's caching host allocator
-(``pin_memory=True``) would round each block up to a power of two; a forked child (a DataLoader worker) does
-not inherit them, and they are unregistered only after the copies that use them have run. Source tensors read on the side stream are marked with ``record_stream``, so the ring holds no
+(``pin_memory=True``) would round each block up to a power of two; a forked child (a DataLoader worker)
+does not inherit them, and they are unregistered only after the copies that use them have run. Source tensors read on the side stream are marked with ``record_stream``, so the ring holds no
 reference to them: a source that is replaced (``EMAModel.to``) is freed as soon as its copy has run.
 """
 from __future__ import annotations

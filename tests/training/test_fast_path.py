@@ -203,10 +203,12 @@ def test_under_ddp_a_failed_compiled_backward_falls_back_on_every_process_with_t
         assert list(seen) == ["none", "both", "rank1"], seen
         for name, got in seen.items():
             assert "error" not in got and len(got["diffs"]) == 3 and max(got["diffs"]) <= 1e-6, (rank, name, got)
-        assert seen["none"]["fell_back"] is None and seen["none"]["compiled_calls"] == 3 and not seen["none"]["warnings"]
+        none = seen["none"]
+        assert none["fell_back"] is None and none["compiled_calls"] == 3 and not none["warnings"]
         for name in ("both", "rank1"):
             assert seen[name]["fell_back"] is not None and len(seen[name]["warnings"]) == 1, (rank, name, seen[name])
-        assert "another process" in seen["rank1"]["fell_back"] if rank == 0 else "failed to compile" in seen["rank1"]["fell_back"]
+        why = "failed on another process" if rank == 0 else "failed to compile"  # only rank 1's own step failed
+        assert why in seen["rank1"]["fell_back"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the trainer would compile for real")
