@@ -28,7 +28,7 @@ import torch
 
 from lawa_diffusion.config.base import check
 from lawa_diffusion.config.tracks import POSTHOC_DTYPES
-from lawa_diffusion.engine.rings import host_empty
+from lawa_diffusion.engine.rings import host_empty, note_use
 from lawa_diffusion.maths import lag
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import BackgroundWriter, atomic_save_safetensors
@@ -208,8 +208,8 @@ class PosthocSnapshots:
         free = self._free.setdefault((name, dtype), queue.Queue())
         if free.empty() and self._made.get((name, dtype), 0) < BUFFERS_PER_TRACK:
             self._made[(name, dtype)] = self._made.get((name, dtype), 0) + 1
-            # one host buffer per track, pinned for exactly its bytes (storage.host_empty), viewed per tensor
-            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda)
+            # one host buffer per track, pinned under the source's GPU (rings.host_empty), viewed per tensor
+            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda, device=source[0].device)
             free.put([v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in source]), source)])
         buffers = free.get()  # waits only while earlier snapshots of this track are still being written
         for buffer, p in zip(buffers, source):
@@ -218,6 +218,7 @@ class PosthocSnapshots:
         if cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(source[0].device))
+            note_use(buffers[0], event)  # the pages are unpinned only after this copy has run
         path = runfolder.snapshot_path(self.output_dir, step, name)
         definition, names, config = self.definitions[name], self.names, self.model_config
 

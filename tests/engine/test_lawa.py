@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lawa_diffusion import LAWA, LAWAConfig
 from lawa_diffusion.maths.averaging import DTYPE_NAMES
-from tests.helpers import ROOT, SCRIPTS
+from tests.helpers import torchrun
 
 SHAPES = [(3, 4), (7,), (2, 2, 2)]
 
@@ -471,21 +471,11 @@ def test_streamed_mean_of_a_whole_empty_shard():
     assert streamed_mean(out, [lambda a, b: torch.empty(0)] * 3, 0, torch.float32) is out
 
 
-def _torchrun(script, nproc, *args, timeout=300):
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(SCRIPTS / script), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
 def test_sharded_nonfinite_decisions_are_the_same_on_every_process(tmp_path, on_nonfinite):
     """NaN in one process's shard only: both processes skip that snapshot (same window), or both raise."""
-    done = _torchrun("sharded_nonfinite.py", 2, "--output_dir", str(tmp_path), "--on_nonfinite", on_nonfinite)
+    done = torchrun("sharded_nonfinite.py", 2, "--output_dir", str(tmp_path), "--on_nonfinite", on_nonfinite)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     if on_nonfinite == "skip":
