@@ -172,15 +172,17 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "no 'lawa' evaluations" in one_line_error(capsys, ["report", only_ema])
 
 
-def test_foreign_report_json_needs_overwrite(tmp_path, capsys):
+def test_a_folder_report_did_not_write_is_never_written_into(tmp_path, capsys):
     good = _write_run(tmp_path / "good", {"ema": ([1, 2], [9.0, 5.0]), "lawa": ([1, 2], [8.0, 4.0])})
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text('{"mine": true}')
-    assert "--overwrite" in one_line_error(capsys, ["report", good, "-o", str(out)])
+    for extra in ([], ["--overwrite"]):
+        assert "not written by lawa-diffusion" in one_line_error(capsys, ["report", good, "-o", str(out), *extra])
     assert json.loads((out / "report.json").read_text()) == {"mine": True}
-    assert cli.main(["report", good, "-o", str(out), "--overwrite"]) == 0
-    assert cli.main(["report", good, "-o", str(out)]) == 0  # a previous report is simply refreshed
+    fresh = tmp_path / "fresh"
+    assert cli.main(["report", good, "-o", str(fresh)]) == 0
+    assert cli.main(["report", good, "-o", str(fresh)]) == 0  # a previous report is simply refreshed
 
 
 def test_summarize_single_run_has_no_interval(tmp_path):
