@@ -142,7 +142,7 @@ def os_error_line(error: OSError, script_args: Sequence[str]) -> str:
     path = os.path.realpath(os.path.abspath(error.filename)) if error.filename else ""
     root = os.path.realpath(os.path.abspath(output_dir))
     under = path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-    return describe(error, "the script's --output_dir" if under else None)
+    return describe(error, "--output_dir of the script" if under else None)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from lawa_diffusion import __version__
 from lawa_diffusion.cli import average, fid, hindsight, inception, patch, plan, report, sweep, synthesize, train
-from lawa_diffusion.utils.os_errors import describe
+from lawa_diffusion.utils.os_errors import describe, visible_path
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (inception, fid, train, plan, report, average, sweep, synthesize, hindsight, patch)
@@ -66,7 +66,7 @@ def option_of(path: Optional[str], given: Sequence[Tuple[str, str]]) -> Optional
     """The option whose path is ``path`` or the nearest folder above it (None: none of them)."""
     if not path:
         return None
-    real = os.path.realpath(os.path.abspath(path))
+    real = os.path.realpath(os.path.abspath(visible_path(path)))
     best, length = None, -1
     for option, value in given:
         root = os.path.realpath(os.path.abspath(value))

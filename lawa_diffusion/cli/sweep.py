@@ -9,8 +9,8 @@ from lawa_diffusion.utils.files import check_output_dir
 
 
 def _cmd_sweep(args) -> int:
-    check_output_dir(args.out or runfolder.sweep_dir(args.run_dir, args.track), "-o", args.overwrite, kind="sweep",
-                     protected=[args.run_dir])  # before any work
+    out = runfolder.sweep_dir(args.run_dir, args.track) if args.out is None else args.out
+    check_output_dir(out, "-o", args.overwrite, kind="sweep", protected=[args.run_dir])  # before any work
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
     summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
                         metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, track=args.track,

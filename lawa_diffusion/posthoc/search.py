@@ -66,7 +66,7 @@ def parse_sigma_rels(text: str, allow_large: bool = False) -> List[float]:
     _check_grid_size(text, len(values), allow_large)
     rounded = [float(f"{v:.4g}") for v in values]
     check(len(set(rounded)) == len(rounded),
-          f"--sigma-rel {text!r} gives {len(rounded)} values but only {len(set(rounded))} distinct ones at 4 "
+          f"--sigma-rel {text!r} gives {len(rounded)} values but only {len(set(rounded))} distinct one(s) at 4 "
           "significant digits (each would be scored again); widen the range, ask for fewer points or list each once")
     return rounded
 

@@ -607,8 +607,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: Optional[str] =
     check(len(run_dirs) >= 1, "report needs at least one RUN_DIR")
     runs = [load_run(p, metric) for p in run_dirs]
     summary = summarize(runs, metric, confidence)
-    out_dir = check_output_dir(out_dir or runfolder.report_dir([r.path for r in runs]), "-o", overwrite, kind="report",
-                               refresh=True, protected=[r.path for r in runs])
+    out_dir = runfolder.report_dir([r.path for r in runs]) if out_dir is None else out_dir
+    out_dir = check_output_dir(out_dir, "-o", overwrite, kind="report", refresh=True, protected=[r.path for r in runs])
     os.makedirs(out_dir, exist_ok=True)
     write_marker(out_dir, "report")
     png = os.path.join(out_dir, f"report-{metric}.png")

@@ -63,7 +63,10 @@ def read_header(path: str, fix: str = DEFAULT_FIX) -> Tuple[dict, dict, int]:
     with open(path, "rb") as f:
         head = f.read(8)
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        raw = f.read(length) if 0 < length <= min(size - 8, MAX_HEADER_BYTES) else b""
+        raw = f.read(length) if 0 < length <= MAX_HEADER_BYTES else b""
+    if len(raw) < length and raw.startswith(b"{"):  # a header cut short: the file ends inside it
+        raise DamagedFileError(f"{path!r} is truncated: it holds {size} bytes but its header alone takes {length + 8}; "
+                               f"{fix}")
     try:
         header = json.loads(raw.decode("utf-8")) if raw else None
     except ValueError:

@@ -199,6 +199,12 @@ def check_output_place(path: Optional[str | os.PathLike], option: str, protected
     full = _real(text)
     if full == os.sep:
         raise ValueError(f"{option} {text!r} is the root folder; pass the path of a new folder to write")
+    above = os.path.dirname(full)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(f"{option} {text!r} lies under {above!r}, which is a file; choose a path whose "
+                                 "parents are folders")
     for place, what in ((_real(os.getcwd()), "the current folder"), (_real("~"), "your home folder")):
         if _holds(full, place):
             held = what if full == place else f"a folder that holds {what} ({place})"
@@ -307,7 +313,7 @@ def check_output_file(path: Optional[str | os.PathLike], option: str, overwrite:
         return None
     text = os.fspath(path)
     if not text.strip():
-        raise ValueError(f"{option} is empty; pass the path of a file to write, e.g. {option} result.json")
+        raise ValueError(f"{option} is empty; pass the path of a file to write, or leave {option} out")
     full = os.path.abspath(text)
     if os.path.isdir(full):
         raise FileExistsError(f"{option} {text!r} is a folder; pass the path of a file to write inside it")

@@ -22,8 +22,10 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 def as_os_error(error: BaseException, path: Optional[str] = None) -> Optional[OSError]:
     """``error`` as an ``OSError`` with a file name (``path`` when it has none), or None when it is no I/O failure."""
     if isinstance(error, OSError):
-        if error.errno is not None and not error.filename and path:
-            named = type(error)(error.errno, error.strerror or os.strerror(error.errno), path)
+        name = error.filename if isinstance(error.filename, str) else None
+        shown = visible_path(name) if name else path  # the real target, never a hidden temp name
+        if error.errno is not None and shown and shown != name:
+            named = type(error)(error.errno, error.strerror or os.strerror(error.errno), shown)
             named.bytes_needed = getattr(error, "bytes_needed", None)
             return named
         return error
@@ -39,10 +41,10 @@ def as_os_error(error: BaseException, path: Optional[str] = None) -> Optional[OS
 
 
 def visible_path(path: str) -> str:
-    """The path a hidden temp file or folder of an atomic write stands for (``.name.x8y2k3lq.tmp`` -> ``name``)."""
-    folder, name = os.path.split(os.fspath(path))
-    match = _TEMP_NAME.match(name)
-    return os.path.join(folder, match.group("name")) if match else os.fspath(path)
+    """The path a hidden temp file or folder of an atomic write stands for: every part named like
+    ``.name.x8y2k3lq.tmp`` becomes ``name`` (``RUN/.checkpoint-4.tmp/unet_ema`` -> ``RUN/checkpoint-4/unet_ema``)."""
+    parts = os.fspath(path).split(os.sep)
+    return os.sep.join(m.group("name") if (m := _TEMP_NAME.match(part)) else part for part in parts)
 
 
 def free_bytes(path: str) -> int:
@@ -82,9 +84,9 @@ def describe(error: OSError, option: Optional[str] = None, fix: Optional[str] = 
             amounts.append(f"it needs about {size_text(needed)}")
         if free >= 0:
             amounts.append(f"{size_text(free)} are free there")
-        amount = f" ({' and '.join(amounts)})" if amounts else ""
+        amount = f": {' and '.join(amounts)}" if amounts else ""
         what = "no space is left" if code == errno.ENOSPC else "the disk quota is used up"
-        default = f"free space there or choose another {option or 'path'} on a disk with room"
+        default = f"free space there or use another {option or 'path'}"
         return f"{what} on the disk to write {where}{given}{amount}; {fix or default}"
     if code in (errno.EACCES, errno.EPERM):
         default = f"choose a folder you may write to{f' for {option}' if option else ''} or change its permissions"
@@ -98,6 +100,8 @@ def describe(error: OSError, option: Optional[str] = None, fix: Optional[str] = 
     if code == errno.EISDIR:
         return f"{where}{given} is a folder where a file was expected; {fix or 'pass the path of a file'}"
     if code == errno.ENOENT:
-        return f"{where}{given} does not exist; {fix or 'check the path'}"
+        return f"{where}{given} does not exist or cannot be made there; {fix or 'check the path'}"
+    if code == errno.EEXIST:
+        return f"{where}{given} already exists (perhaps as a file); {fix or 'choose another path'}"
     reason = error.strerror or str(error)
     return f"{reason} for {where}{given}; {fix or 'check that path and try again'}"
