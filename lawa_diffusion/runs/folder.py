@@ -158,6 +158,16 @@ def last_good_checkpoint_note(run_dir: str) -> str:
             "--resume latest")
 
 
+def verify_checkpoint(checkpoint: str) -> None:
+    """Before resuming from ``checkpoint`` (and before anything past it is removed): every safetensors file in it
+    has a readable header, its full size and, where it carries one, its checksum; one sentence otherwise."""
+    from lawa_diffusion.utils.checksums import verified_metadata
+
+    for path in sorted(glob.glob(os.path.join(glob.escape(checkpoint), "**", "*.safetensors"), recursive=True)):
+        verified_metadata(path, "resume from the checkpoint before this one (pass --resume with its path)",
+                          note_unchecked=False)
+
+
 def written_by_train(folder: str) -> bool:
     """Whether ``folder`` is a run folder written by ``lawa-diffusion train`` before run folders were marked: its
     config.yaml names it as its output_dir."""

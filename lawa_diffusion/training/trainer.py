@@ -358,6 +358,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     """
     run_dir = os.path.abspath(cfg.output_dir)
     checkpoint, step = resolve_resume(run_dir, resume, overwrite)
+    if checkpoint is not None:
+        runfolder.verify_checkpoint(checkpoint)  # before the steps past it are removed
     accelerator = make_accelerator(cfg, run_dir)
     started = time.time()
     p = build_parts(cfg, accelerator, run_dir, fid_weights)

@@ -89,7 +89,7 @@ def describe(error: OSError, option: Optional[str] = None, fix: Optional[str] = 
         default = f"free space there or use another {option or 'path'}"
         return f"{what} on the disk to write {where}{given}{amount}; {fix or default}"
     if code in (errno.EACCES, errno.EPERM):
-        default = f"choose a folder you may write to{f' for {option}' if option else ''} or change its permissions"
+        default = f"change its permissions or use another {option or 'path'}"
         return f"permission denied for {where}{given}; {fix or default}"
     target = option or "it"
     if code == errno.EROFS:

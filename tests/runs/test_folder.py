@@ -50,3 +50,19 @@ def test_rows_without_an_integer_step_are_left_out_with_their_line(tmp_path):
         f"{path}: line 3 has step None, not an integer; the row is left out"]
     runfolder.truncate_metrics(str(path), 3)  # rows it cannot place are kept, not dropped
     assert path.read_text().count("\n") == 3 and '"four"' in path.read_text() and os.path.isfile(path)
+
+
+def test_a_checkpoint_is_verified_before_a_resume(tmp_path):
+    import torch
+
+    from lawa_diffusion.utils.checksums import DamagedFileError
+    from lawa_diffusion.utils.files import atomic_save_safetensors
+
+    checkpoint = tmp_path / "checkpoint-4"
+    atomic_save_safetensors(checkpoint / "lawa_state_lawa.safetensors", {"snapshots": torch.ones(3, 5)})
+    atomic_save_safetensors(checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors", {"w": torch.ones(4)})
+    runfolder.verify_checkpoint(str(checkpoint))
+    path = checkpoint / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(DamagedFileError, match="diffusion_pytorch_model.safetensors' is truncated.*before this one"):
+        runfolder.verify_checkpoint(str(checkpoint))

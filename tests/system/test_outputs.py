@@ -265,3 +265,16 @@ def test_a_store_that_will_store_nothing_is_said_by_the_trainer_and_the_plugin(t
     assert not os.path.isdir(tmp_path / "run" / "ema_snapshots")  # what it said: nothing was stored
     with pytest.warns(UserWarning, match="--lawa_posthoc_every_n_steps 20 stores no snapshot"):
         PosthocBeside(LaunchConfig(posthoc_every_n_steps=20), ["--max_train_steps", "8", "--output_dir", "x"])
+
+
+def test_resuming_from_a_damaged_checkpoint_removes_nothing(tmp_path, capsys, cli_train, one_thread):
+    run = tmp_path / "run"
+    config = _train_config(tmp_path, run)
+    assert cli.main(["train", "--config", config]) == 0
+    capsys.readouterr()
+    state = run / "checkpoint-2" / "lawa_state_lawa.safetensors"
+    _flip(state, os.path.getsize(state) - 5)
+    before = tree_digest(run)
+    err = failed_line(capsys, ["train", "--config", config, "--resume", str(run / "checkpoint-2")], progress=True)
+    assert f"'{state}' does not match the checksum" in err and "resume from the checkpoint before this one" in err
+    assert tree_digest(run) == before  # checkpoint-4, its metrics and snapshots are all still there
