@@ -234,7 +234,7 @@ def _prepare(out_dir: str, overwrite: bool, append: bool = False, check_existing
     """The output files; refuses existing ones without ``overwrite`` / ``append`` (checked by the process that
     writes them: ``check_existing``)."""
     if check_existing:
-        check_output_dir(out_dir, "posthoc -o", overwrite or append, kind="hindsight", refresh=True)
+        check_output_dir(out_dir, "-o", overwrite or append, kind="hindsight", refresh=True)
     files = {"jsonl": os.path.join(out_dir, JSONL_NAME), "json": os.path.join(out_dir, JSON_NAME),
              "png": os.path.join(out_dir, "hindsight-fid.png")}
     existing = [p for p in files.values() if os.path.exists(p)] if check_existing else []
