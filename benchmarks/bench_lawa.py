@@ -22,8 +22,10 @@ Prints one JSON object per line:
       (it allocates and pins the rows).
   {"bench": "train_step_overhead", "ratio": r, "host_mb_added": h, "device_mb_added": d, ...}
       training steps with ``LAWAEMAModel`` (k=5, storage "cpu", bfloat16 snapshots) ÷ the same steps with
-      diffusers' ``EMAModel.step``, alternating on the same model (order swapped every pair); each repeat
-      covers ν steps of each (one snapshot), ratio = median over repeats (target <= 1.01). On CUDA the
+      diffusers' ``EMAModel.step``, on the same model: each repeat times a block of ν EMA-only steps and a
+      block of ν LAWA steps (order swapped every repeat), each block with one synchronisation at its end, so
+      that the snapshot (the block's first step) overlaps its copy with the steps after it as in training;
+      ratio = median over repeats (target <= 1.01). On CUDA the
       model is an SD-1.5-size ``UNet2DConditionModel`` (~860M parameters, random init, bf16 autocast);
       on the CPU a tiny ``UNet2DModel``. Memory added = after k snapshots minus before the first.
 
@@ -257,8 +259,10 @@ def one_step(unet, forward, opt, ema, device, lawa_step: int) -> None:
 
 
 def bench_train_step(device, args) -> None:
-    """EMA+LAWA vs EMA-only steps alternating (order swapped every pair) on the same model, optimizer
-    and EMA, so both see the same memory and caches."""
+    """EMA+LAWA vs EMA-only blocks of ν steps, alternating (order swapped every repeat) on the same model,
+    optimizer and EMA, so both see the same memory and caches. A block is timed with one synchronisation at
+    its end: a synchronisation per step would keep the snapshot's side-stream copy from overlapping the steps
+    that follow it, and overstate its cost."""
     from lawa_diffusion import LAWAEMAModel
 
     unet, forward = unet_and_batch(device, args.train_batch, args.tiny)
@@ -274,13 +278,18 @@ def bench_train_step(device, args) -> None:
     host0, dev0 = host_rss(), torch.cuda.memory_allocated(device) if cuda else 0
     one_step(unet, forward, opt, ema, device, every)  # the first snapshot allocates the ring: not timed
     ratios, totals, lawa_steps = [], {"ema": [], "lawa": []}, every
-    for _ in range(args.train_repeats):
-        spent = {"ema": 0.0, "lawa": 0.0}
-        for i in range(every):  # ν LAWA steps: one snapshot per repeat
-            for name in (("ema", "lawa") if i % 2 == 0 else ("lawa", "ema")):
-                lawa_steps += name == "lawa"
-                step = lawa_steps if name == "lawa" else 0
-                spent[name] += timed(lambda: one_step(unet, forward, opt, ema, device, step), device)
+
+    def block(first_lawa_step: int) -> None:  # ν steps; LAWA's count from a due step (0: EMA only)
+        for i in range(every):
+            one_step(unet, forward, opt, ema, device, first_lawa_step + i if first_lawa_step else 0)
+
+    for r in range(args.train_repeats):
+        spent = {}
+        for name in (("ema", "lawa") if r % 2 == 0 else ("lawa", "ema")):
+            first = 0
+            if name == "lawa":
+                first = lawa_steps = lawa_steps + every  # due: the block starts with its snapshot
+            spent[name] = timed(lambda: block(first), device)
         ratios.append(spent["lawa"] / spent["ema"])
         for name in spent:
             totals[name].append(spent[name])

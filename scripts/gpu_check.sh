@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
 # The check on a CUDA machine, one call per part, each part inside a time budget (GPU_CHECK_BUDGET seconds,
 # default 400: one device call of under 7 minutes with the payload's unpacking, so that a rerun still fits
-# the lease). Every step runs under its own time limit, its whole output goes to $OUT/logs/<step>.log, its
-# exit code and seconds are collected, and the script ends with a summary table (step, exit, seconds,
-# limit) and exits non-zero when any step failed (a step cut off by its limit exits 124).
+# the lease).
 #
-#   bash scripts/gpu_check.sh                        # GPU_CHECK_PART=figures, in this order (most valuable first):
-#       device    versions and device name
-#       plan      the lag plan of configs/fashion_mnist_gpu.yaml
-#       tests     the tests marked cuda (pytest -m cuda tests)
-#       bench_lawa   snapshot / average rows against their copy bounds, training-step overhead
-#       ref_stats    the reference statistics the runs use (cached)
-#       one_seed     configs/fashion_mnist_gpu.yaml, one seed alone: its evaluation lines, step rate, wall time
-#       bench_fid    FID/KID maths on the device vs torch-fidelity on the CPU
-#       bench_eval   trainer steps/s with the fast path off and on
+# It starts with a preflight (scripts/gpu_preflight.py: CUDA really runs, every import, Fashion-MNIST, the
+# Inception weights) and stops there, with one line, when anything is missing. Then every step runs under its
+# own time limit and ends with one of three statuses:
+#   passed   exit 0 (the tests step: and no test skipped: a CUDA test that skips checks nothing)
+#   failed   a non-zero exit, or a step that ran past its OWN limit (a hang, or far slower than measured)
+#   cut      the budget cut its limit and it ran out, or too little budget was left to start it
+# and the verdict is "passed" (exit 0) only when every step that was to run passed; "failed" (exit 1) when
+# any failed; else "incomplete" (exit 3) when any was cut: rerun those with GPU_CHECK_STEPS in another call.
+#
+#   bash scripts/gpu_check.sh                        # GPU_CHECK_PART=figures, in this order:
+#       preflight  device, versions, imports, data, weights (always runs, whatever GPU_CHECK_STEPS says)
+#       tests      the tests marked cuda (pytest -m cuda tests)
+#       plan       the lag plan of configs/fashion_mnist_gpu.yaml
+#       ref_stats  the reference statistics the runs use (cached)
+#       one_seed   configs/fashion_mnist_gpu.yaml, one seed alone: its evaluation lines, step rate, wall time
+#       bench_lawa snapshot / average rows against their copy bounds, training-step overhead
+#       bench_fid  FID/KID maths on the device vs torch-fidelity on the CPU
+#       bench_eval trainer steps/s with the fast path off and on
+#     The steps before one_seed leave it GPU_CHECK_ONE_SEED_RESERVE_S of the budget (default 240: one seed alone
+#     took 207 s on an H200), so that the training run is not starved by them; the long benches come after it.
 #   GPU_CHECK_PART=seeds bash scripts/gpu_check.sh   # three seeds of the same config at once, and their report
 #   GPU_CHECK_PART=paper bash scripts/gpu_check.sh   # configs/paper_regime_gpu.yaml: plan, three seeds at
 #       once and their report
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh       # any part end to end on the CPU with tiny sizes (no budget)
 #
+# Output in $OUT: summary.txt (the figures, the table of steps and the verdict; also printed at the end) and
+# gpu_check.tar.gz (every step's log, the script's own log, steps.tsv, the tests' junit XML and the runs'
+# small files). While the script runs (or if it is killed) the loose logs are in $OUT/logs/.
+#
 # Environment:
-#   OUT                 where logs, the summary, figures.txt and runs.tar.gz go (default ./gpu_out)
+#   OUT                 output folder (default ./gpu_out)
 #   GPU_CHECK_BUDGET    seconds for the whole part (0: none). Each step's limit is cut to what is left; a step
-#                       that would start with less than GPU_CHECK_MIN_STEP_S (default 20) left is skipped and
-#                       listed as skipped. Measured on an H200 (see the GPU notes): one seed alone 207 s.
-#   GPU_CHECK_STEPS     comma list: run only these steps (e.g. ref_stats,one_seed to redo a cut-off run)
+#                       that would start with less than GPU_CHECK_MIN_STEP_S (default 20) left is not started
+#                       (cut). The preflight is not counted against it.
+#   GPU_CHECK_STEPS     comma list: run only these steps (e.g. ref_stats,one_seed to redo cut steps)
+#   GPU_CHECK_TESTS     the tests step's pytest arguments (default: -m cuda tests; tiny: the CPU tests of the
+#                       GPU-path modules)
 #   GPU_CHECK_FAIL      comma list of steps given an argument their command rejects (checks that a failing
 #                       step fails the script: tests/system/test_gpu_check.py)
-#   T_<STEP>            one step's limit in seconds (T_DEVICE, T_PLAN, T_TESTS, T_BENCH_LAWA, T_REF_STATS,
-#                       T_ONE_SEED, T_BENCH_FID, T_BENCH_EVAL, T_SEEDS (each of the three), T_REPORT)
-# Expects: diffusers/torch-fidelity importable, Fashion-MNIST in $LAWA_DATA (or the Debian package's
-# folder), Inception weights via $LAWA_INCEPTION_WEIGHTS (or `lawa-diffusion inception fetch` done before).
+#   T_<STEP>            one step's limit in seconds (T_PREFLIGHT, T_TESTS, T_PLAN, T_REF_STATS, T_ONE_SEED,
+#                       T_BENCH_LAWA, T_BENCH_FID, T_BENCH_EVAL, T_SEEDS (each of the three), T_REPORT)
+# Expects: $LAWA_DATA (or the Debian package's folder) with Fashion-MNIST, $LAWA_INCEPTION_WEIGHTS (or
+# `lawa-diffusion inception fetch` done before), diffusers and torch-fidelity importable (the preflight says).
 set -euo pipefail
 OUT="${OUT:-gpu_out}"
 LOGS="$OUT/logs"
-mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD"
 export LAWA_CACHE_DIR="${LAWA_CACHE_DIR:-/tmp/lawa-cache}"
 RUNS="${RUNS:-/tmp/lawa-gpu-runs}"
@@ -56,8 +70,11 @@ if [ "$TINY" = 1 ]; then
   DEVICE=cpu
   export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   BUDGET="${GPU_CHECK_BUDGET:-0}"
-  TESTS=(tests/training/test_fast_path.py tests/engine/test_cuda.py)  # the CUDA ones skip; the fast path's CPU tests run
-  : "${T_DEVICE:=120}" "${T_PLAN:=120}" "${T_TESTS:=600}" "${T_BENCH_LAWA:=300}" "${T_REF_STATS:=300}" \
+  ONE_SEED_RESERVE_S="${GPU_CHECK_ONE_SEED_RESERVE_S:-0}"
+  # the CPU tests of the GPU-path modules (their CUDA tests are left out, not skipped)
+  DEFAULT_TESTS='-m "not cuda and not slow" tests/engine/test_rings.py tests/engine/test_collectives.py
+                 tests/engine/test_bench_lawa.py tests/training/test_fast_path.py'
+  : "${T_PREFLIGHT:=120}" "${T_PLAN:=120}" "${T_TESTS:=600}" "${T_BENCH_LAWA:=300}" "${T_REF_STATS:=300}" \
     "${T_ONE_SEED:=600}" "${T_BENCH_FID:=300}" "${T_BENCH_EVAL:=600}" "${T_SEEDS:=900}" "${T_REPORT:=300}"
   # bench_lawa's size flags (the one line to adjust when its flags change)
   LAWA_ARGS=(--numel 2000000 --repeats 3 --train_repeats 1 --train_every 5)
@@ -80,10 +97,11 @@ if [ "$TINY" = 1 ]; then
 else
   DEVICE=cuda
   BUDGET="${GPU_CHECK_BUDGET:-400}"
-  TESTS=(-m cuda tests)
+  ONE_SEED_RESERVE_S="${GPU_CHECK_ONE_SEED_RESERVE_S:-240}"
+  DEFAULT_TESTS='-m cuda tests'
   # Limits with room over what was measured on an H200 (one seed alone: 207 s; CUDA tests ~30 s before the
   # compiled-trainer checks; three seeds at once had not finished in 340 s); the budget cuts them further.
-  : "${T_DEVICE:=60}" "${T_PLAN:=60}" "${T_TESTS:=180}" "${T_BENCH_LAWA:=150}" "${T_REF_STATS:=90}" \
+  : "${T_PREFLIGHT:=90}" "${T_PLAN:=60}" "${T_TESTS:=180}" "${T_BENCH_LAWA:=150}" "${T_REF_STATS:=90}" \
     "${T_ONE_SEED:=330}" "${T_BENCH_FID:=60}" "${T_BENCH_EVAL:=150}" "${T_SEEDS:=600}" "${T_REPORT:=60}"
   # bench_lawa's size flags (the one line to adjust when its flags change)
   LAWA_ARGS=(--train_repeats 3)
@@ -93,44 +111,76 @@ else
   RUN_SIZES=()
   REF_ARGS=(--batch-size 1250)
 fi
+eval "TESTS=(${GPU_CHECK_TESTS:-$DEFAULT_TESTS})"
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check: GPU_CHECK_BUDGET must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
+mkdir -p "$LOGS"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
-SUMMARY="$OUT/steps.tsv"   # step, exit code (or "skipped"), seconds, limit
+SUMMARY="$OUT/steps.tsv"   # step, status, exit code, seconds, limit, note
 : > "$SUMMARY"
 START=$SECONDS
+RESERVE_S=0  # seconds of the budget the current step must leave to those after it
 
 selected() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
+record() {  # record NAME STATUS EXIT SECONDS LIMIT NOTE
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$SUMMARY"
+}
+
 step() {  # step NAME LIMIT_S COMMAND...: COMMAND under its limit (cut to the budget left), output in $LOGS/NAME.log
-  local name=$1 limit=$2 rc=0 t0
+  local name=$1 limit=$2 own=$2 rc=0 t0 status note="" cut=0
   shift 2
-  selected "$name" || return 0
+  if [ "$name" != preflight ]; then selected "$name" || return 0; fi
   if [[ ",$FAIL," == *",$name,"* ]]; then set -- "$@" --gpu-check-rejected-argument; fi
-  if [ "$BUDGET" -gt 0 ]; then
-    local left=$(( BUDGET - (SECONDS - START) ))
+  if [ "$BUDGET" -gt 0 ] && [ "$name" != preflight ]; then
+    local left=$(( BUDGET - (SECONDS - START) - RESERVE_S ))
     if [ "$left" -lt "$MIN_STEP_S" ]; then
-      log "$name: skipped, ${left} s left of GPU_CHECK_BUDGET=${BUDGET}"
-      printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$SUMMARY"
+      log "$name: cut, not started: ${left} s left of GPU_CHECK_BUDGET=${BUDGET} (${RESERVE_S} s kept for later steps)"
+      record "$name" cut - 0 "$own" "not started: ${left} s left of the budget"
       return 0
     fi
-    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; cut=1; fi
   fi
   log "$name (limit $limit s): $*"
   t0=$SECONDS
   timeout -k 15 "$limit" "$@" > "$LOGS/$name.log" 2>&1 || rc=$?
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >> "$SUMMARY"
-  if [ "$rc" -ne 0 ]; then
-    local why=""
-    if [ "$rc" -eq 124 ]; then why=" (cut off by its limit)"; fi
-    log "$name: FAILED, exit $rc after $((SECONDS - t0)) s$why; its last lines:"
-    tr '\r' '\n' < "$LOGS/$name.log" | tail -n 25
+  if [ "$rc" -eq 0 ]; then
+    status=passed
+  elif { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$cut" -eq 1 ]; then
+    status=cut note="stopped at ${limit} s: the budget had cut its limit of ${own} s"
+  elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status=failed note="ran past its own limit of ${own} s (a hang, or far slower than measured)"
   else
-    log "$name: exit 0 after $((SECONDS - t0)) s"
+    status=failed note="exit $rc"
+  fi
+  record "$name" "$status" "$rc" "$((SECONDS - t0))" "$limit" "$note"
+  if [ "$status" = passed ]; then
+    log "$name: passed in $((SECONDS - t0)) s"
+  else
+    log "$name: $status, $note, after $((SECONDS - t0)) s; its last lines:"
+    tr '\r' '\n' < "$LOGS/$name.log" | tail -n 25
   fi
 }
 
-passed() { grep -q "^$1"$'\t'"0"$'\t' "$SUMMARY"; }
+status_of() { awk -F'\t' -v n="$1" '$1 == n { s = $2 } END { print s }' "$SUMMARY"; }
+passed() { [ "$(status_of "$1")" = passed ]; }
+
+fail_on_skips() {  # fail_on_skips NAME JUNIT_XML: a passed tests step with skipped tests becomes failed
+  passed "$1" || return 0
+  local skipped note
+  skipped=$(grep -o 'skipped="[0-9]*"' "$2" 2>/dev/null | head -n 1 | tr -dc '0-9' || true)
+  if [ -z "$skipped" ]; then
+    note="pytest wrote no junit XML to count skipped tests in"
+  elif [ "$skipped" != 0 ]; then
+    note="$skipped test(s) skipped: a skipped CUDA test checks nothing"
+  else
+    return 0
+  fi
+  awk -F'\t' -v OFS='\t' -v n="$1" -v note="$note" '$1 == n { $2 = "failed"; $6 = note } { print }' \
+    "$SUMMARY" > "$SUMMARY.tmp" && mv "$SUMMARY.tmp" "$SUMMARY"
+  log "$1: failed, $note"
+  grep -aE "^SKIPPED" "$LOGS/$1.log" | head -n 10 || true
+}
 
 show() {  # show NAME EXTENDED-REGEX [LINES]: the matching lines of a step's log, when it passed (a failed step's
   passed "$1" || return 0  # last lines were shown already)
@@ -167,48 +217,59 @@ three_seeds() {  # seeds 0, 1, 2 of $CONFIG at once on the one device (each its 
   show report "." 40
 }
 
+cuda_tests() {  # the tests step, with a junit XML whose skipped count decides too
+  step tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -rfEs --junitxml "$LOGS/tests.xml" "${TESTS[@]}"
+  if selected tests; then fail_on_skips tests "$LOGS/tests.xml"; fi
+  show tests "passed|failed|error|skipped" 12
+}
+
 log "part $PART on $DEVICE, budget ${BUDGET} s (0: none), output in $OUT"
 if [ "$DEVICE" = cuda ]; then nvidia-smi -L || true; fi
-step device "$T_DEVICE" $PY -c "import argparse, sys; argparse.ArgumentParser(prog='device').parse_args()
-import torch, diffusers, torch_fidelity
-print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'torch-fidelity', torch_fidelity.__version__,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-show device "."
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
+step preflight "$T_PREFLIGHT" $PY scripts/gpu_preflight.py --device "$DEVICE"
+show preflight "^preflight"  # (when it failed, its last lines were shown)
+START=$SECONDS  # the budget is for the steps after the preflight
 
-case "$PART" in
-figures)
-  step plan "$T_PLAN" $PY -m lawa_diffusion plan --config "$CONFIG" "${SIZES[@]}" "${RUN_SIZES[@]}"
-  show plan "." 8
-  step tests "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -rfE "${TESTS[@]}"
-  show tests "passed|failed|error|skipped" 12
-  step bench_lawa "$T_BENCH_LAWA" $PY benchmarks/bench_lawa.py --device "$DEVICE" "${LAWA_ARGS[@]}"
-  show bench_lawa "^\{" 16
-  step ref_stats "$T_REF_STATS" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" \
-    "${REF_ARGS[@]}"
-  show ref_stats "." 2
-  train one_seed 9 "$T_ONE_SEED"
-  show_run one_seed
-  step bench_fid "$T_BENCH_FID" $PY benchmarks/bench_fid.py --device "$DEVICE" "${FID_ARGS[@]}"
-  show bench_fid "^\{" 4
-  step bench_eval "$T_BENCH_EVAL" $PY benchmarks/bench_eval.py --device "$DEVICE" --config "$CONFIG" "${SIZES[@]}" \
-    "${EVAL_ARGS[@]}"
-  show bench_eval "^\{" 4
-  ;;
-seeds)
-  step ref_stats "$T_REF_STATS" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" \
-    "${REF_ARGS[@]}"
-  three_seeds
-  ;;
-paper)
-  step ref_stats "$T_REF_STATS" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" \
-    "${REF_ARGS[@]}"
-  step plan "$T_PLAN" $PY -m lawa_diffusion plan --config "$CONFIG" --window lawa_k5 --steps 1600,3200
-  show plan "." 4
-  three_seeds
-  ;;
-esac
+if passed preflight; then
+  case "$PART" in
+  figures)
+    RESERVE_S=$ONE_SEED_RESERVE_S  # the steps before the training run leave it its time
+    cuda_tests
+    step plan "$T_PLAN" $PY -m lawa_diffusion plan --config "$CONFIG" "${SIZES[@]}" "${RUN_SIZES[@]}"
+    show plan "." 8
+    step ref_stats "$T_REF_STATS" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" \
+      "${REF_ARGS[@]}"
+    show ref_stats "." 2
+    RESERVE_S=0
+    train one_seed 9 "$T_ONE_SEED"
+    show_run one_seed
+    # ---- EXTRA STEP (reserved): the conditional (text-to-image) evaluation run goes here, as one `step` line
+    # ---- (with its T_<STEP> limit in both size blocks above), before the long benches.
+    step bench_lawa "$T_BENCH_LAWA" $PY benchmarks/bench_lawa.py --device "$DEVICE" "${LAWA_ARGS[@]}"
+    show bench_lawa "^\{" 16
+    step bench_fid "$T_BENCH_FID" $PY benchmarks/bench_fid.py --device "$DEVICE" "${FID_ARGS[@]}"
+    show bench_fid "^\{" 4
+    step bench_eval "$T_BENCH_EVAL" $PY benchmarks/bench_eval.py --device "$DEVICE" --config "$CONFIG" "${SIZES[@]}" \
+      "${EVAL_ARGS[@]}"
+    show bench_eval "^\{" 4
+    ;;
+  seeds)
+    step ref_stats "$T_REF_STATS" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" \
+      "${REF_ARGS[@]}"
+    three_seeds
+    ;;
+  paper)
+    step ref_stats "$T_REF_STATS" $PY -m lawa_diffusion ref-stats fashion-mnist:test --image-size 32 --device "$DEVICE" \
+      "${REF_ARGS[@]}"
+    step plan "$T_PLAN" $PY -m lawa_diffusion plan --config "$CONFIG" --window lawa_k5 --steps 1600,3200
+    show plan "." 4
+    three_seeds
+    ;;
+  esac
+else
+  log "stopped after the preflight: $(grep -a '^preflight failed' "$LOGS/preflight.log" | head -n 1 || echo "it did not finish")"
+fi
 
 {
   echo "== figures"
@@ -218,25 +279,35 @@ esac
   for name in one_seed seed0 seed1 seed2; do
     if [ -f "$LOGS/$name.log" ]; then echo "-- $name"; show_run "$name"; fi
   done
-} | tee "$OUT/figures.txt"
-tar czf "$OUT/runs.tar.gz" -C "$RUNS" --exclude='checkpoint-*' --exclude='ema_snapshots' . 2>/dev/null || true
-
-failed=0
-log "summary (part $PART, ${SECONDS} s in all; logs in $LOGS)"
-printf '%-12s %8s %8s %6s\n' step exit seconds limit
-while IFS=$'\t' read -r name rc secs limit; do
-  note=""
-  if [ "$rc" = skipped ]; then
-    note="  (no time left in the budget)"
-  elif [ "$rc" -ne 0 ]; then
-    failed=1
-    note="  FAILED"
-    if [ "$rc" -eq 124 ]; then note="  FAILED, cut off by its limit"; fi
+  echo "== steps (part $PART on $DEVICE, ${SECONDS} s in all)"
+  printf '%-12s %-8s %5s %8s %6s  %s\n' step status exit seconds limit note
+  while IFS=$'\t' read -r name status rc secs limit note; do
+    printf '%-12s %-8s %5s %8s %6s  %s\n' "$name" "$status" "$rc" "$secs" "$limit" "$note"
+  done < "$SUMMARY"
+  counts=$(awk -F'\t' '{ n[$2]++ } END { printf "%d passed, %d failed, %d cut", n["passed"], n["failed"], n["cut"] }' \
+    "$SUMMARY")
+  if awk -F'\t' '$2 == "failed" { f = 1 } END { exit !f }' "$SUMMARY"; then
+    verdict=failed
+  elif awk -F'\t' '$2 == "cut" { c = 1 } END { exit !c }' "$SUMMARY"; then
+    verdict=incomplete
+  else
+    verdict=passed
   fi
-  printf '%-12s %8s %8s %6s%s\n' "$name" "$rc" "$secs" "$limit" "$note"
-done < "$SUMMARY"
-if [ "$failed" -ne 0 ]; then
-  log "gpu_check: some steps failed"
-  exit 1
+  echo "gpu_check verdict: $verdict ($counts${ONLY:+; steps chosen: $ONLY})"
+} | tee "$OUT/summary.txt"
+verdict=$(sed -n 's/^gpu_check verdict: \([a-z]*\).*/\1/p' "$OUT/summary.txt")
+
+# everything else in one archive: the logs, the table, the runs' small files (no checkpoints or snapshots)
+if tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" logs steps.tsv summary.txt gpu_check.log \
+     -C "$(dirname "$RUNS")" --exclude='checkpoint-*' --exclude='ema_snapshots' \
+     --transform "s|^$(basename "$RUNS")|runs|" "$(basename "$RUNS")"; then
+  rm -rf "$LOGS" "$SUMMARY" "$OUT/gpu_check.log"
+  log "logs and runs in $OUT/gpu_check.tar.gz, the summary in $OUT/summary.txt"
+else
+  log "the archive could not be written; the loose logs stay in $LOGS"
 fi
-log "gpu_check: every step that ran passed"
+case "$verdict" in
+  passed) exit 0 ;;
+  incomplete) exit 3 ;;
+  *) exit 1 ;;
+esac

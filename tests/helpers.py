@@ -453,6 +453,14 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``tests/scripts/<script>`` as ``nproc`` processes (torch.distributed.run, one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(SCRIPTS / script), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
 # ----------------------------------------------------------------------------- full disks
 class DiskFolder(type(Path())):
     """A folder of the ``small_disk`` fixture: ``mounted`` says whether it lies on a real small tmpfs."""

@@ -115,3 +115,20 @@ def test_console_command():
     exe = shutil.which("lawa-diffusion") or os.path.join(os.path.dirname(sys.executable), "lawa-diffusion")
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "0.2.0" in done.stdout
+
+
+def test_old_option_spellings_still_work_and_warn(capsys):
+    from lawa_diffusion.cli.entry import build_parser
+
+    parser = build_parser()
+    with pytest.warns(FutureWarning, match="--steps is now --num-inference-steps"):
+        args = parser.parse_args(["fid", "x", "--steps", "7"])
+    assert args.steps == 7
+    with pytest.warns(FutureWarning, match="--every is now --nu-multiples"):
+        assert parser.parse_args(["sweep", "run", "--every", "1,2"]).every == "1,2"
+    for command in ("sweep", "hindsight"):
+        with pytest.warns(FutureWarning, match="--weights is now --inception-weights"):
+            assert parser.parse_args([command, "run", "--weights", "w.pth"]).weights == "w.pth"
+    assert parser.parse_args(["fid", "x"]).steps == parser.parse_args(["fid", "x", "--num-inference-steps", "50"]).steps
+    help_text = parser._subparsers._group_actions[0].choices["sweep"].format_help()
+    assert "--nu-multiples" in help_text and "--every" not in help_text and "--weights " not in help_text

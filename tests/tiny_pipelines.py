@@ -224,3 +224,39 @@ class ImagesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i]
+
+
+def write_ema_snapshots(run, unet, emas: dict, *, steps: int, every: int, dtype=torch.float32, seed: int = 0,
+                        scale: float = 0.02) -> dict:
+    """A random walk of ``unet``'s weights for ``steps`` steps; each EMA of ``emas`` ({track: diffusers EMAModel or
+    PowerEMAModel over ``unet.parameters()``}) is stepped after every step and, every ``every`` steps, stored as the
+    launch plugin stores it: ``save_ema_snapshot`` with the plain model config (no ``_class_name``) and the track's
+    definition. Returns {track: {step: path}}."""
+    from lawa_diffusion.engine.posthoc_snapshots import plain_config, save_ema_snapshot, track_def
+
+    params = list(unet.parameters())
+    names = [n for n, _ in unet.named_parameters()]
+    config = plain_config(unet.config)
+    generator = torch.Generator().manual_seed(seed)
+    files = {name: {} for name in emas}
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in params:
+                p.add_(scale * torch.randn(p.shape, generator=generator))
+        for name, ema in emas.items():
+            ema.step(params)
+            if step % every == 0:
+                files[name][step] = save_ema_snapshot(os.fspath(run), step, ema, names, config, name, track_def(ema),
+                                                      dtype=dtype)
+    return files
+
+
+def write_pngs(folder, count: int, size: int = 16, seed: int = 0) -> str:
+    """``count`` random RGB PNG files (a plain image folder, no captions)."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for i in range(count):
+        Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i:03d}.png"))
+    return os.fspath(folder)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from lawa_diffusion.cli.renamed import add_old_spelling
+from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.search import (
     DEFAULT_SIGMA_RELS,
@@ -23,6 +25,7 @@ from lawa_diffusion.utils.output import is_main_process
 # ----------------------------------------------------------------------------- CLI
 def _cmd(args) -> int:
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
+    options.update(condition_options(args))
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
     main = is_main_process()
@@ -69,7 +72,8 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("--twin", action="append", default=[],
                    help="an online EMA track (repeatable): at steps with a checkpoint, score its checkpointed weights "
                         "and its synthesis, with the residual and weight-space error between them")
-    p.add_argument("--steps", default="eval", help="eval (metrics.jsonl's steps with snapshots), final, or a comma list")
+    p.add_argument("--steps", default="eval", help="training steps to score: eval (metrics.jsonl's steps with snapshots), final, "
+                                                 "or a comma list")
     p.add_argument("--tracks", default=None, help="comma-separated tracks whose snapshots may be used (default: all)")
     p.add_argument("--max-residual", type=float, default=synthesis.DEFAULT_MAX_RESIDUAL,
                    help="targets with a larger relative profile residual are listed as refused, not scored "
@@ -78,7 +82,10 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="images per average (default: the run's)")
     p.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
-    p.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    p.add_argument("--inception-weights", dest="weights", default=None,
+                   help="Inception weights file (default: the run's / the resolved ones)")
+    add_old_spelling(p, "--weights", "--inception-weights", "weights")
+    add_condition_options(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")
     p.add_argument("--overwrite", action="store_true", help="replace existing hindsight files")

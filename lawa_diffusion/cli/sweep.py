@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+from lawa_diffusion.cli.renamed import add_old_spelling
+from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
 from lawa_diffusion.config.commands import PosthocConfig
 from lawa_diffusion.posthoc.sweep import format_sweep, run_sweep
 from lawa_diffusion.runs import folder as runfolder
@@ -12,6 +14,7 @@ def _cmd_sweep(args) -> int:
     out = runfolder.sweep_dir(args.run_dir, args.track) if args.out is None else args.out
     check_output_dir(out, "-o", args.overwrite, kind="sweep", protected=[args.run_dir])  # before any work
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
+    options.update(condition_options(args))
     summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
                         metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, track=args.track,
                         **options)
@@ -26,8 +29,11 @@ def register_cli(subparsers) -> None:
                               description="The k × ν ablation from RUN/ema_snapshots, with a heat-map.")
     s.add_argument("run_dir", metavar="RUN_DIR")
     s.add_argument("--k", default=",".join(map(str, d.sweep_k)), help="window sizes, comma-separated")
-    s.add_argument("--every", default=",".join(map(str, d.sweep_every)), help="multiples of the run's ν, comma-separated")
-    s.add_argument("--steps", default=d.sweep_steps, help="eval (metrics.jsonl's steps), final, or a comma list")
+    s.add_argument("--nu-multiples", dest="every", default=",".join(map(str, d.sweep_every)),
+                   help="snapshot spacings as multiples of the run's ν, comma-separated")
+    add_old_spelling(s, "--every", "--nu-multiples", "every")
+    s.add_argument("--steps", default=d.sweep_steps,
+                   help="training steps to score: eval (metrics.jsonl's steps), final, or a comma list")
     s.add_argument("--track", default=runfolder.BASE_TRACK,
                    help="EMA track whose snapshots to average (default: ema, diffusers' warm-up EMA; others: the "
                         "run's ema_tracks)")
@@ -37,7 +43,10 @@ def register_cli(subparsers) -> None:
     s.add_argument("--num-samples", type=int, default=None, help="images per variant (default: the run's)")
     s.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
     s.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
-    s.add_argument("--weights", default=None, help="Inception weights file (default: the run's / the resolved ones)")
+    s.add_argument("--inception-weights", dest="weights", default=None,
+                   help="Inception weights file (default: the run's / the resolved ones)")
+    add_old_spelling(s, "--weights", "--inception-weights", "weights")
+    add_condition_options(s)
     s.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     s.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/sweep)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder's sweep files")

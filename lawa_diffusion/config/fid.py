@@ -17,7 +17,8 @@ class FIDConfig:
     """FID/KID evaluation (``lawa-diffusion fid``, ``ref-stats`` and ``lawa_diffusion.evaluation.fid``).
 
     reference: what generated images are compared with: "fashion-mnist[:train|:test]", an image
-        folder, a .npy/.npz image array or a stats .npz written by ``ref-stats``.
+        folder, a .npy/.npz image array or a stats .npz written by ``ref-stats``. For a conditional model whose
+        prompts come with images (a captioned folder or dataset) those images are the reference instead.
     num_samples: generated images per weight variant (FID is biased below 2048; KID is the better
         guide there).
     batch_size: images per sampling and feature-extraction batch.

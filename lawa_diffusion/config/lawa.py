@@ -20,7 +20,8 @@ class LAWAConfig:
 
     k: how many snapshots the window holds.
     every_n_steps: ν, optimizer steps between snapshots.
-    start_step: first step that may be snapshotted; snapshots at start_step + j·ν, j ≥ 0.
+    start_step: snapshots at start_step + j·ν, j ≥ 0, never at step 0 (the EMA counts steps from 1: with
+        start_step 0 the first snapshot is at ν).
     min_snapshots: how many snapshots must be held before an average is offered.
     storage: "device" (ring on the EMA's device), "cpu" (pinned host ring, async copies on GPU) or
         "disk" (one safetensors file per snapshot in ``snapshot_dir``, written by a background thread).

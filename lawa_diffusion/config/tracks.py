@@ -13,7 +13,13 @@ from lawa_diffusion.config.lawa import LAWAConfig
 
 @dataclasses.dataclass
 class EMASettings:
-    """diffusers ``EMAModel`` options; with ``use_ema_warmup`` the decay is 1 - (1 + step/inv_gamma)^-power, capped at ``decay``."""
+    """diffusers ``EMAModel`` options of the run's EMA (the track "ema"), with diffusers' names and meanings.
+
+    decay: the largest decay (the warm-up decay is capped at it).
+    use_ema_warmup: decay 1 - (1 + step/inv_gamma)^-power, capped at ``decay`` (false: diffusers' (1+s)/(10+s) rule).
+    inv_gamma / power: the warm-up's scale and exponent.
+    update_after_step: steps before the EMA starts averaging (it copies the weights until then).
+    """
 
     decay: float = 0.9999
     use_ema_warmup: bool = True

@@ -69,7 +69,12 @@ class DataConfig:
 
 @dataclasses.dataclass
 class NoiseConfig:
-    """The DDPM forward process (diffusers ``DDPMScheduler`` arguments); sampling reuses it."""
+    """The DDPM forward process (diffusers ``DDPMScheduler`` arguments); sampling reuses it.
+
+    num_train_timesteps: diffusion steps of the forward process.
+    beta_schedule: diffusers' name of the noise schedule ("linear", "scaled_linear", "squaredcos_cap_v2").
+    prediction_type: what the UNet predicts: "epsilon" (the noise), "v_prediction" or "sample".
+    """
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -83,7 +88,14 @@ class NoiseConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW with a learning-rate schedule (diffusers ``get_scheduler`` names) and gradient clipping."""
+    """AdamW with a learning-rate schedule (diffusers ``get_scheduler`` names) and gradient clipping.
+
+    learning_rate: the peak learning rate.
+    lr_scheduler: diffusers' schedule name ("constant", "constant_with_warmup", "cosine", "linear", ...).
+    lr_warmup_steps: steps of linear warm-up.
+    adam_beta1 / adam_beta2 / adam_weight_decay / adam_epsilon: AdamW's options.
+    max_grad_norm: clip the gradient norm to this (null: no clipping).
+    """
 
     learning_rate: float = 1e-4
     lr_scheduler: str = "cosine"
@@ -111,7 +123,14 @@ TRAIN_SECTIONS = {"data": DataConfig, "noise": NoiseConfig, "optim": OptimConfig
 class TrainConfig:
     """``lawa-diffusion train``: a diffusers UNet2DModel trained with EMA and LAWA over it.
 
-    model: UNet2DModel keyword arguments (the whole mapping; diffusers' defaults fill what is left out).
+    output_dir: the run folder (config.yaml, metrics.jsonl, checkpoints, snapshots, report).
+    seed: seed of the weights' initialisation, the batches and the training noise (batches and noise depend
+        only on seed and step, so a resumed run continues exactly).
+    data / noise / optim / eval: the training images, the DDPM forward process, the optimizer and the FID
+        evaluations (their keys below).
+    model: UNet2DModel keyword arguments (the whole mapping; diffusers' defaults fill what is left out);
+        ``num_class_embeds: N`` makes it class-conditional: it trains on the dataset's class labels (Fashion-MNIST)
+        and is evaluated on ``eval.class_labels``.
     max_train_steps: optimizer steps; train_batch_size: images per process per micro-step.
     gradient_accumulation_steps / mixed_precision ("no", "fp16", "bf16"): passed to accelerate.
     checkpointing_steps: save_state every N steps (0: only at the end); checkpoints_total_limit: keep

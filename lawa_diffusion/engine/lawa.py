@@ -13,7 +13,7 @@ from torch import nn
 
 from lawa_diffusion.config.base import check
 from lawa_diffusion.config.lawa import LAWAConfig
-from lawa_diffusion.engine import accelerate_hooks
+from lawa_diffusion.engine import accelerate_hooks, collectives
 from lawa_diffusion.engine.rings import FiniteCheck, Ring, make_ring
 from lawa_diffusion.engine.sources import TensorSource, as_source, is_sharded, local_shard
 from lawa_diffusion.maths.averaging import (
@@ -24,6 +24,7 @@ from lawa_diffusion.maths.averaging import (
     foreach_copy,
     nonfinite_flag,
 )
+from lawa_diffusion.maths.lag import first_snapshot
 from lawa_diffusion.utils.files import atomic_dir
 from lawa_diffusion.utils.output import is_main_process, process_count, process_rank, warn
 
@@ -174,11 +175,11 @@ class LAWA:
         return self._sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
 
     def _agreed(self, failed: List[bool]) -> List[bool]:
-        """Each check failed on some process (one all-reduce, MAX): over a sharded source every process must
-        drop (or raise for) the same snapshots, or the windows and the collectives that follow diverge."""
-        flags = torch.tensor([float(f) for f in failed], device=self._compute_device())
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return [bool(f) for f in flags.tolist()]
+        """Each check failed on some process of the EMA's mesh (a MAX all-reduce over its groups, on a device their
+        backend takes): over a sharded source every process must drop (or raise for) the same snapshots, or the
+        windows and the collectives that follow diverge. Processes outside the mesh take no part."""
+        groups = collectives.mesh_groups(self.source.raw_tensors())
+        return collectives.any_over(failed, groups, self._compute_device())
 
     def _passed(self, slot: int, result: FiniteCheck) -> bool:
         # a non-finite flag can be an overflow of finite values: confirm element-wise (rare, synchronous)
@@ -207,7 +208,7 @@ class LAWA:
         running = self._runs_average()
         if running and evicted is not None and self._avg is not None:
             # (non-blocking from a pinned row: the ring's next copy into that slot waits for this stream)
-            old_row = self._ring.read(evicted).to(self._avg.device, self._avg.dtype, copy=True, non_blocking=True)
+            old_row = self._ring.row_copy(evicted, self._avg.device, self._avg.dtype)
         self._ring.write(slot, step, tensors)
         if not self.defer_source_wait:
             self._ring.wait_source_read()
@@ -290,8 +291,9 @@ class LAWA:
     def _next_due_hint(self) -> int:
         c = self.config
         need = c.min_snapshots - self.num_snapshots
-        last = self._order[-1][0] if self._order else c.start_step - c.every_n_steps
-        return last + need * c.every_n_steps
+        if self._order:
+            return self._order[-1][0] + need * c.every_n_steps
+        return first_snapshot(c) + (need - 1) * c.every_n_steps  # never step 0: the EMA counts steps from 1
 
     def _exact_average(self) -> torch.Tensor:
         device = self._compute_device()
@@ -321,8 +323,7 @@ class LAWA:
             flat = flat.clone()
         else:
             flat = torch.empty(numel, dtype=accumulation_dtype(dtype), device=tensors[0].device)
-        torch.distributed.broadcast(flat, src=0)
-        return flat
+        return collectives.broadcast_(flat, src=0)
 
     def average_into(self, tensors: Sequence[torch.Tensor], sync_ranks: bool = False) -> None:
         """Write the LAWA mean into ``tensors`` (same order and shapes as the source's tensors)."""
@@ -360,8 +361,7 @@ class LAWA:
             numel, dtype, _ = self._layout_of(tensors)
             flat = (self._ring.read(slots[step]).to(tensors[0].device, copy=True) if holds
                     else torch.empty(numel, dtype=dtype, device=tensors[0].device))
-            torch.distributed.broadcast(flat, src=0)
-            return flat
+            return collectives.broadcast_(flat, src=0)
         check(holds, f"lawa process rank {process_rank()} holds no snapshots because snapshot_ranks='main'; "
                      "read snapshots on the main process, pass sync_ranks=True, or set snapshot_ranks='all'")
         return self._ring.read(slots[step]).to(tensors[0].device)
@@ -392,29 +392,32 @@ class LAWA:
         self._write_folder(model, path)
 
     def _save_gathered(self, path: str | os.PathLike, model: Optional[nn.Module]) -> None:
-        """Gather the sharded average into an unsharded model on the main process, which writes the folder."""
+        """Gather the sharded average over the EMA's mesh into an unsharded model on the mesh's first process,
+        which writes the folder (processes outside the mesh take no part)."""
         from torch.distributed.tensor import DTensor
 
         check(model is None or not any(is_sharded(p) for p in model.parameters()),
               "lawa save_pretrained of a sharded EMA needs an unsharded model to write; pass model=<the model "
               "before fully_shard>, or create the EMAModel with model_cls= and model_config=")
         self._check_template(model)  # on every process, so that none is left waiting in the gather
-        main = process_rank() == 0
+        sources = self.source.raw_tensors()
+        main = collectives.mesh_leader(sources)
         if main:
             model = self._template_model(model)
             targets = self.source.targets_of(model)
-        sources = self.source.raw_tensors()
+        groups = collectives.mesh_groups(sources)
         local = flat_views(self.average_flat(), self.source.tensors())
+        device = collectives.comm_device(groups[0], self._compute_device())  # (shards offloaded to the CPU under NCCL)
         with torch.no_grad():
             for i, (src, avg) in enumerate(zip(sources, local)):
-                if is_sharded(src):  # a collective: every process takes part
-                    avg = DTensor.from_local(avg, src.device_mesh, src.placements, run_check=False,
+                if is_sharded(src):  # a collective over the mesh: every process of it takes part
+                    avg = DTensor.from_local(avg.to(device), src.device_mesh, src.placements, run_check=False,
                                              shape=src.shape, stride=src.stride()).full_tensor()
                 if main:
                     targets[i].copy_(avg)
         if main:
             self._write_folder(model, path)
-        torch.distributed.barrier()  # the folder is complete when any process returns
+        collectives.wait_for_all(groups, device)  # the folder is complete when any process of the mesh returns
 
     def _write_folder(self, model: nn.Module, path: str | os.PathLike) -> None:
         if hasattr(model, "register_to_config"):

@@ -3,8 +3,9 @@
 One file per (track, step), the format ``tracking.save_ema_snapshot`` writes:
 
     OUT/ema_snapshots/<track>/step-<step:09d>.safetensors   (OUT/ema_snapshots/ itself for the track "ema")
-    tensors: the model's parameter names, in ``dtype``; metadata: "step", "track", "model_config" (JSON)
-    and "track_def" (JSON: the track's ``lag.EMATrack.to_dict()``, so its exact profile is known)
+    tensors: the model's parameter names, in ``dtype``; metadata: "step", "track", "model_config" (JSON, with
+    the model's ``_class_name``) and "track_def" (JSON: the track's ``lag.EMATrack.to_dict()``, so its exact
+    profile is known)
 
 ``PosthocSnapshots`` keeps power-function EMAs (EDM2, ``PowerEMAModel``) beside a model, and/or stores
 EMAs the caller keeps: ``update(parameters)`` after each optimizer step steps its own EMAs and stores
@@ -27,7 +28,7 @@ import torch
 
 from lawa_diffusion.config.base import check
 from lawa_diffusion.config.tracks import POSTHOC_DTYPES
-from lawa_diffusion.engine.rings import host_empty
+from lawa_diffusion.engine.rings import host_empty, note_use
 from lawa_diffusion.maths import lag
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.checksums import verified_metadata
@@ -63,10 +64,16 @@ def track_def(ema: Any) -> dict:
     return lag.EMATrack.from_settings(ema).to_dict()
 
 
-def plain_config(config: Any) -> dict:
-    """A model config (diffusers ``FrozenDict``) as JSON-ready data, without its private ``_`` keys."""
-    return json.loads(json.dumps({k: v for k, v in dict(config or {}).items() if not str(k).startswith("_")},
-                                 default=list))
+def plain_config(config: Any, model_cls: Any = None) -> dict:
+    """A model config (diffusers ``FrozenDict``) as JSON-ready data, without its private ``_`` keys but for
+    ``_class_name``: the model's class (``model_cls``'s name when given, else the config's own), which tells
+    after-training commands what to build (a config without it is read as a UNet2DModel's)."""
+    items = dict(config or {})
+    plain = json.loads(json.dumps({k: v for k, v in items.items() if not str(k).startswith("_")}, default=list))
+    name = getattr(model_cls, "__name__", None) or items.get("_class_name")
+    if name:
+        plain["_class_name"] = str(name)
+    return plain
 
 
 def parameter_names(model_cls: Any, model_config: Any) -> List[str]:
@@ -126,7 +133,7 @@ class PosthocSnapshots:
             names = list(names)
         check(len(names) == len(parameters),
               f"PosthocSnapshots got {len(names)} parameter names for {len(parameters)} parameters")
-        self.names, self.model_config = names, plain_config(model_config)
+        self.names, self.model_config = names, plain_config(model_config, model_cls)
         self.emas: Dict[str, Any] = dict(emas or {})
         if sigma_rels is None and not gammas and not emas:
             sigma_rels = DEFAULT_SIGMA_RELS
@@ -202,8 +209,8 @@ class PosthocSnapshots:
         free = self._free.setdefault((name, dtype), queue.Queue())
         if free.empty() and self._made.get((name, dtype), 0) < BUFFERS_PER_TRACK:
             self._made[(name, dtype)] = self._made.get((name, dtype), 0) + 1
-            # one host buffer per track, pinned for exactly its bytes (storage.host_empty), viewed per tensor
-            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda)
+            # one host buffer per track, pinned under the source's GPU (rings.host_empty), viewed per tensor
+            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda, device=source[0].device)
             free.put([v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in source]), source)])
         buffers = free.get()  # waits only while earlier snapshots of this track are still being written
         for buffer, p in zip(buffers, source):
@@ -212,6 +219,7 @@ class PosthocSnapshots:
         if cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(source[0].device))
+            note_use(buffers[0], event)  # the pages are unpinned only after this copy has run
         path = runfolder.snapshot_path(self.output_dir, step, name)
         definition, names, config = self.definitions[name], self.names, self.model_config
 

@@ -21,9 +21,10 @@ bounded device staging buffer (one device-to-host copy per ~64 MB).
 two staging rows (pinned on CUDA; the thread waits for the copy's event); the oldest file beyond
 the window is deleted once its successor is safely on disk.
 
-Pinned rows are ordinary host memory registered with CUDA (:func:`host_empty`): exactly the bytes asked
-for, where torch's caching host allocator (``pin_memory=True``) would round each block up to a power
-of two. Source tensors read on the side stream are marked with ``record_stream``, so the ring holds no
+Pinned rows are whole pages of anonymous memory registered with CUDA under the source's GPU
+(:func:`host_empty`): the bytes asked for, rounded up to a page, where torch's caching host allocator
+(``pin_memory=True``) would round each block up to a power of two; a forked child (a DataLoader worker)
+does not inherit them, and they are unregistered only after the copies that use them have run. Source tensors read on the side stream are marked with ``record_stream``, so the ring holds no
 reference to them: a source that is replaced (``EMAModel.to``) is freed as soon as its copy has run.
 """
 from __future__ import annotations
@@ -31,11 +32,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import math
+import mmap
 import os
 import queue
 import re
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ import torch
 from lawa_diffusion.config.base import check
 from lawa_diffusion.maths.averaging import all_finite, flat_views, foreach_copy, mean_of_rows, nonfinite_flag
 from lawa_diffusion.utils.files import BackgroundWriter, atomic_save_safetensors, link_or_copy_atomic
+from lawa_diffusion.utils.output import warn
 
 # Host/disk rows are streamed to the compute device, and device rows staged to the host, in chunks of
 # about this many bytes.
@@ -59,31 +62,94 @@ def _on_cuda(device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------- pinned host rows
-PAGE_BYTES = 4096
+# Registered memory is whole pages of the OS (64 KiB on some aarch64 kernels), never shared with another buffer.
+PAGE_BYTES = mmap.PAGESIZE
 _registered_bytes = 0  # bytes registered by host_empty and not yet released
 
 
-def _cuda_host_register(ptr: int, nbytes: int) -> None:
-    code = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
+def _cuda_host_register(ptr: int, nbytes: int, device: Optional[torch.device]) -> None:
+    with torch.cuda.device(device):  # the source's GPU: a rank on cuda:k must not open a context on GPU 0
+        code = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0))
     if code != 0:
+        _clear_cuda_error()
         raise RuntimeError(f"lawa could not pin {nbytes} bytes of host memory (cudaHostRegister error {code}); "
                            "lower k, use dtype bfloat16 or storage 'disk'")
 
 
-def _cuda_host_unregister(ptr: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(ptr)
+def _cuda_host_unregister(ptr: int, device: Optional[torch.device]) -> int:
+    with torch.cuda.device(device):
+        code = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+    if code != 0:
+        _clear_cuda_error()
+    return code
 
 
-# replaced in tests (no CUDA there): (register, unregister)
+_CUDART: list = []  # the process's CUDA runtime library (ctypes), once found; None when it cannot be
+
+
+def _clear_cuda_error() -> None:
+    """Reset this thread's last CUDA runtime error after a failed call: torch's next kernel-launch check reads it and
+    would raise it there. torch's bindings do not expose ``cudaGetLastError``, so it is called in the runtime
+    library torch loaded (found in /proc/self/maps)."""
+    if not _CUDART:
+        lib = None
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+            if paths:
+                import ctypes
+
+                lib = ctypes.CDLL(sorted(paths)[0])
+        except OSError:
+            lib = None
+        _CUDART.append(lib)
+    if _CUDART[0] is not None:
+        _CUDART[0].cudaGetLastError()
+
+
+# replaced in tests (no CUDA there): (register(ptr, nbytes, device), unregister(ptr, device) -> error code)
 _HOST_REGISTER: List[Callable] = [_cuda_host_register, _cuda_host_unregister]
 
 
-def _release(ptr: int, nbytes: int) -> None:
+class _Pinned:
+    """One registered allocation: its pages, the GPU whose context registered them, the process that did, and
+    the events of the copies that last used them (from any stream)."""
+
+    __slots__ = ("ptr", "nbytes", "device", "pid", "events")
+
+    def __init__(self, ptr: int, nbytes: int, device: Optional[torch.device]):
+        self.ptr, self.nbytes, self.device, self.pid = ptr, nbytes, device, os.getpid()
+        self.events: list = []
+
+
+_PINNED: Dict[int, _Pinned] = {}  # start address -> allocation
+
+
+def note_use(tensor: torch.Tensor, event: Any) -> None:
+    """An asynchronous copy into or out of ``tensor`` (memory of :func:`host_empty`) is queued before ``event``:
+    the memory is unregistered and freed only once the event has passed."""
+    ptr = tensor.data_ptr()
+    for pinned in _PINNED.values():
+        if pinned.ptr <= ptr < pinned.ptr + pinned.nbytes:
+            pinned.events = [e for e in pinned.events if not e.query()] + [event]
+            return
+
+
+def _release(pinned: _Pinned) -> None:
+    """Runs when the last tensor viewing the memory is freed, before the pages are unmapped."""
     global _registered_bytes
+    _PINNED.pop(pinned.ptr, None)
+    if pinned.pid != os.getpid():  # a forked child inherited neither the pages nor their registration
+        return
     try:
-        _HOST_REGISTER[1](ptr)
+        for event in pinned.events:
+            event.synchronize()  # a copy still writing (or reading) these pages has run
+        code = _HOST_REGISTER[1](pinned.ptr, pinned.device)
+        if code:
+            warn(f"lawa could not unpin {pinned.nbytes} bytes of host memory (cudaHostUnregister error {code}); "
+                 "they stay locked until the process ends")
     finally:
-        _registered_bytes -= nbytes
+        _registered_bytes -= pinned.nbytes
 
 
 def registered_bytes() -> int:
@@ -91,13 +157,25 @@ def registered_bytes() -> int:
     return _registered_bytes
 
 
-def host_empty(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """An uninitialised host tensor; with ``pin``, page-locked for asynchronous copies with exactly its bytes.
+def _private_pages(nbytes: int) -> "mmap.mmap":
+    """Anonymous whole pages that a forked child does not get: a pinned page would otherwise be copied into
+    every child at fork time (Linux ≥ 5.9), and DataLoader workers fork every epoch."""
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if hasattr(mmap, "MADV_DONTFORK"):
+        memory.madvise(mmap.MADV_DONTFORK)
+    return memory
 
-    The memory is ordinary (pageable) host memory registered with CUDA, so pinning costs what is asked:
-    ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator, which rounds every
-    block up to the next power of two (a 17.2 GB ring would pin 34.4 GB). The registration is undone
-    when the last tensor viewing the memory is freed.
+
+def host_empty(shape: Sequence[int], dtype: torch.dtype, pin: bool, device: Any = None) -> torch.Tensor:
+    """An uninitialised host tensor; with ``pin``, page-locked for asynchronous copies with ``device`` (the
+    source's GPU; default: the current one).
+
+    The memory is whole pages of an anonymous mapping registered with CUDA, so pinning costs what is asked
+    (rounded up to a page): ``torch.empty(..., pin_memory=True)`` goes through the caching host allocator,
+    which rounds every block up to the next power of two (a 17.2 GB ring would pin 34.4 GB). A forked child
+    does not inherit the pages. The registration is undone when the last tensor viewing the memory is freed,
+    after the copies noted with :func:`note_use` have run.
     """
     shape = tuple(int(n) for n in shape)
     if not pin:
@@ -107,14 +185,14 @@ def host_empty(shape: Sequence[int], dtype: torch.dtype, pin: bool) -> torch.Ten
     nbytes = math.prod(shape) * itemsize
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    owner = np.empty(nbytes + PAGE_BYTES, dtype=np.uint8)  # page-aligned start inside it
-    start = -owner.ctypes.data % PAGE_BYTES
-    memory = owner[start:start + nbytes]
-    ptr = memory.ctypes.data
-    _HOST_REGISTER[0](ptr, nbytes)
-    _registered_bytes += nbytes
-    weakref.finalize(owner, _release, ptr, nbytes)  # before numpy frees the memory
-    return torch.from_numpy(memory).view(dtype).view(shape)
+    size = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+    owner = np.frombuffer(_private_pages(size), dtype=np.uint8, count=nbytes)  # keeps the mapping alive
+    pinned = _Pinned(owner.ctypes.data, size, torch.device(device) if device is not None else None)
+    _HOST_REGISTER[0](pinned.ptr, size, pinned.device)
+    _PINNED[pinned.ptr] = pinned
+    _registered_bytes += size
+    weakref.finalize(owner, _release, pinned)  # numpy calls it before it lets go of the mapping
+    return torch.from_numpy(owner).view(dtype).view(shape)
 
 
 class FiniteCheck:
@@ -188,6 +266,7 @@ class DeviceToHost:
             result = FiniteCheck(flag)
             self.event = torch.cuda.Event()
             self.event.record(self.stream)
+        note_use(row, self.event)  # the row's pages outlive this copy even if the ring is dropped now
         return result
 
     def wait_source_read(self) -> None:
@@ -292,6 +371,11 @@ class Ring:
         for slot, row in zip(slots, rows):
             self.load(slot, row)
 
+    def row_copy(self, slot: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of the slot's row on ``device`` in ``dtype``, queued on the current stream (a later write into
+        the slot is ordered after it)."""
+        return self.read(slot).to(device, dtype, copy=True, non_blocking=True)
+
     def load(self, slot: int, row: torch.Tensor) -> None:
         self.sync()
         self.buffer[slot].copy_(row)
@@ -344,7 +428,7 @@ class HostRing(Ring):
     def __init__(self, k, numel, dtype, shapes, source_device: torch.device):
         super().__init__(k, numel, dtype, shapes)
         self.cuda = _on_cuda(source_device)
-        self.buffer = host_empty((k, numel), dtype, pin=self.cuda)
+        self.buffer = host_empty((k, numel), dtype, pin=self.cuda, device=source_device)
         self.copier = DeviceToHost(source_device, dtype, self.shapes) if self.cuda else None
         self._checks: Dict[int, FiniteCheck] = {}
         self._uploaded: Optional[torch.cuda.Event] = None  # the uploads of the last streamed mean
@@ -359,6 +443,16 @@ class HostRing(Ring):
 
     def finite_check(self, slot: int) -> FiniteCheck:
         return self._checks.pop(slot) if slot in self._checks else super().finite_check(slot)
+
+    def row_copy(self, slot: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Non-blocking from the pinned row: the copier's next write into the slot waits for the current stream."""
+        row = self.read(slot)
+        out = row.to(device, dtype, copy=True, non_blocking=True)
+        if self.cuda and out.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(out.device))
+            note_use(row, event)
+        return out
 
     def wait_source_read(self) -> None:
         if self.copier is not None:
@@ -389,6 +483,8 @@ class HostRing(Ring):
         streamed_mean(out, readers, self.numel, self.dtype, stream, pinned=self.cuda)
         self._uploaded = torch.cuda.Event()
         self._uploaded.record(stream)  # (the uploads are the last work queued there)
+        if self.cuda:
+            note_use(self.buffer, self._uploaded)
         return out
 
 
@@ -425,7 +521,7 @@ class DiskRing(Ring):
         self.free: "queue.Queue" = queue.Queue()
         self._row_views: Dict[int, List[torch.Tensor]] = {}  # staging row id -> views shaped like the source
         for _ in range(self.STAGING_ROWS):
-            row = host_empty((numel,), dtype, pin=cuda)
+            row = host_empty((numel,), dtype, pin=cuda, device=source_device)
             self._row_views[id(row)] = self.views(row)
             self.free.put(row)
         self._checks: Dict[int, FiniteCheck] = {}

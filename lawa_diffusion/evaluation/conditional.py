@@ -80,31 +80,37 @@ def needs_conditioning(unet: nn.Module) -> bool:
     return conditioning_kind(unet) is not None
 
 
-def conditioning_message(unet: nn.Module, where: str = "the model") -> str:
-    """One sentence telling the user which option a conditional (or unconditional) ``unet`` needs."""
+CLI_OPTIONS = {"prompts": "--prompts", "class_labels": "--class-labels"}  # how the conditions are named to a user
+
+
+def conditioning_message(unet: nn.Module, where: str = "the model", options: Mapping[str, str] = CLI_OPTIONS) -> str:
+    """One sentence telling the user which option a conditional (or unconditional) ``unet`` needs; ``options``
+    names the two options as the caller takes them (command line, config keys, plugin flags)."""
     model = _unwrapped(unet)
     name = type(model).__name__
     kind = conditioning_kind(model)
     if kind == "text":
-        return (f"{where} is a text-conditioned {name} (its forward needs encoder_hidden_states); add --prompts "
-                "FILE|FOLDER: a text file with one prompt per line, or an image folder with metadata.jsonl captions")
+        return (f"{where} is a text-conditioned {name} (its forward needs encoder_hidden_states); set "
+                f"{options['prompts']} to a text file with one prompt per line, or an image folder with "
+                "metadata.jsonl captions")
     if kind == "class":
         num = getattr(model.config, "num_class_embeds", None)
         below = f" below {num}" if num is not None else ""
-        return (f"{where} is a class-conditional {name} (num_class_embeds {num}); add --class-labels all or a "
-                f"comma-separated list of class numbers{below}")
-    return f"{where} is an unconditional {name}; drop --prompts / --class-labels"
+        return (f"{where} is a class-conditional {name} (num_class_embeds {num}); set {options['class_labels']} to "
+                f"all or a comma-separated list of class numbers{below}")
+    return f"{where} is an unconditional {name}; drop {options['prompts']} / {options['class_labels']}"
 
 
-def check_conditions(unet: nn.Module, prompt_set: Optional[PromptSet], where: str = "the model") -> None:
+def check_conditions(unet: nn.Module, prompt_set: Optional[PromptSet], where: str = "the model",
+                     options: Mapping[str, str] = CLI_OPTIONS) -> None:
     """ValueError with :func:`conditioning_message` unless ``prompt_set`` fits what ``unet`` is conditioned on."""
     kind = conditioning_kind(unet)
     given = None if prompt_set is None else prompt_set.kind
-    check(kind == given, conditioning_message(unet, where))
+    check(kind == given, conditioning_message(unet, where, options))
     if kind == "class":
         num = getattr(_unwrapped(unet).config, "num_class_embeds", None)
-        check(num is None or max(prompt_set.class_labels) < num, f"--class-labels must be below num_class_embeds "
-              f"{num} of {where}, got {max(prompt_set.class_labels)}")
+        check(num is None or max(prompt_set.class_labels) < num, f"{options['class_labels']} must be below "
+              f"num_class_embeds {num} of {where}, got {max(prompt_set.class_labels)}")
 
 
 # --------------------------------------------------------------------------- the parts of a pipeline
@@ -150,7 +156,9 @@ def load_denoiser_folder(path: str | os.PathLike, *, device=None, dtype=None) ->
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
         raise ValueError(f"denoiser folder {path!r} could not be loaded ({_first_line(e)}); pass a complete "
                          "save_pretrained folder") from None
-    return model.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+    dtype = resolve_dtype(dtype)  # diffusers warns about a dtype argument even when it is None
+    model = model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def _load_part(folder: str, name: str, library: str, class_name: str) -> Any:
@@ -572,8 +580,9 @@ class ConditionalSampler:
 
     def meta(self) -> dict:
         """What a result records about these samples (with the prompt set's fingerprint)."""
+        text = self.prompt_set.kind == "text"  # class labels are sampled without guidance
         return {"conditioning": self.prompt_set.kind, "prompts_sha256": self.prompt_set.fingerprint(),
-                "num_prompts": len(self.prompt_set), "guidance_scale": self.guidance_scale,
+                "num_prompts": len(self.prompt_set), "guidance_scale": self.guidance_scale if text else None,
                 "negative_prompt": self.negative_prompt,
                 "height": self.height, "width": self.width,
                 "scheduler": self.scheduler_name or type(self.parts.scheduler).__name__,

@@ -6,7 +6,8 @@ weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state i
 one process ``save_state`` writes a temp folder renamed into place, so a killed save never leaves a
 half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps``
 it also records the script's Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first
-EMA's EMA and LAWA weights with the trainer's evaluator.
+EMA's EMA and LAWA weights with the trainer's evaluator (conditional models too: the options that cannot
+evaluate the script's model are refused when its first EMA is made, before training).
 """
 from __future__ import annotations
 
@@ -396,6 +397,8 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
                 plugin.adopt(self)
                 if plugin.posthoc is not None and self is plugin.emas[0]:
                     plugin.posthoc.make(self, parameters)  # before the script shards or moves its model
+                if plugin.fid is not None and self is plugin.emas[0]:
+                    plugin.fid.check_model(self)  # FID options that cannot evaluate this model: before training
 
         @classmethod
         def from_pretrained(cls, path, model_cls, foreach=False, **kwargs):

@@ -71,6 +71,11 @@ def convert(value: str, typ: Any, where: str) -> Any:
             return int(value)
         except ValueError:
             raise ValueError(f"{where} must be an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
     return value
 
 

@@ -279,9 +279,17 @@ def solve(profiles: Sequence[np.ndarray] | np.ndarray, target: np.ndarray,
         check(residual <= max_residual or math.isclose(residual, max_residual),
               f"{what} at step {t} is out of reach of the {n} stored snapshot(s): relative profile residual "
               f"{residual:.3g} > {max_residual:g} (target mean lag {solution.target_mean_lag:.1f} steps, best "
-              f"{solution.mean_lag:.1f}); store snapshots more often, or a track with a shorter σ_rel, or raise "
-              "--max-residual")
+              f"{solution.mean_lag:.1f}); {_reach_hint(solution)}, or raise --max-residual")
     return solution
+
+
+def _reach_hint(solution: "Solution") -> str:
+    """Which way the stored snapshots fall short: a target shorter (less lag) than what they reach needs snapshots
+    more often or a shorter track; a longer one needs history the store does not have."""
+    if solution.target_mean_lag > solution.mean_lag:
+        return ("the target averages over longer than the stored snapshots reach: synthesise it at a later step, "
+                "or store snapshots from early in training (a smaller every_n_steps from step 1)")
+    return "store snapshots more often, or a track with a shorter σ_rel"
 
 
 def source_profiles(tracks: Sequence[lag.EMATrack], steps: Sequence[int], t: int) -> list:

@@ -163,11 +163,29 @@ def read_weights(source: Source) -> Dict[str, torch.Tensor]:
     return torch.load(os.path.join(source.path, WEIGHTS_BIN_NAME), map_location="cpu", weights_only=True)
 
 
-def model_class(config: dict):
-    """The diffusers model class named by ``_class_name`` (UNet2DModel when absent)."""
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")  # the classes a config without _class_name may be
+
+
+def inferred_class_name(config: dict) -> str:
+    """The UNet class a config without ``_class_name`` belongs to (the ``plain_config`` that EMA snapshots carry):
+    the one whose constructor takes every key of ``config`` with the fewest arguments left over (a model's config
+    holds its constructor arguments); UNet2DModel when none takes them all."""
     import diffusers
 
-    name = config.get("_class_name", "UNet2DModel")
+    keys = {k for k in config if not str(k).startswith("_")}
+    fits = []
+    for name in UNET_CLASSES:
+        params = set(inspect.signature(getattr(diffusers, name).__init__).parameters) - {"self"}
+        if keys <= params:
+            fits.append((len(params - keys), name))
+    return min(fits)[1] if fits else UNET_CLASSES[0]
+
+
+def model_class(config: dict):
+    """The diffusers model class named by ``_class_name`` (when absent: :func:`inferred_class_name`)."""
+    import diffusers
+
+    name = config.get("_class_name") or inferred_class_name(config)
     cls = getattr(diffusers, name, None)
     check(cls is not None and hasattr(cls, "from_config"),
           f"model config names class {name!r}, which diffusers does not provide; average diffusers model checkpoints")

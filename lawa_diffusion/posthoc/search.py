@@ -308,7 +308,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         from lawa_diffusion.posthoc.run_evaluator import fid_evaluator
 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
-                                 command="posthoc", accelerator=accelerator, **eval_options)
+                                 command="posthoc", accelerator=accelerator, model=model, **eval_options)
     if main:
         os.makedirs(out_dir, exist_ok=True)
         write_marker(out_dir, "hindsight")
@@ -393,13 +393,17 @@ def plot(summary: dict, path: str, metric: str = "fid") -> None:
                   and r["kind"] != "sigma_rel" and r.get(metric) is not None]
         online = [(name, p["sigma_rel"], p[metric]) for name, p in summary["online"].get(str(step), {}).items()
                   if p.get(metric) is not None and p["sigma_rel"] > 0]
-        for name, x, y in others + online:
-            first = name not in named
-            marker = named.setdefault(name, markers[len(named) % len(markers)])
-            ax.plot([x], [y], marker=marker, ls="none", ms=7, color=color, mfc="none", label=name if first else None)
+        # synthesised targets: filled markers, "(synthesised)"; online variants: open markers, "(online)" -- a
+        # target and an online variant of the same name never share a marker or a legend entry
+        for name, x, y, filled in [(*o, True) for o in others] + [(*o, False) for o in online]:
+            label = f"{name} ({'synthesised' if filled else 'online'})"
+            first = label not in named
+            marker = named.setdefault(label, markers[len(named) % len(markers)])
+            ax.plot([x], [y], marker=marker, ls="none", ms=7, color=color, mfc=color if filled else "none",
+                    label=label if first else None)
     ax.set_xscale("log")
     ax.set(xlabel="σ_rel (spread ÷ step)", ylabel=metric,
-           title=f"{metric} of synthesised averages (lines) and online variants (open markers), same noise")
+           title=f"{metric}: synthesised averages (lines, filled markers), online variants (open markers)")
     ax.legend(fontsize=7)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
@@ -410,8 +414,7 @@ def format_summary(summary: dict) -> str:
         rows = [r for r in summary["rows"] if r["step"] == step]
         refused = [r["target"] for r in rows if r.get("refused")]
         best = summary["best"].get(str(step))
-        text = (f"best σ_rel {best['sigma_rel']:.4f} ({best['target']}): FID {best['fid']:.3f}" if best
-                else "no synthesised average scored")
+        text = f"best {_best_name(best)}: FID {best['fid']:.3f}" if best else "no synthesised average scored"
         if refused:
             text += f"; refused (residual > {summary['max_residual']:g}): {', '.join(refused)}"
         lines.append(f"step {step}: {text}")
@@ -423,6 +426,13 @@ def format_summary(summary: dict) -> str:
                              f"{_fmt(r.get('fid'))} - online {_fmt(r.get('online_fid'))} = "
                              f"{_fmt(r.get('fid_minus_online'), '{:+.3f}')}")
     return "\n".join(lines)
+
+
+def _best_name(row: dict) -> str:
+    """A grid point by its σ_rel; any other target by its own name, with the σ_rel its profile has."""
+    if row.get("kind", "sigma_rel") == "sigma_rel":
+        return f"σ_rel {row['sigma_rel']:.4f} ({row['target']})"
+    return f"{row['target']} (its σ_rel {row['sigma_rel']:.4f})"
 
 
 def _fmt(value, fmt: str = "{:.3f}") -> str:

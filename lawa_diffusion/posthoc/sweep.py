@@ -212,7 +212,7 @@ def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.swee
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _template_model([Source(files[s], s) for s in sorted(files)], device)
     evaluate = evaluate or fid_evaluator(run_dir, image_size=model.config.sample_size, device=device,
-                                         progress=progress, **eval_options)
+                                         progress=progress, model=model, **eval_options)
     jsonl = _prepare_out_dir(out_dir, overwrite)
     cells = sweep_cells(sorted(files), eval_steps, ks, multiples, every_n, start)
     rows = _sweep_rows(cells, eval_steps, files, model, evaluate, jsonl, progress)

@@ -31,7 +31,7 @@ def best_per_step(rows: Sequence[dict], metric: str = "fid") -> Dict[str, dict]:
             continue
         key = str(row["step"])
         if key not in best or row[metric] < best[key][metric]:
-            best[key] = {k: row.get(k) for k in ("step", "target", "sigma_rel", "mean_lag", "residual", metric)}
+            best[key] = {k: row.get(k) for k in ("step", "target", "kind", "sigma_rel", "mean_lag", "residual", metric)}
     return best
 
 

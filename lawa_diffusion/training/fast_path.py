@@ -6,6 +6,12 @@ Each piece falls back to the plain path, with one warning line, where it cannot 
 graphs fails. On the CPU the fast path is the plain path, so weights and resumption are exactly those of
 ``fast_path: off`` there. When inductor compiles the forward but declines CUDA graphs ("skipping
 cudagraphs due to ..."), one warning says why and :attr:`TrainForward.cudagraph_skip` keeps the reason.
+
+Under DDP a failed compiled backward cannot be redone: DDP's reducer has already sent some gradient buckets
+and waits for the rest, so a second backward would run through a half-finished reduction (and the other
+processes would go on with theirs). There the first compiled forward and backward run once as a trial without
+gradient sync (``no_sync``), the processes agree on its outcome, and all of them fall back together if it failed
+on any; the real step follows, and later errors are raised.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import Any, Callable, Deque, Optional
 
 import torch
 
+from lawa_diffusion.engine import collectives
 from lawa_diffusion.utils.output import warn
 
 # CUDA graphs (torch's graph trees) over inductor kernels: the small UNets are launch-bound.
@@ -113,7 +120,8 @@ def _skip_messages() -> _SkipMessages:
 
 
 class TrainForward:
-    """The training forward ``unet(noisy, t, return_dict=False)[0]``; compiled (CUDA graphs) on the fast path.
+    """The training forward ``unet(noisy, t, return_dict=False, **conditions)[0]``; compiled (CUDA graphs) on the
+    fast path.
 
     The compiled module shares its parameters with ``unet``: evaluation, EMA and checkpoints keep using
     ``unet`` itself. If compiling fails, or one of the first ``GUARDED_CALLS`` compiled steps (compile and
@@ -145,21 +153,50 @@ class TrainForward:
              "training on the plain path")
         self.compiled, self.fell_back = None, reason
 
-    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def __call__(self, noisy: torch.Tensor, timesteps: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        """The prediction for ``noisy`` at ``timesteps``; ``conditions``: the UNet's other inputs (class_labels)."""
         if self.compiled is None:
-            return self.unet(noisy, timesteps, return_dict=False)[0]
+            return self.unet(noisy, timesteps, return_dict=False, **conditions)[0]
         if self.mode == COMPILE_MODE:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer read
-        return self.compiled(noisy, timesteps, return_dict=False)[0]
+        return self.compiled(noisy, timesteps, return_dict=False, **conditions)[0]
+
+    @property
+    def ddp(self) -> bool:
+        """Whether the module is wrapped in DistributedDataParallel (a failed backward cannot be redone)."""
+        return isinstance(self.unet, torch.nn.parallel.DistributedDataParallel)
+
+    def _trial_under_ddp(self, forward_backward: Callable[[], Any], reset: Callable[[], None]) -> None:
+        """The first compiled forward and backward, once, with DDP's gradient sync off (no bucket is sent); every
+        process learns whether it failed on any, and all fall back together if so. ``reset()`` clears the
+        trial's gradients either way."""
+        error: Optional[BaseException] = None
+        try:
+            with self.unet.no_sync():
+                forward_backward()
+        except Exception as e:  # noqa: BLE001 - compile errors of the forward or the lazily compiled backward
+            error = e
+        reset()
+        group = self.unet.process_group
+        device = next(self.unet.parameters()).device
+        (failed_somewhere,) = collectives.any_over([error is not None], [group], device)
+        if failed_somewhere:
+            self.fall_back(error if error is not None else
+                           RuntimeError("the compiled training step failed on another process"))
 
     def run(self, forward_backward: Callable[[], Any], reset: Callable[[], None]) -> Any:
         """``forward_backward()`` (which calls this object); if it fails in one of the first ``GUARDED_CALLS``
         compiled calls, ``reset()`` (clear the gradients) and run it again on the plain forward. Only the forward
-        and backward are retried."""
+        and backward are retried. Under DDP the first call is tried without gradient sync first (see the module's
+        notes) and nothing is retried."""
         if self.compiled is None:
             return forward_backward()
         skips, logged = cudagraph_skips(), self._skip_log.total if self._skip_log is not None else 0
-        if self.compiled_calls >= GUARDED_CALLS:
+        if self.ddp and self.compiled_calls == 0:
+            self._trial_under_ddp(forward_backward, reset)
+            if self.compiled is None:
+                return forward_backward()
+        if self.ddp or self.compiled_calls >= GUARDED_CALLS:
             out = forward_backward()
         else:
             try:

@@ -1,5 +1,6 @@
 """FID tracking during training: raw weights, EMA tracks, LAWA windows and their delayed baselines on the same
-noise, one row per variant (with its mean lag) in metrics.jsonl.
+noise, one row per variant (with its mean lag) in metrics.jsonl. Conditional models (prompts or class labels)
+are sampled through ``conditional_eval`` with the pipeline parts and prompt embeddings kept between evaluations.
 
 Where those files live is :mod:`lawa_diffusion.runs.folder`'s business.
 """
@@ -151,10 +152,17 @@ class Tracker:
     """Evaluates the configured variants on the configured schedule and records the results."""
 
     def __init__(self, cfg, run_dir: str, accelerator, unet, tracks, noise_scheduler, model_config: dict,
-                 weights: Any = None):
+                 weights: Any = None, *, parts: Any = None, prompt_set: Any = None):
         """``tracks``: the run's ``tracks.TrackSet`` (EMA tracks and LAWA windows), or one EMAModel carrying
-        its LAWA window as ``.lawa`` (the tracks "ema" and "lawa")."""
+        its LAWA window as ``.lawa`` (the tracks "ema" and "lawa").
+
+        A conditional model (``eval.prompts`` / ``eval.class_labels`` given, or a UNet that needs conditions) is
+        sampled by ``conditional_eval.ConditionalEval``: ``parts`` are its pipeline parts (``ConditionalPipelineParts``
+        whose unet is ``unet``; default: ``unet`` alone, sampled in pixel space with ``noise_scheduler``'s config)
+        and ``prompt_set`` its conditions (default: what ``eval`` names)."""
         self.cfg, self.eval = cfg, cfg.eval
+        self.noise_scheduler, self.parts, self.prompt_set = noise_scheduler, parts, prompt_set
+        self.conditional = None  # conditional_eval.ConditionalEval, made by prepare() for a conditional model
         self.run_dir, self.accelerator, self.unet = run_dir, accelerator, unet
         self.tracks = tracks if isinstance(tracks, TrackSet) else TrackSet.of_ema(tracks)
         self.ema = self.tracks.base
@@ -184,12 +192,28 @@ class Tracker:
             say(f"FID from {e.num_samples} samples per variant is biased upwards; compare the variants "
                 "with each other (same noise), not with published FIDs", "note")
         self.extractor = inception.load_extractor(self.weights, device=acc.device)
-        stats = fid.reference_stats(e.reference, image_size=self.model_config["sample_size"], cfg=e,
-                                    num_images=e.reference_num_images, weights=self.extractor, accelerator=acc,
-                                    progress=acc.is_main_process)
-        self.reference = fid.check_weights(stats, self.extractor.sha256)
+        if self.is_conditional():
+            from lawa_diffusion.training.conditional_eval import ConditionalEval
+
+            self.conditional = ConditionalEval.prepare(e, acc.unwrap_model(self.unet), self.noise_scheduler,
+                                                       self.extractor, acc, parts=self.parts,
+                                                       prompt_set=self.prompt_set, progress=acc.is_main_process)
+            self.reference = self.conditional.reference
+        else:
+            stats = fid.reference_stats(e.reference, image_size=self.model_config["sample_size"], cfg=e,
+                                        num_images=e.reference_num_images, weights=self.extractor, accelerator=acc,
+                                        progress=acc.is_main_process)
+            self.reference = fid.check_weights(stats, self.extractor.sha256)
         self.recorder = MetricsRecorder(runfolder.metrics_path(self.run_dir), acc, cfg=e, write=write,
                                         background=metrics_in_background(e.background_metrics, acc.device))
+
+    def is_conditional(self) -> bool:
+        """Whether evaluations sample with conditions: given parts or prompts, conditions named in ``eval``, or a
+        UNet that cannot be sampled without them."""
+        from lawa_diffusion.evaluation.conditional import needs_conditioning
+
+        return (self.parts is not None or self.prompt_set is not None or self.eval.conditional
+                or needs_conditioning(self.accelerator.unwrap_model(self.unet)))
 
     def due(self, step: int, final: bool) -> bool:
         e = self.eval
@@ -210,9 +234,15 @@ class Tracker:
         variants, info = self.tracks.variants(e.variants, acc.unwrap_model(self.unet), step)
         if not variants:
             return
-        sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key, cfg=e,
-                                           scheduler_config=self.scheduler_config, accelerator=acc,
-                                           progress=acc.is_main_process, precision=self.sample_precision)
+        if self.conditional is not None:
+            sampled = self.conditional.sample(variants, self.extractor, e, acc, progress=acc.is_main_process,
+                                              precision=self.sample_precision)
+            common = self.conditional.row_info()
+            info = {name: {**common, **info.get(name, {})} for name in variants}
+        else:
+            sampled = sampling.sample_variants(variants, self.extractor, reference_key=self.reference.key, cfg=e,
+                                               scheduler_config=self.scheduler_config, accelerator=acc,
+                                               progress=acc.is_main_process, precision=self.sample_precision)
         if acc.is_main_process:
             self.recorder.submit(step, sampled, self.reference, self.extractor, self.ema.lawa, info)
         self.last_step = step

@@ -1,5 +1,8 @@
 """``lawa-diffusion train``: a diffusers UNet2DModel trained as DDPM with EMA, LAWA over the EMA and FID tracking.
 
+With ``model.num_class_embeds`` the UNet is class-conditional: it trains on the dataset's class labels
+(Fashion-MNIST's label files) and is evaluated on ``eval.class_labels``.
+
 Runs as one process or under ``accelerate launch -m lawa_diffusion train`` / ``torchrun -m lawa_diffusion``.
 The run folder holds config.yaml, metrics.jsonl, checkpoint-<step>/ (accelerate ``save_state`` plus
 unet_ema[_<track>]/ and unet_lawa[_<window>]/), optionally ema_snapshots/ (``save_ema_snapshots`` and
@@ -58,6 +61,31 @@ def build_unet(kwargs: dict):
     return UNet2DModel(**kwargs)
 
 
+def num_classes_of(cfg: TrainConfig) -> Optional[int]:
+    """``model.num_class_embeds``: the classes of a class-conditional UNet (None: unconditional)."""
+    return cfg.model.get("num_class_embeds")
+
+
+def check_conditions(cfg: TrainConfig) -> None:
+    """A class-conditional model (``model.num_class_embeds``) is evaluated on ``eval.class_labels`` and an
+    unconditional one on neither; text prompts condition other models than the trainer's."""
+    e, num = cfg.eval, num_classes_of(cfg)
+    check(e.prompts is None, f"eval prompts {e.prompts!r} condition text-to-image models, but the trainer trains a "
+          "UNet2DModel; drop eval.prompts (a class-conditional UNet takes model.num_class_embeds and "
+          "eval.class_labels)")
+    check(num is None or (isinstance(num, int) and not isinstance(num, bool) and num >= 1),
+          f"model num_class_embeds must be a number of classes >= 1 or null, got {num!r}")
+    check(num is not None or e.class_labels is None, f"eval class_labels {e.class_labels!r} needs a class-conditional "
+          "model; set model.num_class_embeds (10 for Fashion-MNIST) or drop eval.class_labels")
+    evaluates = e.every_n_steps > 0 or e.at_end
+    check(num is None or not evaluates or e.class_labels is not None, f"model num_class_embeds {num} makes the UNet "
+          "class-conditional; set eval.class_labels to all (every class, cycled) or a comma list of class numbers")
+    if num is not None:
+        from lawa_diffusion.training.labels import labelled_split
+
+        labelled_split(cfg.data, num)
+
+
 def model_config_of(unet) -> dict:
     """The UNet's full configuration as plain data (the ``model`` entry of config.yaml)."""
     return plain({k: v for k, v in unet.config.items() if not k.startswith("_")})
@@ -91,8 +119,10 @@ class BatchSource:
     """
 
     def __init__(self, images: torch.Tensor, batch_size: int, accumulation: int, seed: int,
-                 process_index: int, num_processes: int, random_flip: bool, device: torch.device):
+                 process_index: int, num_processes: int, random_flip: bool, device: torch.device,
+                 labels: Optional[torch.Tensor] = None):
         self.images = images.to(device)
+        self.labels = None if labels is None else labels.to(device)
         self.batch_size, self.accumulation, self.seed = batch_size, accumulation, seed
         self.rank, self.world, self.random_flip, self.device = process_index, num_processes, random_flip, device
         self.per_epoch = images.shape[0] // (batch_size * num_processes)
@@ -112,12 +142,21 @@ class BatchSource:
             self._perm = (epoch, torch.randperm(self.images.shape[0], generator=g).to(self.device))
         return self._perm[1]
 
-    def draw(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Generator]:
-        """Images in [-1, 1] for optimizer step ``step`` (from 1), micro-step ``micro``, and a generator for its noise."""
+    def _rows(self, step: int, micro: int) -> tuple[int, torch.Tensor]:
+        """(micro-batch index, the image rows) of optimizer step ``step``, micro-step ``micro`` on this process."""
         index = (step - 1) * self.accumulation + micro
         epoch, within = divmod(index, self.per_epoch)
         start = (within * self.world + self.rank) * self.batch_size
-        x = self.images[self._permutation(epoch)[start:start + self.batch_size]].float() / 127.5 - 1.0
+        return index, self._permutation(epoch)[start:start + self.batch_size]
+
+    def labels_of(self, step: int, micro: int) -> Optional[torch.Tensor]:
+        """The class labels of the images :meth:`draw` gives for ``(step, micro)`` (None without labels)."""
+        return None if self.labels is None else self.labels[self._rows(step, micro)[1]]
+
+    def draw(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Generator]:
+        """Images in [-1, 1] for optimizer step ``step`` (from 1), micro-step ``micro``, and a generator for its noise."""
+        index, rows = self._rows(step, micro)
+        x = self.images[rows].float() / 127.5 - 1.0
         g = torch.Generator(device=self.device).manual_seed(self._seed(2 ** 20 + index, self.rank))
         if self.random_flip:
             flip = torch.rand(x.shape[0], generator=g, device=self.device) < 0.5
@@ -230,6 +269,11 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
     unet = build_unet(cfg.model)
     model_config = model_config_of(unet)
     images = load_training_images(cfg.data, unet.config.sample_size, unet.config.in_channels)
+    labels = None
+    if num_classes_of(cfg) is not None:
+        from lawa_diffusion.training.labels import load_training_labels
+
+        labels = load_training_labels(cfg.data, num_classes_of(cfg))
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.noise.num_train_timesteps,
                                     beta_schedule=cfg.noise.beta_schedule, prediction_type=cfg.noise.prediction_type)
     fast = fast_path.enabled(cfg.fast_path, accelerator.device)
@@ -239,7 +283,7 @@ def build_parts(cfg: TrainConfig, accelerator, run_dir: str, fid_weights: Any = 
     tracks.register(accelerator)
     batches = BatchSource(images, cfg.train_batch_size, cfg.gradient_accumulation_steps, cfg.seed,
                           accelerator.process_index, accelerator.num_processes, cfg.data.random_flip,
-                          accelerator.device)
+                          accelerator.device, labels)
     tracker = tracking.Tracker(cfg, run_dir, accelerator, unet, tracks, noise_scheduler, model_config, fid_weights)
     tracker.sample_precision = cfg.mixed_precision if fast else None
     snapshots = PosthocSnapshots(accelerator.unwrap_model(unet), run_dir, every_n_steps=cfg.posthoc.every_n_steps,
@@ -273,9 +317,11 @@ def loss_target(noise_scheduler, clean, noise, timesteps):
     return clean
 
 
-def forward_backward(p: Parts, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The loss of one micro-batch, back-propagated."""
-    pred = p.forward(p.noise_scheduler.add_noise(clean, noise, t), t)
+def forward_backward(p: Parts, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                     labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The loss of one micro-batch (with its class labels for a class-conditional UNet), back-propagated."""
+    noisy = p.noise_scheduler.add_noise(clean, noise, t)
+    pred = p.forward(noisy, t) if labels is None else p.forward(noisy, t, class_labels=labels)
     loss = F.mse_loss(pred.float(), loss_target(p.noise_scheduler, clean, noise, t).float())
     p.accelerator.backward(loss)
     return loss
@@ -287,10 +333,11 @@ def train_step(p: Parts, step: int) -> torch.Tensor:
     for micro in range(p.cfg.gradient_accumulation_steps):
         with acc.accumulate(p.unet):
             clean, g = p.batches.draw(step, micro)
+            labels = p.batches.labels_of(step, micro)
             noise = torch.randn(clean.shape, generator=g, device=clean.device)
             t = torch.randint(0, p.noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                               generator=g, device=clean.device)
-            loss = p.forward.run(functools.partial(forward_backward, p, clean, noise, t),
+            loss = p.forward.run(functools.partial(forward_backward, p, clean, noise, t, labels),
                                  reset=lambda: p.optimizer.zero_grad(set_to_none=True))
             if acc.sync_gradients and p.cfg.optim.max_grad_norm is not None:
                 acc.clip_grad_norm_(p.unet.parameters(), p.cfg.optim.max_grad_norm)
@@ -357,6 +404,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     ``cfg.eval.inception_weights``, then the resolved Inception weights.
     """
     run_dir = os.path.abspath(cfg.output_dir)
+    check_conditions(cfg)
     checkpoint, step = resolve_resume(run_dir, resume, overwrite)
     if checkpoint is not None:
         runfolder.verify_checkpoint(checkpoint)  # before the steps past it are removed

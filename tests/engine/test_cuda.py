@@ -91,3 +91,67 @@ def test_snapshot_does_not_sync_the_host_and_its_check_is_read_later(tmp_path, s
         lawa.step(4)
     assert lawa.snapshot_steps == [1, 2, 4] and lawa.skipped_steps == [3]
     lawa.close()
+
+
+@pytest.mark.parametrize("storage", ["cpu", "device"])
+def test_keep_average_uploads_the_evicted_row_before_the_copier_overwrites_its_slot(monkeypatch, storage):
+    """keep_average subtracts the evicted snapshot, read from its (pinned) row without a host wait, while the next
+    snapshot's copy goes into the same slot on the copier's stream. The training stream sleeps before each upload,
+    so the copy would land first unless it waits for the upload: every running average must stay the float64 mean
+    of the window (checked after every snapshot, between the exact recomputations)."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    tensors = [torch.randn(s, device="cuda", generator=g) for s in [(4 << 20,), (257, 33)]]
+    lawa = LAWA(tensors, LAWAConfig(k=3, every_n_steps=1, storage=storage, keep_average=True))
+    ring_type = storage_mod.HostRing if storage == "cpu" else storage_mod.DeviceRing
+    real_row_copy = ring_type.row_copy
+    uploads = []
+
+    def late_row_copy(ring, slot, device, dtype):
+        torch.cuda._sleep(LATE_COPY_CYCLES)  # on the training stream, before the upload is queued
+        uploads.append(slot)
+        return real_row_copy(ring, slot, device, dtype)
+
+    monkeypatch.setattr(ring_type, "row_copy", late_row_copy)
+    kept, errors = [], []
+    for step in range(1, 12):
+        for t in tensors:
+            t.mul_(0.5).add_(torch.randn(t.shape, device="cuda", generator=g))
+        assert lawa.step(step)
+        kept = (kept + [torch.cat([t.reshape(-1).double() for t in tensors])])[-3:]
+        errors.append((lawa.average_flat().double() - sum(kept) / len(kept)).abs().max().item())
+    assert len(uploads) >= 5  # the evicting snapshots went through the delayed upload
+    assert max(errors) <= 1e-5, errors
+    lawa.close()
+
+
+def test_nonfinite_agreement_and_gather_of_shards_offloaded_to_the_cpu_over_nccl(tmp_path):
+    """FSDP2 with CPU offload keeps the EMA's shards on the CPU while its mesh talks NCCL, which takes CUDA tensors
+    only: the NaN/Inf flags and the gather of save_pretrained go through the GPU (one process, a mesh of one)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    from tests.helpers import tiny_unet
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        unet = tiny_unet()
+        sharded = fully_shard(tiny_unet(), mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+        shards = [p.detach().clone() for p in sharded.parameters()]  # an EMA of the sharded model, as FSDP2 keeps it
+        assert all(s.device_mesh.device_type == "cuda" and s.to_local().device.type == "cpu" for s in shards)
+        lawa = LAWA(shards, LAWAConfig(k=2, every_n_steps=1, on_nonfinite="skip"))
+        lawa.step(1)
+        shards[0].to_local()[0] = float("nan")
+        lawa.step(2)
+        shards[0].to_local().nan_to_num_(0.0)
+        with pytest.warns(UserWarning, match="step 2 "):
+            lawa.resolve_checks()
+        assert lawa.snapshot_steps == [1]
+        lawa.save_pretrained(tmp_path / "lawa", model=tiny_unet(seed=5))
+        from diffusers import UNet2DModel
+
+        saved = UNet2DModel.from_pretrained(tmp_path / "lawa")
+        assert all(torch.equal(a, b) for a, b in zip(saved.parameters(), unet.parameters()))
+    finally:
+        dist.destroy_process_group()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lawa_diffusion import LAWA, LAWAConfig
 from lawa_diffusion.maths.averaging import DTYPE_NAMES
-from tests.helpers import ROOT, SCRIPTS
+from tests.helpers import torchrun
 
 SHAPES = [(3, 4), (7,), (2, 2, 2)]
 
@@ -471,21 +471,11 @@ def test_streamed_mean_of_a_whole_empty_shard():
     assert streamed_mean(out, [lambda a, b: torch.empty(0)] * 3, 0, torch.float32) is out
 
 
-def _torchrun(script, nproc, *args, timeout=300):
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(SCRIPTS / script), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
 def test_sharded_nonfinite_decisions_are_the_same_on_every_process(tmp_path, on_nonfinite):
     """NaN in one process's shard only: both processes skip that snapshot (same window), or both raise."""
-    done = _torchrun("sharded_nonfinite.py", 2, "--output_dir", str(tmp_path), "--on_nonfinite", on_nonfinite)
+    done = torchrun("sharded_nonfinite.py", 2, "--output_dir", str(tmp_path), "--on_nonfinite", on_nonfinite)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     if on_nonfinite == "skip":
@@ -514,3 +504,17 @@ def test_keep_average_over_disk_reads_no_file_in_step(tmp_path, monkeypatch):
     lawa.step(9)
     assert reads == ["mean_into"] and not torch.equal(lawa.average_flat(), first)
     lawa.close()
+
+
+@pytest.mark.parametrize("start, nu, min_snapshots, first", [(0, 10, 1, 10), (0, 10, 2, 20), (7, 10, 1, 7)])
+def test_no_snapshot_yet_names_the_step_that_will_have_one(start, nu, min_snapshots, first):
+    # the EMA counts steps from 1, so with start_step 0 the first snapshot is at ν, never at step 0
+    lawa = LAWA([torch.zeros(3)], LAWAConfig(k=3, every_n_steps=nu, start_step=start, min_snapshots=min_snapshots))
+    with pytest.raises(ValueError, match=f"holds 0 snapshot\\(s\\) .*train until step {first} "):
+        lawa.average_into([torch.zeros(3)])
+    assert first == lawa_first_due(start, nu) + (min_snapshots - 1) * nu
+
+
+def lawa_first_due(start: int, nu: int) -> int:
+    """Independent reference: the first step s >= 1 with s >= start and s ≡ start (mod ν)."""
+    return next(s for s in range(1, start + nu + 1) if s >= start and (s - start) % nu == 0)

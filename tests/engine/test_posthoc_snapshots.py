@@ -241,17 +241,20 @@ def test_lawa_window_over_a_power_track(tmp_path):
 @pytest.mark.cuda
 def test_snapshots_of_cuda_emas_are_the_weights_of_their_step(tmp_path):
     """The host copy is asynchronous (pinned buffers, an event the writer waits for): each file must hold
-    its own step's weights, not a later update's."""
+    its own step's weights, not a later update's. The training stream sleeps before every update, so each copy
+    lands long after the writer thread has it in hand, and the test itself waits for the GPU only at the end: a writer
+    that did not wait for the copy's event would save the buffer before (or while) the copy fills it."""
     unet = tiny_unet().cuda()
     store = PosthocSnapshots(unet, tmp_path, sigma_rels=[0.1], every_n_steps=1, main_process=True)
     want = {}
     for step in range(1, 6):
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time before this step's update and copy
         with torch.no_grad():
             for p in unet.parameters():
                 p.mul_(1.5).add_(0.25)
         store.update(unet.parameters())
-        want[step] = store.own[TRACKS[1]].shadow_params[0].detach().cpu().clone()
+        want[step] = store.own[TRACKS[1]].shadow_params[0].detach().clone()  # on the GPU: no host sync
     store.close()
     for step, tensor in want.items():
         got, _ = read_snapshot(runfolder.snapshot_path(str(tmp_path), step, TRACKS[1]))
-        assert torch.equal(got["conv_in.weight"], tensor), step
+        assert torch.equal(got["conv_in.weight"], tensor.cpu()), step

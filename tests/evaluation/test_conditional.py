@@ -378,12 +378,12 @@ def test_conditional_model_without_prompts_is_one_sentence(parts, stand_in):
     with pytest.raises(ValueError) as caught:
         conditional.evaluate_variants_conditional(parts, {"v": parts.unet}, None, weights=stand_in, progress=False)
     message = str(caught.value)
-    assert "text-conditioned UNet2DConditionModel" in message and "add --prompts FILE|FOLDER" in message
+    assert "text-conditioned UNet2DConditionModel" in message and "set --prompts to a text file" in message
     assert "\n" not in message and message.count(". ") == 0
-    assert "add --class-labels all" in conditional.conditioning_message(cls, "model 'x'")
-    with pytest.raises(ValueError, match="class-conditional UNet2DModel .*add --class-labels"):
+    assert "set --class-labels to all" in conditional.conditioning_message(cls, "model 'x'")
+    with pytest.raises(ValueError, match="class-conditional UNet2DModel .*set --class-labels"):
         conditional.check_conditions(cls, prompt_set())
-    with pytest.raises(ValueError, match="add --prompts"):
+    with pytest.raises(ValueError, match="set --prompts to"):
         conditional.ConditionalSampler(parts, prompts.class_label_set("all", 3))
 
 

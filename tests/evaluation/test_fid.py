@@ -341,7 +341,7 @@ def _pipeline_and_reference(tmp_path):
     DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(pipeline)
     rng = np.random.RandomState(0)
     ref = write_pngs(tmp_path / "ref", [rng.randint(0, 256, (8, 8), dtype=np.uint8) for _ in range(3)])
-    return ["fid", str(pipeline), "--reference", ref, "--num-samples", "3", "--steps", "2", "--json", "--device", "cpu"]
+    return ["fid", str(pipeline), "--reference", ref, "--num-samples", "3", "--num-inference-steps", "2", "--json", "--device", "cpu"]
 
 
 def test_cli_fid_on_pipeline_and_model_folders(tmp_path, capsys, monkeypatch, stand_in):

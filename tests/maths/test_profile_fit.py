@@ -136,9 +136,15 @@ def test_early_constant_decay_is_refused_with_what_to_store():
     assert near.residual < 0.02
     far = synthesis.target_profile(synthesis.parse_target("decay=0.97"), 60)
     assert synthesis.solve(profiles, far).residual > 0.5
-    with pytest.raises(ValueError, match="out of reach.*store snapshots more often") as e:
+    # decay 0.97 weighs step 1 (17 %), earlier than any snapshot: the target reaches further back than the store
+    with pytest.raises(ValueError, match="out of reach.*longer than the stored snapshots reach.*from step 1") as e:
         synthesis.solve(profiles, far, max_residual=synthesis.DEFAULT_MAX_RESIDUAL, what="target 'decay=0.97'")
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "more often" not in str(e.value)
+    # the raw weights are shorter than anything an average of snapshots 5 steps apart reaches
+    raw = synthesis.target_profile(synthesis.parse_target("raw"), 60)
+    with pytest.raises(ValueError, match="out of reach.*store snapshots more often, or a track with a shorter") as e:
+        synthesis.solve(profiles, raw, max_residual=synthesis.DEFAULT_MAX_RESIDUAL, what="target 'raw'")
+    assert "later step" not in str(e.value)
 
 
 def test_target_profiles():

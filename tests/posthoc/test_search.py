@@ -21,6 +21,7 @@ from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc import search as hindsight
 from lawa_diffusion.posthoc.synthesize import plan_synthesis
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.runs.records import best_per_step
 from lawa_diffusion.utils.files import read_jsonl
 from tests.helpers import ROOT, make_run, one_line_error, param_sum_metric
 from tests.helpers import SYNTH_DECAY as DECAY
@@ -232,3 +233,16 @@ def test_two_processes_score_as_one_and_only_the_main_one_writes(trained_run, tm
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
     assert [(tmp_path / f"two.processes.{r}").read_text() for r in (0, 1)] == ["2", "2"]  # really split in two
+
+
+def test_summary_names_a_non_grid_target_by_its_name():
+    from lawa_diffusion.posthoc.search import format_summary
+
+    rows = [{"step": 60, "target": "sigma_rel=0.1", "kind": "sigma_rel", "sigma_rel": 0.1, "fid": 9.0},
+            {"step": 60, "target": "ema", "kind": "target", "sigma_rel": 0.2106, "fid": 8.0}]
+    summary = {"steps": [60], "rows": rows, "max_residual": 0.05, "best": best_per_step(rows)}
+    line = format_summary(summary)
+    assert line == "step 60: best ema (its σ_rel 0.2106): FID 8.000"
+    rows[1]["fid"] = 10.0
+    summary["best"] = best_per_step(rows)
+    assert format_summary(summary) == "step 60: best σ_rel 0.1000 (sigma_rel=0.1): FID 9.000"

@@ -138,7 +138,7 @@ def two_model_run(tmp_path_factory):
     (["--target", "sigma_rel=0.3"], "sigma_rel must be > 0 and < 0.2887"),
     (["--target", "sigma_rel=0"], "sigma_rel must be > 0 and < 0.2887"),
     (["--step", "33"], "--step 33 has no stored snapshot"),
-    (["--target", "decay=0.97", "--tracks", "p05,p10"], "out of reach.*store snapshots more often"),
+    (["--target", "decay=0.97", "--tracks", "p05,p10"], "out of reach.*longer than the stored snapshots reach"),
     (["--target", "decay=0.9", "--tracks", "p05,p10", "--max-residual", "0.001"], "out of reach"),
     (["--no-overwrite"], "already exists; choose another path or pass --overwrite"),
     (["--models"], "snapshots come from different model configs"),

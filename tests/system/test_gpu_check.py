@@ -1,13 +1,17 @@
-"""scripts/gpu_check.sh can fail: a failing step is reported in the summary and fails the script, the steps after
-it still run, and steps that no longer fit the time budget are listed as skipped (on the CPU, tiny sizes)."""
+"""scripts/gpu_check.sh gives a verdict that can be trusted (on the CPU, tiny sizes): a preflight that stops the
+script with one line; three statuses per step (passed, failed, cut by the budget); the verdict "passed" only when
+every step passed, "failed" (exit 1) when one failed, "incomplete" (exit 3) when one was cut or not started; a
+tests step with a skipped test fails; everything lands in one archive beside the summary."""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
+import torch
 
 from tests.helpers import ROOT
 
@@ -15,29 +19,92 @@ from tests.helpers import ROOT
 def gpu_check(tmp_path, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "GPU_CHECK_TINY": "1", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
             "PYTHON": sys.executable, **env}
+    full.pop("LAWA_RUN_SLOW", None)
     return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=400)
 
 
-def summary_rows(stdout: str) -> dict:
-    """{step: (exit, rest of the line)} from the summary table at the end of the output."""
-    table = stdout.split("summary (part", 1)[1]
+def summary(stdout: str) -> tuple[dict, str]:
+    """({step: (status, note)} from the table of steps, the verdict word)."""
+    table = stdout.split("== steps (part", 1)[1]
     rows = {}
     for line in table.splitlines()[2:]:
-        match = re.match(r"^(\w+)\s+(\S+)\s+(\d+)\s+(\d+)(.*)$", line)
+        match = re.match(r"^(\w+)\s+(passed|failed|cut)\s+(\S+)\s+(\d+)\s+(\d+)\s*(.*)$", line)
         if match:
-            rows[match.group(1)] = (match.group(2), match.group(5).strip())
-    return rows
+            rows[match.group(1)] = (match.group(2), match.group(6).strip())
+    verdict = re.search(r"^gpu_check verdict: (\w+)", stdout, re.M)
+    return rows, verdict.group(1) if verdict else ""
 
 
-def test_a_failing_step_fails_the_script_and_the_next_steps_still_run(tmp_path):
-    done = gpu_check(tmp_path, GPU_CHECK_STEPS="device,plan", GPU_CHECK_FAIL="device")
-    assert done.returncode != 0, done.stdout + done.stderr
-    rows = summary_rows(done.stdout)
-    assert rows == {"device": ("2", "FAILED"), "plan": ("0", "")}, done.stdout
-    assert "--gpu-check-rejected-argument" in (tmp_path / "out" / "logs" / "device.log").read_text()
-    assert "matched-lag baseline" in (tmp_path / "out" / "logs" / "plan.log").read_text()
-    assert (tmp_path / "out" / "steps.tsv").read_text().splitlines()[0].split("\t")[:2] == ["device", "2"]
+def archived(tmp_path, name: str) -> str:
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        return tar.extractfile(name).read().decode()
+
+
+def test_a_failing_step_fails_the_script_the_next_steps_still_run_and_all_is_archived(tmp_path):
+    done = gpu_check(tmp_path, GPU_CHECK_STEPS="tests,plan", GPU_CHECK_FAIL="tests",
+                     GPU_CHECK_TESTS="tests/test_layers.py")
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows, verdict = summary(done.stdout)
+    assert verdict == "failed"
+    assert rows["preflight"][0] == "passed" and rows["plan"] == ("passed", "")
+    assert rows["tests"][0] == "failed" and rows["tests"][1].startswith("exit ")
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.tar.gz", "summary.txt"]
+    assert "gpu_check verdict: failed" in (tmp_path / "out" / "summary.txt").read_text()
+    assert "--gpu-check-rejected-argument" in archived(tmp_path, "logs/tests.log")
+    assert "matched-lag baseline" in archived(tmp_path, "logs/plan.log")
+    assert "preflight: inception weights: ok" in archived(tmp_path, "logs/preflight.log")
+    assert archived(tmp_path, "steps.tsv").splitlines()[1].split("\t")[:2] == ["tests", "failed"]
+
+
+def test_a_failed_preflight_stops_the_script_with_one_line(tmp_path):
+    done = gpu_check(tmp_path, LAWA_INCEPTION_WEIGHTS=str(tmp_path / "no-weights.pth"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows, verdict = summary(done.stdout)
+    assert rows == {"preflight": ("failed", "exit 1")} and verdict == "failed"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("preflight failed:")]
+    assert len(lines) == 1 and "inception weights" in lines[0] and "no-weights.pth" in lines[0]
+    assert "stopped after the preflight: preflight failed: inception weights" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine where CUDA is not visible")
+def test_the_gpu_run_without_cuda_fails_at_the_preflight(tmp_path):
+    done = gpu_check(tmp_path, GPU_CHECK_TINY="0", GPU_CHECK_STEPS="preflight")
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows, verdict = summary(done.stdout)
+    assert rows == {"preflight": ("failed", "exit 1")} and verdict == "failed"
+    assert "preflight failed: device: CUDA is not visible" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="its CUDA tests would run, not skip")
+def test_a_skipped_cuda_test_fails_the_tests_step(tmp_path):
+    """pytest exits 0 when every selected test skips (no CUDA): the tests step must not read as passed."""
+    done = gpu_check(tmp_path, GPU_CHECK_STEPS="tests",
+                     GPU_CHECK_TESTS="tests/engine/test_rings.py -k 'pinned_pages_are_not or host_empty_registers'")
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows, verdict = summary(done.stdout)
+    assert verdict == "failed" and rows["tests"][0] == "failed"
+    assert rows["tests"][1] == "1 test(s) skipped: a skipped CUDA test checks nothing"
+    assert "SKIPPED" in done.stdout and "needs a CUDA device" in done.stdout
+
+
+def test_a_step_cut_by_the_budget_is_cut_and_the_verdict_incomplete(tmp_path):
+    """The budget cuts the training run's limit to a few seconds: it is stopped there, which reads "cut" (not
+    "failed") and makes the verdict "incomplete"; the steps after it that find no budget left are cut too."""
+    done = gpu_check(tmp_path, GPU_CHECK_STEPS="one_seed,bench_fid", GPU_CHECK_BUDGET="6", GPU_CHECK_MIN_STEP_S="2")
+    assert done.returncode == 3, done.stdout + done.stderr
+    rows, verdict = summary(done.stdout)
+    assert verdict == "incomplete"
+    assert rows["one_seed"][0] == "cut" and "the budget had cut its limit of 600 s" in rows["one_seed"][1]
+    assert rows["bench_fid"][0] == "cut" and rows["bench_fid"][1].startswith("not started")
+
+
+def test_a_step_past_its_own_limit_fails(tmp_path):
+    done = gpu_check(tmp_path, GPU_CHECK_STEPS="one_seed", T_ONE_SEED="3")
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows, verdict = summary(done.stdout)
+    assert verdict == "failed" and rows["one_seed"] == ("failed", "ran past its own limit of 3 s (a hang, or far "
+                                                                  "slower than measured)")
 
 
 def test_three_seeds_at_once_are_three_steps_and_the_script_finishes(tmp_path):
@@ -47,15 +114,10 @@ def test_three_seeds_at_once_are_three_steps_and_the_script_finishes(tmp_path):
     done = gpu_check(tmp_path, GPU_CHECK_PART="seeds", GPU_CHECK_STEPS="seed0,seed1,seed2,report",
                      GPU_CHECK_FAIL="seed0,seed1,seed2")
     assert done.returncode == 1, done.stdout + done.stderr
-    rows = summary_rows(done.stdout)
-    assert {name: rows[name][0] for name in rows} == {"seed0": "2", "seed1": "2", "seed2": "2", "report": "2"}
-
-
-def test_steps_past_the_budget_are_skipped_and_listed(tmp_path):
-    done = gpu_check(tmp_path, GPU_CHECK_STEPS="device,plan", GPU_CHECK_BUDGET="1", GPU_CHECK_MIN_STEP_S="30")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert summary_rows(done.stdout) == {"device": ("skipped", "(no time left in the budget)"),
-                                         "plan": ("skipped", "(no time left in the budget)")}
+    rows, verdict = summary(done.stdout)
+    assert {name: rows[name][0] for name in rows} == {"preflight": "passed", "seed0": "failed", "seed1": "failed",
+                                                      "seed2": "failed", "report": "failed"}
+    assert verdict == "failed"
 
 
 @pytest.mark.parametrize("env, words", [({"GPU_CHECK_PART": "nope"}, "GPU_CHECK_PART"),

@@ -15,7 +15,7 @@ from lawa_diffusion.config.train import TrainConfig
 from lawa_diffusion.evaluation import sampling
 from lawa_diffusion.training import fast_path
 from lawa_diffusion.training import trainer as train_mod
-from tests.helpers import tiny_config, tiny_unet
+from tests.helpers import tiny_config, tiny_unet, torchrun
 from tests.helpers import train_run as run
 
 NO_EVAL = {"every_n_steps": 0, "at_end": False}
@@ -185,6 +185,30 @@ def test_error_after_the_guarded_calls_is_raised(monkeypatch):
         forward.run(lambda: forward(x, t).sum().backward(), reset=lambda: None)
     with pytest.raises(Broken):
         forward.run(lambda: forward(x, t).sum().backward(), reset=lambda: None)
+
+
+@pytest.mark.slow
+def test_under_ddp_a_failed_compiled_backward_falls_back_on_every_process_with_the_right_gradients(tmp_path):
+    """Two gloo processes under DDP; the compiled backward fails after DDP has sent some gradient buckets, on both
+    processes or on one. Redoing that backward would run through DDP's half-finished reduction; instead the first
+    compiled step is tried without gradient sync, both processes agree, and both fall back together. Every step's
+    gradients are the mean of both processes' plain gradients (computed without DDP); with nothing failing, the
+    trial leaves no gradient behind and the compiled forward serves every step."""
+    import json
+
+    done = torchrun("ddp_fast_path.py", 2, "--output_dir", str(tmp_path), timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert list(seen) == ["none", "both", "rank1"], seen
+        for name, got in seen.items():
+            assert "error" not in got and len(got["diffs"]) == 3 and max(got["diffs"]) <= 1e-6, (rank, name, got)
+        none = seen["none"]
+        assert none["fell_back"] is None and none["compiled_calls"] == 3 and not none["warnings"]
+        for name in ("both", "rank1"):
+            assert seen[name]["fell_back"] is not None and len(seen[name]["warnings"]) == 1, (rank, name, seen[name])
+        why = "failed on another process" if rank == 0 else "failed to compile"  # only rank 1's own step failed
+        assert why in seen["rank1"]["fell_back"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the trainer would compile for real")

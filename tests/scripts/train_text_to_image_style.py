@@ -1,0 +1,230 @@
+"""A small training script shaped like diffusers' examples/text_to_image/train_text_to_image.py.
+
+It keeps what LAWA integration has to cope with there: the scheduler, tokenizer, text encoder, VAE and UNet
+loaded from ``--pretrained_model_name_or_path`` subfolders (``--revision`` / ``--variant``), an
+``EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)`` made from a second
+copy of the UNet before ``accelerator.prepare``, latents from ``vae.encode(...).latent_dist.sample()``, the
+prompt embeddings from the frozen text encoder, accelerate save/load pre-hooks that write and read
+``unet_ema`` and ``unet``, ``--checkpointing_steps`` / ``--resume_from_checkpoint latest``, the
+``--validation_prompts`` option (``nargs="+"``), and ``unet_ema`` saved at the end.
+
+Differences that keep runs tiny and repeatable on CPU: the captioned images come from a folder with
+metadata.jsonl read with PIL (no ``datasets``), batches are not shuffled, no validation images are made,
+and the final save writes ``unet_ema`` and ``unet`` only (no pipeline folder).
+"""
+import argparse
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torchvision import transforms
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Tiny text-to-image fine-tuning in the style of diffusers' example.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True)
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, required=True, help="images with metadata.jsonl captions")
+    parser.add_argument("--caption_column", type=str, default="text")
+    parser.add_argument("--validation_prompts", type=str, default=None, nargs="+")
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--train_batch_size", type=int, default=2)
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", default=1.0, type=float)
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None)
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    return parser.parse_args()
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """The rows of ``folder/metadata.jsonl``: pixel values in [-1, 1] and the caption's token ids."""
+
+    def __init__(self, folder, caption_column, tokenizer, transform):
+        with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not rows:
+            raise ValueError(f"--train_data_dir {folder!r} has an empty metadata.jsonl")
+        self.paths = [os.path.join(folder, row["file_name"]) for row in rows]
+        captions = [row[caption_column] for row in rows]
+        self.input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                                   truncation=True, return_tensors="pt").input_ids
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as image:
+            return {"pixel_values": self.transform(image.convert("RGB")), "input_ids": self.input_ids[i]}
+
+
+def main():
+    args = parse_args()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    source = args.pretrained_model_name_or_path
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=args.revision,
+                                                 variant=args.variant)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=args.revision)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+
+    if args.use_ema:
+        ema_unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=args.revision,
+                                                        variant=args.variant)
+        ema_unet = EMAModel(ema_unet.parameters(), model_cls=UNet2DConditionModel, model_config=ema_unet.config)
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if args.use_ema:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                model.save_pretrained(os.path.join(output_dir, "unet"))
+                if weights:
+                    weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if args.use_ema:
+            load_model = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel)
+            ema_unet.load_state_dict(load_model.state_dict())
+            ema_unet.to(accelerator.device)
+            del load_model
+        for _ in range(len(models)):
+            model = models.pop()
+            load_model = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**load_model.config)
+            model.load_state_dict(load_model.state_dict())
+            del load_model
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    train_transforms = transforms.Compose([
+        transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(args.resolution),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+    train_dataset = CaptionedImages(args.train_data_dir, args.caption_column, tokenizer, train_transforms)
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=False, batch_size=args.train_batch_size)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                          lr_scheduler)
+    if args.use_ema:
+        ema_unet.to(accelerator.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    global_step = 0
+    first_epoch = 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = os.path.basename(args.resume_from_checkpoint)
+        else:
+            dirs = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint")]
+            dirs = sorted(dirs, key=lambda x: int(x.split("-")[1]))
+            path = dirs[-1] if dirs else None
+        if path is None:
+            accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new run.")
+            args.resume_from_checkpoint = None
+        else:
+            accelerator.print(f"Resuming from checkpoint {path}")
+            accelerator.load_state(os.path.join(args.output_dir, path))
+            global_step = int(path.split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    done_in_first_epoch = global_step % num_update_steps_per_epoch * args.gradient_accumulation_steps
+    for epoch in range(first_epoch, args.num_train_epochs):
+        for step, batch in enumerate(train_dataloader):
+            if epoch == first_epoch and step < done_in_first_epoch:
+                continue  # resumed: batches of this epoch already trained on
+            with accelerator.accumulate(unet):
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device).long()
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+                loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if args.use_ema:
+                    ema_unet.step(unet.parameters())
+                progress_bar.update(1)
+                global_step += 1
+                if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+            progress_bar.set_postfix(step_loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
+            if global_step >= args.max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unet = accelerator.unwrap_model(unet)
+        unet.save_pretrained(os.path.join(args.output_dir, "unet"))
+        if args.use_ema:
+            ema_unet.save_pretrained(os.path.join(args.output_dir, "unet_ema"))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
