@@ -296,9 +296,6 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
     main = is_main_process(accelerator)
     files = _prepare(out_dir, overwrite, append, check_existing=main)
     wanted = [("sigma_rel", f"sigma_rel={v:g}") for v in grid] + [("target", t) for t in targets]
-    if main and progress:
-        say(f"{len(wanted)} average(s) x {len(chosen)} step(s): {len(wanted) * len(chosen)} syntheses, each scored "
-            "with one FID evaluation of the run's num_samples images", "posthoc")
     from lawa_diffusion.posthoc.synthesize import shared_model
 
     cls, arch = shared_model(sources[-1:])
@@ -309,6 +306,9 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
                                  command="posthoc", accelerator=accelerator, model=model, **eval_options)
+    if main and progress:  # the work asked for, once the inputs are known to be usable
+        say(f"{len(wanted)} average(s) x {len(chosen)} step(s): {len(wanted) * len(chosen)} syntheses, each scored "
+            "with one FID evaluation of the run's num_samples images", "posthoc")
     if main:
         os.makedirs(out_dir, exist_ok=True)
         write_marker(out_dir, "hindsight")
