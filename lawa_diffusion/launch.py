@@ -30,9 +30,10 @@ import contextlib
 import os
 import runpy
 import sys
+import traceback
 from typing import Any, Iterator, Optional, Sequence
 
-from lawa_diffusion.integrations.plugin import LAWAInputError, Plugin, lawa_folder_for
+from lawa_diffusion.integrations.plugin import LAWAInputError, Plugin, lawa_folder_for, raised_in_package
 from lawa_diffusion.integrations.plugin_options import (  # the two builders patched scripts import from here
     PROG,
     PluginOptions,
@@ -42,6 +43,8 @@ from lawa_diffusion.integrations.plugin_options import (  # the two builders pat
     lawa_config_from_args,
     parse_argv,
 )
+from lawa_diffusion.runs.folder import script_option
+from lawa_diffusion.utils.os_errors import as_os_error, describe
 from lawa_diffusion.utils.output import is_main_process, say
 
 __all__ = ["add_lawa_arguments", "lawa_config_from_args", "save_lawa_next_to", "main", "run_target", "run_script",
@@ -123,7 +126,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LAWAInputError as e:  # bad LAWA input found while the script ran (the script's own errors pass)
         say(f"error: {e}", PROG)
         return 2
+    except OSError as e:  # a full disk (or a permission) met by this package's writes: one sentence
+        if e.errno is None or not raised_in_package(traceback.extract_tb(e.__traceback__)[-1].filename):
+            raise
+        say(f"error: {os_error_line(e, target.args)}", PROG)
+        return 2
     return 0
+
+
+def os_error_line(error: OSError, script_args: Sequence[str]) -> str:
+    """One sentence for an error of the operating system met while the script runs under the plugin: the path,
+    the script's --output_dir when the path lies under it, and what to do."""
+    error = as_os_error(error) or error
+    output_dir = script_option(script_args, "output_dir") or os.getcwd()
+    path = os.path.realpath(os.path.abspath(error.filename)) if error.filename else ""
+    root = os.path.realpath(os.path.abspath(output_dir))
+    under = path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    return describe(error, "--output_dir of the script" if under else None)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import EngineServer
+from tests.helpers import DiskFolder, EngineServer
 
 
 def pytest_addoption(parser):
@@ -45,3 +45,29 @@ def engine_server(tmp_path_factory):
     server = EngineServer(tmp_path_factory.mktemp("engine-server"))
     yield server
     server.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``make(size)``: a new folder on a tmpfs of ``size`` (e.g. "256k"), mounted where this process may (root),
+    with ``.mounted`` True; elsewhere a plain folder with ``.mounted`` False, for a test to simulate a full disk
+    in (``tests.helpers.simulate_full_disk``). Unmounted at the end."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str = "256k"):
+        folder = tmp_path / f"disk{len(mounted)}-{size}"
+        folder.mkdir()
+        simulate = os.environ.get("LAWA_TEST_NO_TMPFS") == "1"  # to check the simulated path where mounts work
+        done = None if simulate else subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        folder = DiskFolder(folder)
+        folder.mounted = done is not None and done.returncode == 0
+        if folder.mounted:
+            mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

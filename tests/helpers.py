@@ -459,3 +459,56 @@ def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subproc
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(nproc), str(SCRIPTS / script), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- full disks
+class DiskFolder(type(Path())):
+    """A folder of the ``small_disk`` fixture: ``mounted`` says whether it lies on a real small tmpfs."""
+
+    mounted = False
+
+
+def simulate_full_disk(monkeypatch, folder, when=lambda: True) -> None:
+    """Where no small tmpfs could be mounted: every atomic write (temp file or folder) under ``folder`` and every
+    ``save_state`` into it fails as a full disk does, once ``when()`` holds."""
+    import errno
+
+    import accelerate
+    from safetensors import SafetensorError
+
+    from lawa_diffusion.utils import files
+
+    root = os.path.realpath(folder)
+
+    def full(path) -> bool:
+        return os.path.realpath(os.fspath(path)).startswith(root) and when()
+
+    def failing(real):
+        def make(suffix=None, prefix=None, dir=None, **kwargs):
+            if dir is not None and full(dir):  # the error names the temp file, as the system's does
+                name = f"{prefix or 'tmp'}abcdefgh{suffix or ''}"
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(dir, name))
+            return real(suffix=suffix, prefix=prefix, dir=dir, **kwargs)
+        return make
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", failing(files.tempfile.mkstemp))
+    monkeypatch.setattr(files.tempfile, "mkdtemp", failing(files.tempfile.mkdtemp))
+    real_save_state = accelerate.Accelerator.save_state
+
+    def save_state(self, output_dir=None, *args, **kwargs):
+        if output_dir is not None and full(output_dir):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_state(self, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+
+
+def tree_digest(folder) -> dict:
+    """{relative path: sha256} of every file under ``folder`` (hidden ones too): to show a folder is intact."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out

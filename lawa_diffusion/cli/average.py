@@ -9,9 +9,11 @@ from lawa_diffusion.posthoc.average import write_average
 from lawa_diffusion.runs.folder import (
     BASE_TRACK,
 )
+from lawa_diffusion.utils.files import check_output_dir
 
 
 def _cmd_average(args) -> int:
+    check_output_dir(args.out, "-o", args.overwrite, kind="average", protected=args.dirs)  # before any work
     meta = write_average(args.dirs, args.out, args.k, args.every, args.subfolder, args.overwrite, args.track)
     steps = ", ".join("?" if s is None else str(s) for s in meta["snapshot_steps"])
     print(f"averaged {len(meta['sources'])} checkpoint(s) (steps {steps}) into {os.path.abspath(args.out)}")

@@ -39,12 +39,12 @@ from lawa_diffusion.evaluation.model_folders import (
     load_unet,
 )
 from lawa_diffusion.evaluation.sampling import SCHEDULER_CLASSES, evaluate_variants, image_shape
+from lawa_diffusion.utils.files import check_output_file
 from lawa_diffusion.utils.output import say
 
 
 def _check_output(path: Optional[str], overwrite: bool) -> None:
-    if path and os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"--output {path!r} already exists; choose another path or pass --overwrite")
+    check_output_file(path, "--output", overwrite)  # empty, a folder, under a file, or existing: one sentence
 
 
 def _print_result(result: dict, as_json: bool) -> None:

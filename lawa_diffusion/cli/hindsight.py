@@ -9,8 +9,16 @@ import warnings
 from lawa_diffusion.cli.renamed import add_old_spelling
 from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
 from lawa_diffusion.maths import profile_fit as synthesis
-from lawa_diffusion.posthoc.search import DEFAULT_SIGMA_RELS, _prepare, format_summary, run_hindsight
+from lawa_diffusion.posthoc.search import (
+    DEFAULT_SIGMA_RELS,
+    MAX_GRID_POINTS,
+    _prepare,
+    format_summary,
+    parse_sigma_rels,
+    run_hindsight,
+)
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils.files import check_output_place
 from lawa_diffusion.utils.output import is_main_process
 
 
@@ -21,10 +29,13 @@ def _cmd(args) -> int:
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
     main = is_main_process()
+    grid = parse_sigma_rels(args.sigma_rel, allow_large=args.large_grid)
     for run, out in zip(args.runs, outs):  # every output checked before any work
+        if out is not None:
+            check_output_place(out, "-o", protected=args.runs)
         _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite, args.append, check_existing=main)
     for run, out in zip(args.runs, outs):
-        summary = run_hindsight(run, args.sigma_rel, targets=args.target, twins=args.twin, steps=args.steps,
+        summary = run_hindsight(run, grid, targets=args.target, twins=args.twin, steps=args.steps,
                                 tracks=args.tracks.split(",") if args.tracks else None, max_residual=args.max_residual,
                                 out_dir=out, overwrite=args.overwrite, append=args.append, device=args.device,
                                 **options)
@@ -55,6 +66,8 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) with ema_snapshots/ and config.yaml")
     p.add_argument("--sigma-rel", default=DEFAULT_SIGMA_RELS,
                    help="lo:hi:n (n values, geometric spacing) or a comma list (default %(default)s)")
+    p.add_argument("--large-grid", action="store_true",
+                   help=f"allow more than {MAX_GRID_POINTS} σ_rel values (each one FID evaluation at every step)")
     p.add_argument("--target", action="append", default=[], help=f"another average to score (repeatable): {synthesis.TARGET_HELP}")
     p.add_argument("--twin", action="append", default=[],
                    help="an online EMA track (repeatable): at steps with a checkpoint, score its checkpointed weights "

@@ -7,9 +7,12 @@ from lawa_diffusion.cli.run_conditions import add_condition_options, condition_o
 from lawa_diffusion.config.commands import PosthocConfig
 from lawa_diffusion.posthoc.sweep import format_sweep, run_sweep
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils.files import check_output_dir
 
 
 def _cmd_sweep(args) -> int:
+    out = runfolder.sweep_dir(args.run_dir, args.track) if args.out is None else args.out
+    check_output_dir(out, "-o", args.overwrite, kind="sweep", protected=[args.run_dir])  # before any work
     options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
     options.update(condition_options(args))
     summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,

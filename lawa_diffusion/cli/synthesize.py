@@ -4,12 +4,12 @@ snapshots, written as a diffusers model folder.
 from __future__ import annotations
 
 import json
-import os
 from typing import List, Optional
 
 from lawa_diffusion.config.base import check
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.synthesize import SKIP_BELOW, plan_synthesis, write_synthesis
+from lawa_diffusion.utils.files import check_output_dir
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -30,8 +30,7 @@ def summary_line(record: dict, count: int) -> str:
 
 
 def _cli(args) -> int:
-    if os.path.exists(args.out) and not args.overwrite:  # before any work
-        raise FileExistsError(f"output {os.path.abspath(args.out)!r} already exists; choose another path or pass --overwrite")
+    check_output_dir(args.out, "-o", args.overwrite, kind="synthesize", protected=[args.run])  # before any work
     plan = plan_synthesis(args.run, args.target, args.step, _parse_tracks(args.tracks), args.max_residual)
     record = write_synthesis(plan, args.out, overwrite=args.overwrite, progress=not args.json)
     if args.json:

@@ -36,6 +36,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ValueError(f"config file {os.fspath(path)!r} is not valid YAML ({e}); fix its syntax") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {os.fspath(path)!r} is not UTF-8 text (byte {e.start} cannot be decoded); "
+                             "restore it or pass another file") from None
     data = {} if data is None else data
     check(isinstance(data, dict), f"config file {os.fspath(path)!r} must hold a mapping of option: value")
     return data

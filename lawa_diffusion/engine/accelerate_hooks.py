@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from lawa_diffusion.utils.files import atomic_save_safetensors, link_or_copy_atomic
+from lawa_diffusion.utils.checksums import verified_metadata
+from lawa_diffusion.utils.files import atomic_save_safetensors, link_or_copy_atomic, named_os_error
 from lawa_diffusion.utils.output import process_rank, warn
 
 
@@ -62,6 +63,7 @@ def load_engine_state(lawa: Any, folder: str) -> bool:
         return False
     from safetensors import safe_open
 
+    verified_metadata(path, "resume from the checkpoint before this one")
     with safe_open(path, framework="pt") as f:
         state = json.loads(f.metadata()["lawa_state"])
         if "snapshots" in f.keys():
@@ -109,7 +111,15 @@ def save_checkpoint(accelerator: Any, output_dir: str) -> str:
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    try:
+        accelerator.save_state(tmp)
+    except Exception as e:  # a full disk or a permission: the partial folder goes, the error names the checkpoint
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = named_os_error(e, output_dir)
+        if error is e:
+            raise
+        raise error from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.exists(output_dir):

@@ -31,6 +31,7 @@ from lawa_diffusion.config.tracks import POSTHOC_DTYPES
 from lawa_diffusion.engine.rings import host_empty, note_use
 from lawa_diffusion.maths import lag
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils.checksums import verified_metadata
 from lawa_diffusion.utils.files import BackgroundWriter, atomic_save_safetensors
 from lawa_diffusion.utils.output import is_main_process
 
@@ -322,6 +323,7 @@ class PosthocSnapshots:
                                     "the options the checkpoint was written with, or start a new output folder")
         from safetensors import safe_open
 
+        verified_metadata(path, "resume from the checkpoint before this one")
         with safe_open(path, framework="pt") as f:
             state = json.loads(f.metadata()["posthoc_state"])
             for name, track in state["tracks"].items():

@@ -18,6 +18,7 @@ import torch
 from lawa_diffusion.config.base import check
 from lawa_diffusion.engine.posthoc_snapshots import PosthocSnapshots, parameter_names, sigma_rel_track
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils.output import warn
 
 
 class PosthocBeside:
@@ -28,6 +29,10 @@ class PosthocBeside:
         self.output_dir = runfolder.script_option(script_args, "output_dir") or os.getcwd()
         self.store: Optional[PosthocSnapshots] = None
         self.loaded_from: Optional[str] = None
+        nothing = runfolder.stores_nothing_warning(launch.posthoc_every_n_steps, runfolder.script_option(
+            script_args, "max_train_steps"), "--lawa_posthoc_every_n_steps")
+        if nothing:
+            warn(nothing)
 
     @property
     def tracks(self) -> List[str]:

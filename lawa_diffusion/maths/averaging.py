@@ -2,9 +2,11 @@
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 import torch
+
+from lawa_diffusion.config.base import check
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -81,6 +83,21 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when no tensor holds NaN or Inf, checked element by element (one host sync per tensor)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating tensor (in name order) that holds NaN or Inf; None when all are finite."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+    """One-sentence ``ValueError`` naming the first tensor of ``what`` that holds NaN or Inf, ending with ``fix``."""
+    name = first_nonfinite(tensors)
+    check(name is None, f"{what} hold NaN or Inf (tensor {name!r}), so nothing was written; {fix}")
 
 
 def mean_of_rows(rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

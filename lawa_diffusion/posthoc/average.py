@@ -15,7 +15,7 @@ import torch
 from lawa_diffusion.config.base import check
 from lawa_diffusion.config.commands import PosthocConfig
 from lawa_diffusion.engine.lawa import record_in_config
-from lawa_diffusion.maths.averaging import average_tensor_lists
+from lawa_diffusion.maths.averaging import average_tensor_lists, check_finite
 from lawa_diffusion.posthoc.saved_weights import (
     Source,
     _weight_lists,
@@ -54,8 +54,10 @@ def write_average(paths: Sequence[str | os.PathLike], out: str | os.PathLike, k:
     meta = {"method": "posthoc", "track": track, "k": k, "every": every, "snapshot_steps": steps,
             "every_n_steps": gaps.pop() if len(gaps) == 1 else None,
             "sources": [os.path.abspath(s.path) for s in sources]}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="average") as tmp:
         cls, arch, state = average_sources(sources)
+        check_finite(state, "the averaged weights", "a checkpoint it reads holds them (did the run diverge?): "
+                                                    "average earlier checkpoints (fewer --k)")
         model = cls.from_config(arch)
         load_into(model, state, sources[-1].path)
         record_in_config(model, meta)

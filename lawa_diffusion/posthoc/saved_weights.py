@@ -23,10 +23,12 @@ from lawa_diffusion.runs.folder import (
     snapshot_folder,
     snapshot_step,
 )
+from lawa_diffusion.utils.checksums import load_safetensors, verified_metadata
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_BIN_NAME = "diffusion_pytorch_model.bin"
+WEIGHTS_FIX = "leave it out (pass the other checkpoints), or restore it from a copy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +129,7 @@ def _read_json(path: str) -> dict:
 
 
 def _snapshot_metadata(path: str) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    return verified_metadata(path, WEIGHTS_FIX)
 
 
 def _snapshot_step(path: str) -> Optional[int]:
@@ -152,7 +151,8 @@ def read_config(source: Source) -> dict:
 
 def read_weights(source: Source) -> Dict[str, torch.Tensor]:
     """The tensors of a source on the CPU, by state-dict name."""
-    from safetensors.torch import load_file
+    def load_file(path: str) -> Dict[str, torch.Tensor]:  # header, size and any checksum checked first
+        return load_safetensors(path, WEIGHTS_FIX, note_unchecked=source.is_snapshot)
 
     if source.is_snapshot or os.path.isfile(os.path.join(source.path, WEIGHTS_NAME)):
         return load_file(source.path if source.is_snapshot else os.path.join(source.path, WEIGHTS_NAME))

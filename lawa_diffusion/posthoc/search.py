@@ -28,7 +28,9 @@ from lawa_diffusion.maths import lag
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.runs.records import best_per_step
-from lawa_diffusion.utils.output import is_main_process
+from lawa_diffusion.utils.checksums import load_safetensors
+from lawa_diffusion.utils.files import check_output_dir, write_marker
+from lawa_diffusion.utils.output import is_main_process, say
 
 HINDSIGHT_FORMAT = "lawa-diffusion-hindsight/1"
 JSONL_NAME, JSON_NAME = runfolder.HINDSIGHT_NAME, "hindsight.json"
@@ -37,8 +39,11 @@ METRIC_KEYS = ("fid", "kid_mean", "kid_std", "num_samples", "inception_sha256")
 
 
 # ----------------------------------------------------------------------------- what to score
-def parse_sigma_rels(text: str) -> List[float]:
-    """``"lo:hi:n"`` -> n values from lo to hi spaced geometrically (equal ratios); ``"0.05,0.1"`` -> that list."""
+def parse_sigma_rels(text: str, allow_large: bool = False) -> List[float]:
+    """``"lo:hi:n"`` -> n values from lo to hi spaced geometrically (equal ratios); ``"0.05,0.1"`` -> that list.
+
+    More than :data:`MAX_GRID_POINTS` values need ``allow_large`` (each is one FID evaluation per step); values
+    that round (4 significant digits) to the same one are refused."""
     check(isinstance(text, str) and bool(text.strip()), "--sigma-rel needs lo:hi:n like 0.02:0.25:12 or a list like 0.05,0.1")
     bound = math.sqrt(1.0 / 12.0)  # σ_rel of γ → 0 (the uniform mean of all iterates): the largest a power EMA has
     try:
@@ -48,6 +53,7 @@ def parse_sigma_rels(text: str) -> List[float]:
             check(0 < lo <= hi < bound and n >= 1 and (n > 1 or lo == hi),
                   f"--sigma-rel {text!r} must be lo:hi:n with 0 < lo <= hi < {bound:.4f} and n >= 1 (n = 1 only "
                   "with lo = hi), e.g. 0.02:0.25:12")
+            _check_grid_size(text, n, allow_large)
             values = [lo] if n == 1 else list(np.geomspace(lo, hi, n))
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
@@ -57,7 +63,21 @@ def parse_sigma_rels(text: str) -> List[float]:
         raise ValueError(f"--sigma-rel must be lo:hi:n like 0.02:0.25:12 or a comma list like 0.05,0.1, got {text!r}") from None
     check(bool(values) and all(0 < v < bound for v in values),
           f"--sigma-rel values must lie in (0, {bound:.4f}), got {text!r}")
-    return [float(f"{v:.4g}") for v in values]
+    _check_grid_size(text, len(values), allow_large)
+    rounded = [float(f"{v:.4g}") for v in values]
+    check(len(set(rounded)) == len(rounded),
+          f"--sigma-rel {text!r} gives {len(rounded)} values but only {len(set(rounded))} distinct one(s) at 4 "
+          "significant digits (each would be scored again); widen the range, ask for fewer points or list each once")
+    return rounded
+
+
+MAX_GRID_POINTS = 64  # σ_rel values scored at every step without --large-grid
+
+
+def _check_grid_size(text: str, count: int, allow_large: bool) -> None:
+    check(allow_large or count <= MAX_GRID_POINTS,
+          f"--sigma-rel {text!r} asks for {count} σ_rel values, each one FID evaluation at every chosen step; more "
+          f"than {MAX_GRID_POINTS} need --large-grid: ask for fewer points, e.g. 0.02:0.25:12, or pass --large-grid")
 
 
 def choose_steps(run_dir: str, stored: Sequence[int], steps: str) -> List[int]:
@@ -152,24 +172,22 @@ def _loaded(model: torch.nn.Module, state_of, where: str):
 
 
 def _folder_state(folder: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from lawa_diffusion.posthoc.saved_weights import WEIGHTS_NAME
+    from lawa_diffusion.posthoc.saved_weights import WEIGHTS_FIX, WEIGHTS_NAME
 
     path = os.path.join(folder, WEIGHTS_NAME)
     check(os.path.isfile(path), f"checkpoint folder {folder!r} has no {WEIGHTS_NAME}; pass --twin for a track "
                                 "whose checkpoints hold safetensors weights")
-    return {k: v.float() for k, v in load_file(path).items()}
+    return {k: v.float() for k, v in load_safetensors(path, WEIGHTS_FIX, note_unchecked=False).items()}
 
 
 def _raw_state(checkpoint: str, names) -> Optional[Dict[str, torch.Tensor]]:
     """The trained (raw) weights of an accelerate checkpoint (model.safetensors), None if absent or other keys."""
-    from safetensors.torch import load_file
+    from lawa_diffusion.posthoc.saved_weights import WEIGHTS_FIX
 
     path = os.path.join(checkpoint, "model.safetensors")
     if not os.path.isfile(path):
         return None
-    state = load_file(path)
+    state = load_safetensors(path, WEIGHTS_FIX, note_unchecked=False)
     return {k: v.float() for k, v in state.items()} if set(state) == set(names) else None
 
 
@@ -215,6 +233,8 @@ def _target_rows(run_dir, step, targets, tracks, max_residual):
 def _prepare(out_dir: str, overwrite: bool, append: bool = False, check_existing: bool = True) -> dict:
     """The output files; refuses existing ones without ``overwrite`` / ``append`` (checked by the process that
     writes them: ``check_existing``)."""
+    if check_existing:
+        check_output_dir(out_dir, "-o", overwrite or append, kind="hindsight", refresh=True)
     files = {"jsonl": os.path.join(out_dir, JSONL_NAME), "json": os.path.join(out_dir, JSON_NAME),
              "png": os.path.join(out_dir, "hindsight-fid.png")}
     existing = [p for p in files.values() if os.path.exists(p)] if check_existing else []
@@ -286,8 +306,12 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
 
         evaluate = fid_evaluator(run_dir, image_size=model.config.sample_size, device=device, progress=progress,
                                  command="posthoc", accelerator=accelerator, model=model, **eval_options)
+    if main and progress:  # the work asked for, once the inputs are known to be usable
+        say(f"{len(wanted)} average(s) x {len(chosen)} step(s): {len(wanted) * len(chosen)} syntheses, each scored "
+            "with one FID evaluation of the run's num_samples images", "posthoc")
     if main:
         os.makedirs(out_dir, exist_ok=True)
+        write_marker(out_dir, "hindsight")
         rows = _kept_rows(files["jsonl"], append, chosen, [t for _, t in wanted] + [f"twin:{n}" for n in twins])
     else:
         rows = []

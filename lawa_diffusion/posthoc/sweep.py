@@ -19,6 +19,7 @@ from lawa_diffusion.posthoc.average import average_sources
 from lawa_diffusion.posthoc.run_evaluator import fid_evaluator
 from lawa_diffusion.posthoc.saved_weights import Source, load_into, shared_model
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils.files import check_output_dir, write_marker
 
 
 # ----------------------------------------------------------------------------- sweep plan
@@ -136,6 +137,7 @@ def _prepare_out_dir(out_dir: str, overwrite: bool) -> str:
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"sweep output {out_dir!r} already exists; choose another -o or pass --overwrite")
     os.makedirs(out_dir, exist_ok=True)
+    write_marker(out_dir, "sweep")
     jsonl = os.path.join(out_dir, "sweep.jsonl")
     if os.path.exists(jsonl):
         os.unlink(jsonl)
@@ -205,9 +207,8 @@ def run_sweep(run_dir: str | os.PathLike, ks: Sequence[int] = PosthocConfig.swee
     heatmap_step = eval_steps[-1] if heatmap_step is None else heatmap_step
     check(heatmap_step in eval_steps, f"sweep --heatmap-step {heatmap_step} is not a swept step; pick one of "
                                       f"{', '.join(map(str, eval_steps))}")
-    out_dir = os.path.abspath(out_dir or runfolder.sweep_dir(run_dir, track))
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"sweep output {out_dir!r} already exists; choose another -o or pass --overwrite")
+    out_dir = check_output_dir(out_dir or runfolder.sweep_dir(run_dir, track), "sweep -o", overwrite, kind="sweep",
+                               protected=[run_dir])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _template_model([Source(files[s], s) for s in sorted(files)], device)
     evaluate = evaluate or fid_evaluator(run_dir, image_size=model.config.sample_size, device=device,

@@ -27,12 +27,15 @@ from lawa_diffusion.maths import lag
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.saved_weights import load_into_assigned, one_model
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.maths.averaging import check_finite
+from lawa_diffusion.utils.checksums import verified_metadata
 from lawa_diffusion.utils.files import atomic_dir, atomic_write_json
 
 SIDECAR_NAME = "synthesis.json"
 SKIP_BELOW = 1e-12  # coefficients smaller than this (in absolute value) are not read: their files add nothing
 BLOCK_ELEMENTS = 1 << 15  # tensors summed together across the files: 256 KiB of float64 accumulator (fastest of 2^13..2^20 measured)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SNAPSHOT_FIX = "delete it and synthesise from the other snapshots, or restore it from a copy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +200,7 @@ def _read_into(fd: int, buffer: torch.Tensor, offset: int, path: str) -> None:
 
 # ----------------------------------------------------------------------------- finding the snapshots
 def _metadata(path: str) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    return verified_metadata(path, SNAPSHOT_FIX)  # header, size and checksum checked (once per file)
 
 
 def _config_tracks(run_dir: str) -> Dict[str, lag.EMATrack]:
@@ -328,8 +328,10 @@ def write_synthesis(synthesis: Synthesis, out: str | os.PathLike, overwrite: boo
     from accelerate import init_empty_weights
 
     record = synthesis.record(os.fspath(out))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="synthesize") as tmp:
         state = synthesis.state_dict(torch.float32, progress=progress)
+        check_finite(state, "the synthesised weights", "a snapshot it reads holds them (did the run diverge?): "
+                                                       "synthesise at an earlier --step or from other --tracks")
         with init_empty_weights():
             model = synthesis.model_cls.from_config(synthesis.model_config)
         load_into_assigned(model, state, synthesis.sources[-1].path)

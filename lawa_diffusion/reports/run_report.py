@@ -12,7 +12,6 @@ window is then set against it, paired per run (seed), and its speed-up against t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
@@ -21,8 +20,8 @@ from lawa_diffusion.config.base import check
 from lawa_diffusion.config.commands import ReportConfig
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.runs.records import VARIANTS, best_per_step, load_hindsight, variant_kind
-from lawa_diffusion.utils.files import atomic_write, atomic_write_json, read_jsonl
-from lawa_diffusion.utils.output import say
+from lawa_diffusion.utils.files import atomic_write, atomic_write_json, check_output_dir, read_jsonl_rows, write_marker
+from lawa_diffusion.utils.output import say, warn
 
 REPORT_FORMAT = "lawa-diffusion-report/1"
 METRICS = ("fid", "kid_mean")
@@ -150,15 +149,22 @@ def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
     points: Dict[str, Dict[float, float]] = {}
     kinds: Dict[str, dict] = {}
     lags: Dict[str, Dict[float, float]] = {}
-    for row in read_jsonl(metrics):
-        value = row.get(metric)
-        if value is None or "step" not in row or "variant" not in row:
+    without = 0
+    for line, row in read_jsonl_rows(metrics):
+        if row.get(metric) is None:
+            without += 1
+            continue
+        step, value = usable_point(row, metric, f"{metrics}: line {line}")
+        if step is None:
             continue
         variant = str(row["variant"])
-        points.setdefault(variant, {})[row["step"]] = float(value)
+        points.setdefault(variant, {})[step] = value
         kinds[variant] = variant_kind(row)
-        if row.get("mean_lag") is not None:
-            lags.setdefault(variant, {})[row["step"]] = float(row["mean_lag"])
+        lag = row.get("mean_lag")
+        if _is_number(lag) and math.isfinite(lag):
+            lags.setdefault(variant, {})[step] = float(lag)
+    if without and points:
+        warn(f"{metrics}: {without} row(s) hold no {metric} value; they are left out of the report")
     check(bool(points), f"run folder {path!r} has no {metric} values in metrics.jsonl; "
                         "wait for the first evaluation or choose another --metric")
     curves = {v: Curve(sorted(p), [p[s] for s in sorted(p)]) for v, p in points.items()}
@@ -166,6 +172,28 @@ def load_run(path: str | os.PathLike, metric: str = ReportConfig.metric) -> Run:
     if best is not None:
         curves[HINDSIGHT] = best
     return Run(path=path, curves=curves, kinds=kinds, lags=lags)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def usable_point(row: dict, metric: str, where: str) -> tuple:
+    """(step, value) of a metrics row, or (None, None) with one warning (naming ``where``, the file and line)
+    when it has no step or variant, or a step or value that is not a finite number."""
+    if "step" not in row or "variant" not in row:
+        warn(f"{where} has no {'step' if 'step' not in row else 'variant'}; the row is left out of the report")
+        return None, None
+    step, value = row["step"], row[metric]
+    if not _is_number(step) or not math.isfinite(step):
+        warn(f"{where} has step {step!r}, not a number; the row is left out of the report")
+        return None, None
+    if not _is_number(value) or not math.isfinite(value):
+        what = "not a number" if not _is_number(value) else "not finite"
+        warn(f"{where}: {metric} {value!r} of {row['variant']!r} at step {step} is {what}; the row is left out "
+             "of the report")
+        return None, None
+    return step, float(value)
 
 
 def hindsight_curve(path: str, metric: str = ReportConfig.metric) -> Optional[Curve]:
@@ -568,32 +596,21 @@ def _half(stats: dict, bound: str) -> float:
     return 0.0 if stats[bound] is None else abs(stats[bound] - stats["mean"])
 
 
-def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-    existing = os.path.join(out_dir, JSON_NAME)
-    if overwrite or not os.path.exists(existing):
-        return
-    try:
-        with open(existing, encoding="utf-8") as f:
-            ours = json.load(f).get("format") == REPORT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise FileExistsError(f"report output {existing!r} exists and is not a report; choose another -o or pass --overwrite")
-
-
 def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: Optional[str] = None,
                  metric: str = ReportConfig.metric, confidence: float = ReportConfig.confidence,
                  overwrite: bool = False) -> dict:
     """Load the runs, summarise, write report.json and report-<metric>.png; return the summary.
 
-    A previous report in ``out_dir`` is replaced; any other report.json there needs ``overwrite``.
+    A previous report in ``out_dir`` is refreshed; another output of this package there needs ``overwrite``; a
+    folder this package did not write (and the run folders, and the folders that hold them) is never written into.
     """
     check(len(run_dirs) >= 1, "report needs at least one RUN_DIR")
     runs = [load_run(p, metric) for p in run_dirs]
     summary = summarize(runs, metric, confidence)
-    out_dir = os.path.abspath(out_dir or runfolder.report_dir([r.path for r in runs]))
-    _check_out_dir(out_dir, overwrite)
+    out_dir = runfolder.report_dir([r.path for r in runs]) if out_dir is None else out_dir
+    out_dir = check_output_dir(out_dir, "-o", overwrite, kind="report", refresh=True, protected=[r.path for r in runs])
     os.makedirs(out_dir, exist_ok=True)
+    write_marker(out_dir, "report")
     png = os.path.join(out_dir, f"report-{metric}.png")
     _plot(summary, png)
     summary["files"] = {"json": os.path.join(out_dir, JSON_NAME), "png": png}
@@ -618,6 +635,11 @@ def print_report(run_dir: str) -> Optional[str]:
         summary = write_report([run_dir])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         say(f"not written ({e})", "report")
+        return None
+    except OSError as e:  # a full disk after training: the run is complete, the report can be made later
+        from lawa_diffusion.utils.os_errors import describe
+
+        say(f"not written ({describe(e, fix='free space, then run lawa-diffusion report on the run folder')})", "report")
         return None
     print(format_table(summary), flush=True)
     print(files_line(summary), flush=True)

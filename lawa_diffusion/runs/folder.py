@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from lawa_diffusion.config.base import check, read_yaml
 from lawa_diffusion.config.tracks import BASE_TRACK, BASE_WINDOW
-from lawa_diffusion.utils.files import atomic_write_text, read_jsonl
+from lawa_diffusion.utils.files import atomic_write_text, read_jsonl, read_jsonl_rows
+from lawa_diffusion.utils.output import warn
 
 CONFIG_NAME = "config.yaml"
 PLUGIN_EVAL_NAME = "lawa_eval.yaml"  # what the launch plugin evaluated with (a script's run has no config.yaml)
@@ -90,18 +91,33 @@ def write_plugin_eval(run_dir: str, eval_settings: dict, model_config: dict) -> 
 
 
 # ----------------------------------------------------------------------------- metrics rows
+def _step_of(row: dict) -> Optional[int]:
+    step = row.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def metric_steps(run_dir: str) -> List[int]:
-    """The evaluation steps recorded in the run's metrics.jsonl, ascending (empty without the file)."""
+    """The evaluation steps recorded in the run's metrics.jsonl, ascending (empty without the file); a row whose
+    step is not an integer is left out with one warning (file and line)."""
     path = metrics_path(run_dir)
-    return sorted({int(r["step"]) for r in read_jsonl(path) if "step" in r}) if os.path.isfile(path) else []
+    if not os.path.isfile(path):
+        return []
+    steps = set()
+    for line, row in read_jsonl_rows(path):
+        if _step_of(row) is None:
+            warn(f"{path}: line {line} has step {row.get('step')!r}, not an integer; the row is left out")
+        else:
+            steps.add(row["step"])
+    return sorted(steps)
 
 
 def truncate_metrics(path: str, step: int) -> None:
-    """Keep only the rows of ``path`` with ``step <= step`` (atomic rewrite; nothing to do when none is later)."""
+    """Keep only the rows of ``path`` with ``step <= step`` (atomic rewrite; nothing to do when none is later);
+    a row without an integer step is kept."""
     if not os.path.isfile(path):
         return
     rows = read_jsonl(path)
-    kept = [r for r in rows if int(r.get("step", 0)) <= step]
+    kept = [r for r in rows if _step_of(r) is None or r["step"] <= step]
     with open(path, encoding="utf-8") as f:
         torn = not f.read().endswith("\n") and os.path.getsize(path) > 0
     if len(kept) != len(rows) or torn:
@@ -130,6 +146,50 @@ def list_checkpoints(run_dir: str) -> List[Tuple[int, str]]:
 def latest_checkpoint(run_dir: str) -> Optional[str]:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def last_good_checkpoint_note(run_dir: str) -> str:
+    """What a run stopped by an error of the operating system can continue from: its newest complete checkpoint
+    (a checkpoint is renamed into place only when complete, so every listed one is whole)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return f"the run has no complete checkpoint yet, so it starts again from step 0 (run folder {run_dir!r})"
+    return (f"the last good checkpoint is {latest!r}: once the cause is fixed, continue from it with "
+            "--resume latest")
+
+
+def verify_checkpoint(checkpoint: str) -> None:
+    """Before resuming from ``checkpoint`` (and before anything past it is removed): every safetensors file in it
+    has a readable header, its full size and, where it carries one, its checksum; one sentence otherwise."""
+    from lawa_diffusion.utils.checksums import verified_metadata
+
+    for path in sorted(glob.glob(os.path.join(glob.escape(checkpoint), "**", "*.safetensors"), recursive=True)):
+        verified_metadata(path, "resume from the checkpoint before this one (pass --resume with its path)",
+                          note_unchecked=False)
+
+
+def written_by_train(folder: str) -> bool:
+    """Whether ``folder`` is a run folder written by ``lawa-diffusion train`` before run folders were marked: its
+    config.yaml names it as its output_dir."""
+    path = config_path(folder)
+    if not os.path.isfile(path):
+        return False
+    try:
+        recorded = read_yaml(path).get("output_dir")
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, str) and os.path.realpath(recorded) == os.path.realpath(folder)
+
+
+def stores_nothing_warning(every_n_steps: int, last_step: Optional[int | str], option: str) -> Optional[str]:
+    """The warning for a snapshot store that will store nothing: ``every_n_steps`` > 0 but larger than the last
+    step (an integer, or a script's option text); None when it stores something or the last step is unknown."""
+    if isinstance(last_step, str):
+        last_step = int(last_step) if last_step.strip().isdigit() else None
+    if not every_n_steps or last_step is None or last_step >= every_n_steps:
+        return None
+    return (f"{option} {every_n_steps} stores no snapshot: training runs to step {last_step}, before the first "
+            f"multiple of {every_n_steps}; lower {option} to store snapshots, or set it to 0 to store none")
 
 
 def _delete_folder(path: str) -> None:

@@ -4,6 +4,7 @@ imports the other.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -25,7 +26,8 @@ def best_per_step(rows: Sequence[dict], metric: str = "fid") -> Dict[str, dict]:
     """{step: the synthesised row with the lowest ``metric``} over the grid and the targets (not the twins)."""
     best: Dict[str, dict] = {}
     for row in rows:
-        if row["kind"] == "twin" or row.get("refused") or row.get(metric) is None:
+        value = row.get(metric)
+        if row.get("kind") == "twin" or row.get("refused") or not _finite_number(value) or "step" not in row:
             continue
         key = str(row["step"])
         if key not in best or row[metric] < best[key][metric]:
@@ -33,12 +35,34 @@ def best_per_step(rows: Sequence[dict], metric: str = "fid") -> Dict[str, dict]:
     return best
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+HINDSIGHT_METRICS = ("fid", "kid_mean")
+
+
 def load_hindsight(run_dir: str) -> Optional[List[dict]]:
-    """The rows of RUN/posthoc/hindsight.jsonl (None when the run has none)."""
-    from lawa_diffusion.utils.files import read_jsonl
+    """The rows of RUN/posthoc/hindsight.jsonl (None when the run has none). A row without step or kind is left
+    out, a metric that is not a finite number is dropped from its row: each with one warning (file and line)."""
+    from lawa_diffusion.utils.files import read_jsonl_rows
+    from lawa_diffusion.utils.output import warn
 
     path = runfolder.hindsight_path(run_dir)
-    return read_jsonl(path) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    rows = []
+    for line, row in read_jsonl_rows(path):
+        if "step" not in row or "kind" not in row:
+            warn(f"{path}: line {line} has no {'step' if 'step' not in row else 'kind'}; the row is left out")
+            continue
+        for key in HINDSIGHT_METRICS:
+            if row.get(key) is not None and not _finite_number(row[key]):
+                warn(f"{path}: line {line}: {key} {row[key]!r} of {row.get('target')!r} at step {row['step']} is not "
+                     "a finite number; it is left out")
+                row[key] = None
+        rows.append(row)
+    return rows
 
 
 def metric_row(step: int, variant: str, result: dict, info: dict) -> dict:

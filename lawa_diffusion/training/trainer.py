@@ -31,8 +31,8 @@ from lawa_diffusion.reports.run_report import print_report
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.training import fast_path
 from lawa_diffusion.training.tracks import TrackSet
-from lawa_diffusion.utils.files import atomic_write_text
-from lawa_diffusion.utils.output import say
+from lawa_diffusion.utils.files import atomic_write_text, check_output_dir, write_marker
+from lawa_diffusion.utils.output import say, warn
 
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant that spreads (seed, step, ...) over the seed space
 
@@ -177,6 +177,7 @@ def resolve_resume(run_dir: str, resume: Optional[str], overwrite: bool) -> tupl
             check(os.path.isfile(runfolder.config_path(run_dir)),
                   f"--overwrite refuses {run_dir!r} because it is not a run folder (no {runfolder.CONFIG_NAME}); "
                   "choose another --output-dir")
+            check_output_dir(run_dir, "--output-dir", True, kind="train", legacy=runfolder.written_by_train)
         return None, 0
     path = runfolder.latest_checkpoint(run_dir) if resume == "latest" else os.path.abspath(resume)
     if path is None:
@@ -200,8 +201,10 @@ def check_same_model(run_dir: str, model: dict) -> None:
 def prepare_run_dir(run_dir: str, step: int, overwrite: bool, resolved: dict) -> None:
     """Main process: replace (``overwrite``) or create ``run_dir``, trim what lies past ``step``, write config.yaml."""
     if overwrite and os.path.isdir(run_dir):
+        check_output_dir(run_dir, "--output-dir", True, kind="train", legacy=runfolder.written_by_train)
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
+    write_marker(run_dir, "train")
     for path in runfolder.truncate_after(run_dir, step):
         say(f"removing {path}: training continues from step {step}", "train")
     atomic_write_text(runfolder.config_path(run_dir), yaml.safe_dump(resolved, sort_keys=False))
@@ -403,6 +406,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     run_dir = os.path.abspath(cfg.output_dir)
     check_conditions(cfg)
     checkpoint, step = resolve_resume(run_dir, resume, overwrite)
+    if checkpoint is not None:
+        runfolder.verify_checkpoint(checkpoint)  # before the steps past it are removed
     accelerator = make_accelerator(cfg, run_dir)
     started = time.time()
     p = build_parts(cfg, accelerator, run_dir, fid_weights)
@@ -412,6 +417,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         prepare_run_dir(run_dir, step, overwrite and checkpoint is None, resolved)
+        nothing = runfolder.stores_nothing_warning(cfg.posthoc.every_n_steps, cfg.max_train_steps,
+                                                   "posthoc every_n_steps")
+        if nothing:
+            warn(nothing)
         plan.record(run_dir, cfg)  # says the one-line lag summary and writes RUN/lag.json
         for line in p.tracks.lag_lines(cfg.max_train_steps):
             say(line, "train")

@@ -112,8 +112,14 @@ def test_missing_folders_and_existing_output(run_with_checkpoints, tmp_path, cap
     (out / "mine.txt").write_text("keep")
     assert "--overwrite" in one_line_error(capsys, ["average", run_with_checkpoints, "--k", "1", "-o", str(out)])
     assert (out / "mine.txt").read_text() == "keep"
-    assert cli.main(["average", run_with_checkpoints, "--k", "1", "-o", str(out), "--overwrite"]) == 0
-    assert read_record(out)["snapshot_steps"] == [500]
+    # a folder average did not write is never replaced, not even with --overwrite; one it wrote is
+    assert "not written by lawa-diffusion" in one_line_error(
+        capsys, ["average", run_with_checkpoints, "--k", "1", "-o", str(out), "--overwrite"])
+    assert (out / "mine.txt").read_text() == "keep"
+    done = tmp_path / "done"
+    assert cli.main(["average", run_with_checkpoints, "--k", "2", "-o", str(done)]) == 0
+    assert cli.main(["average", run_with_checkpoints, "--k", "1", "-o", str(done), "--overwrite"]) == 0
+    assert read_record(done)["snapshot_steps"] == [500]
 
 
 def test_duplicate_step_is_refused(run_with_checkpoints):

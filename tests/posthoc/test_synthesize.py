@@ -21,7 +21,7 @@ from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc import synthesize
 from lawa_diffusion.posthoc.synthesize import SIDECAR_NAME, plan_synthesis, write_synthesis
 from lawa_diffusion.runs import folder as runfolder
-from lawa_diffusion.utils.files import atomic_save_safetensors
+from lawa_diffusion.utils.files import MARKER_NAME, atomic_save_safetensors, write_marker
 from tests.helpers import EVERY, SYNTH_DECAY, SYNTH_STEPS, SYNTH_TINY, float64_sum, make_run
 
 
@@ -149,6 +149,7 @@ def test_bad_input_one_line_exit_2_output_untouched(tiny_run, two_model_run, tmp
     out = tmp_path / "kept"
     out.mkdir()
     (out / "marker").write_text("mine")
+    write_marker(out, "synthesize")  # an earlier output: --overwrite may replace it, a bad input must not
     argv = ["synthesize", run, "--target", "sigma_rel=0.08", "-o", str(out), "--overwrite"]
     if args == ["--no-overwrite"]:
         argv.remove("--overwrite")
@@ -167,7 +168,7 @@ def test_bad_input_one_line_exit_2_output_untouched(tiny_run, two_model_run, tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lawa-diffusion synthesize: error:")
     assert re.search(words, err), err
-    assert os.listdir(out) == ["marker"] and (out / "marker").read_text() == "mine"
+    assert sorted(os.listdir(out)) == [MARKER_NAME, "marker"] and (out / "marker").read_text() == "mine"
 
 
 def test_mixed_dtype_and_scattered_files_sum_like_float64(tmp_path):

@@ -172,15 +172,17 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert "no 'lawa' evaluations" in one_line_error(capsys, ["report", only_ema])
 
 
-def test_foreign_report_json_needs_overwrite(tmp_path, capsys):
+def test_a_folder_report_did_not_write_is_never_written_into(tmp_path, capsys):
     good = _write_run(tmp_path / "good", {"ema": ([1, 2], [9.0, 5.0]), "lawa": ([1, 2], [8.0, 4.0])})
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text('{"mine": true}')
-    assert "--overwrite" in one_line_error(capsys, ["report", good, "-o", str(out)])
+    for extra in ([], ["--overwrite"]):
+        assert "not written by lawa-diffusion" in one_line_error(capsys, ["report", good, "-o", str(out), *extra])
     assert json.loads((out / "report.json").read_text()) == {"mine": True}
-    assert cli.main(["report", good, "-o", str(out), "--overwrite"]) == 0
-    assert cli.main(["report", good, "-o", str(out)]) == 0  # a previous report is simply refreshed
+    fresh = tmp_path / "fresh"
+    assert cli.main(["report", good, "-o", str(fresh)]) == 0
+    assert cli.main(["report", good, "-o", str(fresh)]) == 0  # a previous report is simply refreshed
 
 
 def test_summarize_single_run_has_no_interval(tmp_path):
@@ -304,3 +306,22 @@ def test_window_table_shows_the_baselines_values(tmp_path, capsys):
         (78.0, 77.0, 79.0), (48.0, 47.0, 49.0), (38.0, 37.0, 39.0)]
     row = next(line for line in format_table(summary).splitlines() if line.strip().startswith("600 "))
     assert row.split()[:4] == ["600", "48.000", "144.4", "47.000"] and "49.000" in row
+
+
+def test_rows_that_cannot_be_used_are_left_out_with_one_warning_each(tmp_path, capsys):
+    curves = {"ema": ([1, 2, 3], [9.0, 5.0, 3.0]), "lawa": ([1, 2, 3], [8.0, 4.0, 2.5])}
+    clean = _write_run(tmp_path / "clean", curves)
+    bad = ['{"step": 4, "variant": "ema", "fid": NaN}\n', '{"step": 4, "variant": "lawa", "fid": Infinity}\n',
+           '{"step": "5", "variant": "lawa", "fid": 1.0}\n', '{"variant": "lawa", "fid": 1.0}\n', '[1, 2]\n',
+           'garbage\n', '{"step": 6, "variant": "lawa", "fid": "x"}\n']
+    dirty = _write_run(tmp_path / "dirty", curves, extra_lines=bad)
+    with pytest.warns(UserWarning) as caught:
+        got = summarize([load_run(dirty)])
+    expected = summarize([load_run(clean)])
+    assert got["per_step"] == expected["per_step"] and got["mean_speedup"] == expected["mean_speedup"]
+    lines = sorted(int(str(w.message).split(": line ")[1].split()[0].rstrip(":")) for w in caught)
+    assert lines == list(range(7, 14))  # the 6 good rows, then one warning for each bad one, naming its line
+    assert all(str(w.message).startswith(os.path.join(dirty, "metrics.jsonl")) for w in caught)
+    assert cli.main(["report", dirty, "-o", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning: ") == 7 and "nan" not in out.lower()

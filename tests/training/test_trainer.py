@@ -20,7 +20,7 @@ from lawa_diffusion.evaluation.inception import stand_in_extractor
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.training import fid_tracker as tracking
 from lawa_diffusion.training import trainer as train_mod
-from lawa_diffusion.utils.files import read_jsonl
+from lawa_diffusion.utils.files import MARKER_NAME, read_jsonl
 from tests.helpers import (
     run_crashing_at,
     tiny_config,
@@ -288,7 +288,7 @@ def test_resuming_from_an_older_checkpoint_trims_everything_past_it(tmp_path):
     for step in (2, 4):
         save_ema_snapshot(str(run_dir), step, type("E", (), {"shadow_params": [torch.ones(2)]})(), ["w"], {})
     train_mod.prepare_run_dir(str(run_dir), 2, False, {"seed": 3})
-    assert sorted(os.listdir(run_dir)) == ["checkpoint-2", "config.yaml", "ema_snapshots", "metrics.jsonl"]
+    assert sorted(os.listdir(run_dir)) == [MARKER_NAME, "checkpoint-2", "config.yaml", "ema_snapshots", "metrics.jsonl"]
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2]
     assert [s for s, _ in runfolder.list_ema_snapshots(str(run_dir))] == [2]
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"seed": 3}
