@@ -44,18 +44,21 @@ def flat_order(readers: Sequence) -> List[Tuple[str, Tuple[int, ...]]]:
     return [(name, shape) for name, (_, shape) in first.items()]
 
 
-def _spans(order: Sequence[Tuple[str, Tuple[int, ...]]], start: int, stop: int) -> List[Tuple[str, int, int]]:
-    """The tensor pieces (name, lo, hi) that make up flat elements ``start .. stop``."""
-    spans, offset = [], 0
+def _spans(order: Sequence[Tuple[str, Tuple[int, ...]]], per_block: int) -> List[List[Tuple[str, int, int]]]:
+    """The tensor pieces (name, lo, hi) of each block of ``per_block`` flat elements, in one sweep."""
+    blocks: List[List[Tuple[str, int, int]]] = [[]]
+    room = per_block
     for name, shape in order:
-        size = math.prod(shape)
-        lo, hi = max(start - offset, 0), min(stop - offset, size)
-        if lo < hi:
-            spans.append((name, lo, hi))
-        offset += size
-        if offset >= stop:
-            break
-    return spans
+        size, lo = math.prod(shape), 0
+        while lo < size:
+            if room == 0:
+                blocks.append([])
+                room = per_block
+            hi = min(size, lo + room)
+            blocks[-1].append((name, lo, hi))
+            room -= hi - lo
+            lo = hi
+    return blocks if blocks[0] else []
 
 
 def block_elements(snapshots: int, itemsize: int) -> int:
@@ -84,7 +87,7 @@ def weighted_sums(readers: Sequence, coefficients, *, device: str | torch.device
     cuda = device.type == "cuda"
     tile = per_read if cuda else max(MIN_ELEMENTS, min(per_read, TILE_BYTES // (n * accumulate.itemsize)))
     blocks = [(s, min(s + per_read, total)) for s in range(0, total, per_read)]
-    spans = [_spans(order, a, b) for a, b in blocks]
+    spans = _spans(order, per_read)
     row_bytes = per_read * widest + 8 * max((len(s) for s in spans), default=0)
     raw = [torch.empty((n, row_bytes), dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
     raw_dev = torch.empty((n, row_bytes), dtype=torch.uint8, device=device) if cuda else None
