@@ -1,36 +1,32 @@
-"""Benchmark of post-hoc synthesis (``Synthesis.state_dict``) against reading its snapshot files once, measured
-side by side in one run on a run folder of synthetic snapshot files.
+"""Benchmark of post-hoc synthesis in one pass (``synthesize_states``) against reading its snapshot files once,
+measured side by side in one run on a run folder of synthetic snapshot files.
 
 Prints one JSON object per line:
 
-  {"bench": "setup", ...}       the run: files, tensors per file, parameters per file and in all, storage dtype
-  {"bench": "time", "ratio": r, ...}
-      median seconds of ``plan.state_dict()`` (float64 accumulation, every file read through safetensors'
-      ``safe_open`` one tensor at a time) ÷ median seconds of reading every snapshot file once the same way
-      (``get_tensor`` of every tensor, nothing else), alternating, page cache warm for both (target <= 1.3).
-      ``fp32_ratio``: the same with a float32 accumulator; ``file_major_ratio``: one file at a time through
-      ``safe_open`` into a whole float64 accumulator (the plain way), for comparison; ``arithmetic_s``: the same
-      float64 sums on tensors already in memory, and ``ratio_to_read_plus_arithmetic``: synthesis ÷ (read +
-      arithmetic), the overhead beyond the two costs a synthesis cannot avoid (target <= 1.3 when the files come
-      from a warm page cache: there the float64 arithmetic, not the reading, bounds the time).
-  {"bench": "time_cold", "ratio": r, ...}   (``--cold``) the same two timings with the snapshot files evicted
-      from the page cache before each (``posix_fadvise`` DONTNEED): reading from the disk (target <= 1.3).
-  {"bench": "memory", "ratio": r, ...}
-      peak resident memory added during ``plan.state_dict()`` (Linux VmHWM after resetting it, minus the
-      resident memory before; mapped file pages count) ÷ (one float64 accumulator + one snapshot file's bytes)
-      (target <= 1). The synthesised state itself (float32) stays resident afterwards: ``kept_mb``.
+  {"bench": "setup", ...}       the run: files, tensors and parameters per file, storage dtype, targets, device,
+      elements of each file read at a time (``block_elements``)
+  {"bench": "time", ...}        page cache warm, median seconds, alternating:
+      ``one_target_ratio``: one target (σ_rel 0.08) ÷ reading every file once (goal <= 1.3);
+      ``targets_ratio``: ``--targets`` σ_rel targets in one pass ÷ reading once (goal <= 2);
+      ``fp64_ratio``: one target with float64 arithmetic ÷ reading once, for comparison
+  {"bench": "time_cold", ...}   (``--cold``) the same ratios with the files evicted from the page cache before each
+      timing (``posix_fadvise`` DONTNEED): reading from the disk
+  {"bench": "memory", ...}      one line per target count (1 and ``--targets``), each in a fresh process: peak
+      resident memory added during the pass (Linux VmHWM after resetting it, minus the resident memory before) ÷
+      (targets × one float32 model + one block of every file) (goal <= 1.1)
+  {"bench": "accuracy", ...}    the largest difference of a synthesised tensor from the float64 product of the
+      files' tensors, relative to that tensor's norm, over every tensor of the ``--targets`` targets (goal <= 1e-6)
   {"bench": "residuals", ...}   (``--residuals``) the relative profile residual of usual targets from two power
-      EMAs (σ_rel 0.05 and 0.10) stored at 10, 20 or 40 evenly spaced steps: what ``DEFAULT_MAX_RESIDUAL``
-      rests on.
+      EMAs (σ_rel 0.05 and 0.10) stored at 10, 20 or 40 evenly spaced steps: what ``DEFAULT_MAX_RESIDUAL`` rests on
 
-Usage: python benchmarks/bench_synthesize.py [--params 8000000] [--files 10] [--dtype float16] [--repeats 5]
-[--threads N] [--cold] [--residuals]. The defaults (80M parameters in 10 fp16 files) run in well under a minute on a CPU.
+``--device cuda`` does the arithmetic on the GPU (the files are read on the CPU either way); every figure says
+which device it came from. Usage: python benchmarks/bench_synthesize.py [--params 8000000] [--files 10]
+[--dtype float16] [--targets 16] [--repeats 5] [--threads N] [--device cpu] [--cold] [--residuals].
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -38,12 +34,14 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from lawa_diffusion.maths import lag, profile_fit as synthesis
+from lawa_diffusion.posthoc.one_pass import block_elements
+from lawa_diffusion.posthoc.synthesize import coefficient_matrix, plan_syntheses, synthesize_states
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import atomic_save_safetensors
-from lawa_diffusion.posthoc.synthesize import plan_synthesis, tensor_layout
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,11 +50,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tensors", type=int, default=200, help="tensors per snapshot file")
     p.add_argument("--files", type=int, default=10, help="snapshot files (half per power-EMA track)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--targets", type=int, default=16, help="σ_rel targets synthesised together")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="device of the arithmetic (cpu, cuda)")
     p.add_argument("--residuals", action="store_true", help="also print the residual table behind the default bound")
-    p.add_argument("--cold", action="store_true", help="also time both from a cold page cache (the files evicted first)")
+    p.add_argument("--cold", action="store_true", help="also time from a cold page cache (the files evicted first)")
     p.add_argument("--memory_of", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory_targets", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -84,13 +85,23 @@ def make_run(folder: str, args) -> None:
     sizes[-1] += args.params - sum(sizes)
     config = json.dumps({"_class_name": "UNet2DModel", "sample_size": 32})
     per_track = args.files // 2
+    base = [torch.randn(n) for n in sizes]
     for name, sigma in (("p05", 0.05), ("p10", 0.10)):
         definition = json.dumps(lag.power_ema(sigma_rel=sigma).to_dict())
         for j in range(1, per_track + 1):
             step = 1000 * j
-            tensors = {f"layer{i}.weight": torch.randn(n).to(dtype) for i, n in enumerate(sizes)}
+            # weights of one run: near each other (EMA snapshots drift slowly), not independent noise
+            tensors = {f"layer{i}.weight": (b + 0.05 * torch.randn(b.shape)).to(dtype) for i, b in enumerate(base)}
             atomic_save_safetensors(runfolder.snapshot_path(folder, step, name), tensors, metadata={
                 "step": str(step), "track": name, "model_config": config, "track_def": definition})
+
+
+def targets_of(count: int) -> list:
+    return [f"sigma_rel={v:.4g}" for v in np.geomspace(0.04, 0.16, count)] if count > 1 else ["sigma_rel=0.08"]
+
+
+def plans_of(run: str, count: int) -> list:
+    return plan_syntheses(run, targets_of(count), max_residual=None)
 
 
 def read_once(paths, buffer: torch.Tensor) -> None:
@@ -104,35 +115,6 @@ def read_once(paths, buffer: torch.Tensor) -> None:
                 offset += os.preadv(fd, [view[: min(len(view), size - offset)]], offset)
         finally:
             os.close(fd)
-
-
-def file_major(plan) -> dict:
-    """The plain alternative, for comparison: one file at a time through safe_open, whole float64 accumulator."""
-    from safetensors import safe_open
-
-    acc = {}
-    for source, x in plan.used():
-        with safe_open(source.path, framework="pt") as f:
-            for n in f.keys():
-                t = f.get_tensor(n)
-                acc.setdefault(n, torch.zeros(t.shape, dtype=torch.float64)).add_(t, alpha=x)
-    return acc
-
-
-def arithmetic_only(paths) -> callable:
-    """The same float64 sums with the tensors already in memory (one file's tensors, summed once per file): what
-    the synthesis computes beyond reading, with no I/O."""
-    from safetensors.torch import load_file
-
-    tensors = {n: t.clone() for n, t in load_file(paths[0]).items()}
-    staging = torch.empty(max(t.numel() for t in tensors.values()), dtype=torch.float32)
-
-    def run() -> None:
-        for t in tensors.values():
-            acc = torch.zeros(t.shape, dtype=torch.float64)
-            for _ in paths:
-                acc.add_(staging[: t.numel()].view(t.shape).copy_(t), alpha=0.1)
-    return run
 
 
 def evict(paths) -> bool:
@@ -149,10 +131,40 @@ def evict(paths) -> bool:
         return False
 
 
-def timed(fn) -> float:
+def timed(fn, before=None) -> float:
+    if before is not None:
+        before()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def medians(runs: dict, repeats: int, before=None) -> dict:
+    times = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, fn in (list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]):
+            times[name].append(timed(fn, before))
+    return {name: statistics.median(x) for name, x in times.items()}
+
+
+def accuracy(plans, states) -> float:
+    """max over targets and tensors of ‖synthesised − float64 product‖ / ‖float64 product‖."""
+    from safetensors import safe_open
+
+    paths, x = coefficient_matrix(plans)
+    handles = [safe_open(p, framework="pt") for p in paths]
+    worst = 0.0
+    for name in states[0]:
+        stacked = torch.stack([h.get_tensor(name).double().reshape(-1) for h in handles])
+        exact = torch.from_numpy(x) @ stacked
+        for t, state in enumerate(states):
+            diff = (state[name].double().reshape(-1) - exact[t]).norm() / exact[t].norm()
+            worst = max(worst, float(diff))
+    return worst
 
 
 def residual_table() -> None:
@@ -171,20 +183,29 @@ def residual_table() -> None:
             emit(bench="residuals", step=t, snapshots_per_track=count, residual=row)
 
 
-def memory_child(run: str) -> None:
-    """In a fresh process: peak resident memory added by one ``state_dict()``."""
-    plan = plan_synthesis(run, "sigma_rel=0.08")
-    file_bytes = max(os.path.getsize(s.path) for s in plan.sources)
-    params = sum(math.prod(entry[1]) for entry in tensor_layout(plan.sources[0].path).values())
+def memory_child(run: str, count: int, device: str) -> None:
+    """In a fresh process: peak resident memory added by one pass for ``count`` targets."""
+    plans = plans_of(run, count)
+    paths, _ = coefficient_matrix(plans)
+    from lawa_diffusion.posthoc.snapshot_reader import tensor_layout
+
+    layout = tensor_layout(paths[0])
+    params = sum(e.numel for e in layout.values())
+    itemsize = max(e.dtype.itemsize for e in layout.values())
+    block = block_elements(len(paths), itemsize) * itemsize * len(paths)
+    import concurrent.futures  # noqa: F401  (modules the pass imports: their memory is not the pass's)
+
+    import tqdm.auto  # noqa: F401
+
     before = status()["VmRSS"]
     peak_ok = reset_peak()
-    state = plan.state_dict(progress=False)
+    states = synthesize_states(plans, progress=False, device=device)
     peak = status()["VmHWM"] - before
-    kept = sum(t.numel() * t.element_size() for t in state.values())
-    bound = params * 8 + file_bytes
-    emit(bench="memory", ratio=round(peak / bound, 3), peak_added_mb=round(peak / 2**20, 1),
-         bound_mb=round(bound / 2**20, 1), accumulator_mb=round(params * 8 / 2**20, 1),
-         snapshot_mb=round(file_bytes / 2**20, 1), kept_mb=round(kept / 2**20, 1), measured=peak_ok, target=1.0)
+    bound = count * params * 4 + block
+    emit(bench="memory", targets=count, ratio=round(peak / bound, 3), peak_added_mb=round(peak / 2**20, 1),
+         bound_mb=round(bound / 2**20, 1), results_mb=round(count * params * 4 / 2**20, 1),
+         block_of_every_file_mb=round(block / 2**20, 2), measured=peak_ok, device=device, target=1.1,
+         kept=len(states))
 
 
 def main() -> None:
@@ -192,45 +213,46 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_of:
-        memory_child(args.memory_of)
+        memory_child(args.memory_of, args.memory_targets, args.device)
         return
     with tempfile.TemporaryDirectory() as run:
         make_run(run, args)
-        plan = plan_synthesis(run, "sigma_rel=0.08")
-        paths = [s.path for s in plan.sources]
+        one, many = plans_of(run, 1), plans_of(run, args.targets)
+        paths = [s.path for s in one[0].sources]
         file_bytes = max(os.path.getsize(p) for p in paths)
+        itemsize = getattr(torch, args.dtype).itemsize
         emit(bench="setup", files=len(paths), tensors_per_file=args.tensors, params_per_file=args.params,
              params_total=args.params * len(paths), dtype=args.dtype, file_mb=round(file_bytes / 2**20, 1),
-             threads=torch.get_num_threads(), residual=plan.solution.residual,
-             nonzero_coefficients=len(plan.used()))
+             targets=args.targets, threads=torch.get_num_threads(), device=args.device,
+             block_elements=block_elements(len(paths), itemsize), residual=one[0].solution.residual,
+             nonzero_coefficients=len(one[0].used()))
         buffer = torch.empty(16 << 20, dtype=torch.uint8)
         read_once(paths, buffer)  # warm the page cache for every variant
-        runs = {"read": lambda: read_once(paths, buffer), "synth": lambda: plan.state_dict(progress=False),
-                "synth_fp32": lambda: plan.state_dict(progress=False, accumulate=torch.float32),
-                "file_major": lambda: file_major(plan), "arithmetic": arithmetic_only(paths)}
-        times = {name: [] for name in runs}
-        for r in range(args.repeats):
-            for name, fn in (list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]):
-                times[name].append(timed(fn))
-        med = {name: statistics.median(x) for name, x in times.items()}
-        emit(bench="time", ratio=round(med["synth"] / med["read"], 3), synth_s=round(med["synth"], 3),
-             read_s=round(med["read"], 3), arithmetic_s=round(med["arithmetic"], 3),
-             ratio_to_read_plus_arithmetic=round(med["synth"] / (med["read"] + med["arithmetic"]), 3),
-             fp32_ratio=round(med["synth_fp32"] / med["read"], 3),
-             file_major_ratio=round(med["file_major"] / med["read"], 3), target=1.3)
+        runs = {"read": lambda: read_once(paths, buffer),
+                "one": lambda: synthesize_states(one, progress=False, device=args.device),
+                "many": lambda: synthesize_states(many, progress=False, device=args.device),
+                "fp64": lambda: synthesize_states(one, progress=False, device=args.device, accumulate=torch.float64)}
+        med = medians(runs, args.repeats)
+        emit(bench="time", device=args.device, one_target_ratio=round(med["one"] / med["read"], 3),
+             targets_ratio=round(med["many"] / med["read"], 3), targets=args.targets,
+             fp64_ratio=round(med["fp64"] / med["read"], 3), read_s=round(med["read"], 3),
+             one_target_s=round(med["one"], 3), targets_s=round(med["many"], 3), fp64_s=round(med["fp64"], 3),
+             goal_one=1.3, goal_targets=2.0)
         if args.cold:
-            cold = {"read": [], "synth": []}
-            for r in range(args.repeats):
-                for name in (("read", "synth") if r % 2 == 0 else ("synth", "read")):
-                    evicted = evict(paths)
-                    cold[name].append(timed(runs[name]))
-            c_read, c_synth = statistics.median(cold["read"]), statistics.median(cold["synth"])
-            emit(bench="time_cold", ratio=round(c_synth / c_read, 3), synth_s=round(c_synth, 3), read_s=round(c_read, 3),
-                 evicted=evicted, target=1.3)
-        child = [sys.executable, os.path.abspath(__file__), "--memory_of", run]
-        if args.threads:
-            child += ["--threads", str(args.threads)]
-        subprocess.run(child, check=True)
+            cold = medians({k: runs[k] for k in ("read", "one", "many")}, args.repeats, before=lambda: evict(paths))
+            emit(bench="time_cold", device=args.device, one_target_ratio=round(cold["one"] / cold["read"], 3),
+                 targets_ratio=round(cold["many"] / cold["read"], 3), targets=args.targets,
+                 read_s=round(cold["read"], 3), one_target_s=round(cold["one"], 3), targets_s=round(cold["many"], 3),
+                 evicted=evict(paths), goal_one=1.3, goal_targets=2.0)
+        for count in (1, args.targets):
+            child = [sys.executable, os.path.abspath(__file__), "--memory_of", run, "--memory_targets", str(count),
+                     "--device", args.device]
+            if args.threads:
+                child += ["--threads", str(args.threads)]
+            subprocess.run(child, check=True)
+        states = synthesize_states(many, progress=False, device=args.device)
+        emit(bench="accuracy", device=args.device, targets=args.targets,
+             max_rel_to_tensor_norm=float(f"{accuracy(many, states):.3g}"), goal=1e-6)
     if args.residuals:
         residual_table()
 

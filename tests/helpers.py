@@ -512,3 +512,37 @@ def tree_digest(folder) -> dict:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+@contextlib.contextmanager
+def counted_reads(monkeypatch):
+    """{path: {"opens": n, "bytes": n}} of the files (not folders) opened for reading with ``os.open`` and read with
+    ``os.preadv`` meanwhile (how the snapshot readers read), filled as the code under test runs."""
+    seen, fds = {}, {}
+    real_open, real_preadv = os.open, os.preadv
+
+    def counting_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if not flags & (os.O_WRONLY | os.O_RDWR) and not os.path.isdir(path):
+            key = os.path.abspath(os.fspath(path))
+            fds[fd] = key
+            seen.setdefault(key, {"opens": 0, "bytes": 0})["opens"] += 1
+        return fd
+
+    def counting_preadv(fd, buffers, offset, *args):
+        got = real_preadv(fd, buffers, offset, *args)
+        if fd in fds:
+            seen[fds[fd]]["bytes"] += got
+        return got
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "open", counting_open)
+        mp.setattr(os, "preadv", counting_preadv)
+        yield seen
+
+
+def tensor_bytes(path) -> int:
+    """The bytes of a safetensors file's tensor data (its size less the header)."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return os.path.getsize(path) - 8 - header

@@ -24,8 +24,17 @@ def _python(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_top_level_api():
     import lawa_diffusion
-    from lawa_diffusion import (LAWA, LAWAConfig, LAWAEMAModel, PosthocSnapshots, PowerEMAModel, __version__, attach,
-                                read_record, save_checkpoint)
+    from lawa_diffusion import (
+        LAWA,
+        LAWAConfig,
+        LAWAEMAModel,
+        PosthocSnapshots,
+        PowerEMAModel,
+        __version__,
+        attach,
+        read_record,
+        save_checkpoint,
+    )
 
     assert __version__ == "0.2.0"
     from diffusers.training_utils import EMAModel

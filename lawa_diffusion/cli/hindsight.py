@@ -28,21 +28,25 @@ def _cmd(args) -> int:
     options.update(condition_options(args))
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
+    best = [None if args.save_best is None else args.save_best if len(args.runs) == 1 else
+            os.path.join(args.save_best, os.path.basename(os.path.normpath(run))) for run in args.runs]
     main = is_main_process()
     grid = parse_sigma_rels(args.sigma_rel, allow_large=args.large_grid)
     for run, out in zip(args.runs, outs):  # every output checked before any work
         if out is not None:
             check_output_place(out, "-o", protected=args.runs)
         _prepare(os.path.abspath(out or runfolder.hindsight_dir(run)), args.overwrite, args.append, check_existing=main)
-    for run, out in zip(args.runs, outs):
+    for run, out, save_best in zip(args.runs, outs, best):
         summary = run_hindsight(run, grid, targets=args.target, twins=args.twin, steps=args.steps,
                                 tracks=args.tracks.split(",") if args.tracks else None, max_residual=args.max_residual,
                                 out_dir=out, overwrite=args.overwrite, append=args.append, device=args.device,
-                                **options)
+                                save_best=save_best, **options)
         if main:
             print(f"{summary['run']}:")
             print(format_summary(summary))
             print(f"hindsight: {summary['files']['json']}  plot: {summary['files']['png']}", flush=True)
+            for step, folder in summary.get("saved_best", {}).items():
+                print(f"step {step}: best average's weights in {folder}", flush=True)
     return 0
 
 
@@ -88,6 +92,9 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     add_condition_options(p)
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")
+    p.add_argument("--save-best", default=None, metavar="DIR",
+                   help="write the weights of each step's best average to DIR/step-<step> (a diffusers model folder "
+                        "with synthesis.json; with several runs DIR/<run name>/step-<step>)")
     p.add_argument("--overwrite", action="store_true", help="replace existing hindsight files")
     p.add_argument("--append", action="store_true",
                    help="add to existing hindsight files (a step and target scored again replaces its row)")

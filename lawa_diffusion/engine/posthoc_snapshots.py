@@ -215,21 +215,21 @@ class PosthocSnapshots:
         buffers = free.get()  # waits only while earlier snapshots of this track are still being written
         for buffer, p in zip(buffers, source):
             buffer.copy_(p.detach(), non_blocking=cuda)
-        event = None
+        event, device = None, source[0].device  # the job keeps the device, not the source tensors (freed if moved)
         if cuda:
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(source[0].device))
+            event.record(torch.cuda.current_stream(device))
             note_use(buffers[0], event)  # the pages are unpinned only after this copy has run
         path = runfolder.snapshot_path(self.output_dir, step, name)
-        definition, names, config = self.definitions[name], self.names, self.model_config
+        definition, names, config, output_dir = self.definitions[name], self.names, self.model_config, self.output_dir
 
         def job() -> None:
             try:
                 if event is not None:
                     # this thread's CUDA calls go to the source's GPU (a new thread starts on GPU 0)
-                    torch.cuda.set_device(source[0].device)
+                    torch.cuda.set_device(device)
                     event.synchronize()
-                save_ema_snapshot(self.output_dir, step, types.SimpleNamespace(shadow_params=buffers), names, config,
+                save_ema_snapshot(output_dir, step, types.SimpleNamespace(shadow_params=buffers), names, config,
                                   name, definition, dtype)
             finally:
                 free.put(buffers)

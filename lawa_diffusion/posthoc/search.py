@@ -213,13 +213,14 @@ def twin_distance(synthesised: Dict[str, torch.Tensor], online: Dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- the search
-def _target_rows(run_dir, step, targets, tracks, max_residual):
-    """(row, plan or None) of each target at ``step``; a refused target keeps its row, without a plan."""
-    from lawa_diffusion.posthoc.synthesize import plan_synthesis
+def _target_rows(run_dir, step, targets, tracks, max_residual, snapshots=None):
+    """(row, plan or None) of each (kind, target) at ``step``, all planned together; a refused target keeps its
+    row, without a plan."""
+    from lawa_diffusion.posthoc.synthesize import plan_syntheses
 
+    plans = plan_syntheses(run_dir, [t for _, t in targets], step, tracks, max_residual=None, snapshots=snapshots)
     out = []
-    for kind, target in targets:
-        plan = plan_synthesis(run_dir, target, step, tracks, max_residual=None)
+    for (kind, target), plan in zip(targets, plans):
         s = plan.solution
         refused = s.residual > max_residual and not math.isclose(s.residual, max_residual)
         row = {"step": step, "target": target, "kind": kind, "description": plan.description,
@@ -261,7 +262,7 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                   targets: Sequence[str] = (), twins: Sequence[str] = (), steps: str = "eval",
                   tracks: Optional[Sequence[str]] = None, max_residual: float = synthesis.DEFAULT_MAX_RESIDUAL,
                   evaluate=None, out_dir: Optional[str] = None, overwrite: bool = False, append: bool = False,
-                  progress: bool = True,
+                  progress: bool = True, save_best: Optional[str] = None,
                   device=None, accelerator=None, **eval_options) -> dict:
     """Score the synthesis of every σ_rel and target at each step on the run's evaluation noise.
 
@@ -269,6 +270,9 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
     evaluator (``eval_options`` override its settings, as for ``sweep``). Returns the summary it writes.
     Under ``accelerate launch`` / torchrun (or with ``accelerator``) every process synthesises the averages and
     samples its share of the images; the scores equal a one-process run's and only the main process writes.
+    Each step's averages are synthesised together, from one read of the snapshot files (their weights are held
+    in memory until the step is scored). ``save_best``: a folder that receives the weights of each step's best
+    average as a model folder ``save_best/step-<step>`` (:func:`best_folder`) with synthesis.json.
     """
     from tqdm.auto import tqdm
 
@@ -295,6 +299,12 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         accelerator = launched_accelerator()
     main = is_main_process(accelerator)
     files = _prepare(out_dir, overwrite, append, check_existing=main)
+    if save_best is not None:
+        save_best = os.path.abspath(os.fspath(save_best))
+        taken = [best_folder(save_best, s) for s in chosen if os.path.exists(best_folder(save_best, s))]
+        if taken and main and not (overwrite or append):
+            raise FileExistsError(f"--save-best folder {taken[0]!r} already exists; choose another folder, or "
+                                  "pass --overwrite or --append to replace it")
     wanted = [("sigma_rel", f"sigma_rel={v:g}") for v in grid] + [("target", t) for t in targets]
     from lawa_diffusion.posthoc.synthesize import shared_model
 
@@ -317,7 +327,8 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
         rows = []
     bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not (progress and main))
     for step in chosen:
-        new = _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate)
+        new = _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate, sources,
+                          save_best if main else None, overwrite=True)
         if main:
             for row in new:
                 append_line(files["jsonl"], json.dumps(row, sort_keys=True))
@@ -332,31 +343,45 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                "rows": rows, "best": best_per_step(rows), "online": {str(k): v for k, v in online_points(run_dir).items()
                                                                       if k in {r["step"] for r in rows}},
                "files": files}
+    if save_best is not None:
+        summary["saved_best"] = {str(s): best_folder(save_best, s) for s in chosen
+                                 if os.path.isdir(best_folder(save_best, s))}
     if main:
         plot(summary, files["png"])
         atomic_write_json(files["json"], summary)
     return summary
 
 
-def _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate) -> List[dict]:
-    planned = _target_rows(run_dir, step, wanted, tracks, max_residual)
+def _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate, sources=None,
+                save_best=None, overwrite=False) -> List[dict]:
+    """The rows of one step: every target and twin synthesised from one read of the snapshot files, scored in one
+    ``evaluate`` call; with ``save_best`` (a folder, on the main process) the best target's weights written there."""
+    from lawa_diffusion.posthoc.synthesize import synthesize_states
+
     checkpoint = runfolder.checkpoint_path(run_dir, step)
-    twin_states = []  # (name, folder, row, online weights, synthesised weights or None): each read or summed once
-    for name in twins:
-        folder = os.path.join(checkpoint, runfolder.ema_folder(name))
-        if os.path.isdir(folder):
-            row, plan = _target_rows(run_dir, step, [("twin", name)], tracks, max_residual)[0]
-            synthesised = None if plan is None else plan.state_dict(torch.float32, progress=False)
-            twin_states.append((name, folder, row, _folder_state(folder), synthesised))
-    variants = {row["target"]: _loaded(model, lambda p=plan: p.state_dict(torch.float32, progress=False), row["target"])
-                for row, plan in planned if plan is not None}
+    folders = {name: os.path.join(checkpoint, runfolder.ema_folder(name)) for name in twins}
+    present = [name for name in twins if os.path.isdir(folders[name])]
+    planned = _target_rows(run_dir, step, list(wanted) + [("twin", name) for name in present], tracks, max_residual,
+                           sources)
+    plans = [plan for _, plan in planned if plan is not None]
+    # float64 arithmetic: a target's weights do not depend on the targets that share its pass (the float32 path
+    # agrees with float64 to float32 rounding, which would make a row scored again differ in its last digits)
+    states = synthesize_states(plans, torch.float32, progress=False, accumulate=torch.float64) if plans else []
+    state_of = {id(plan): state for plan, state in zip(plans, states)}
+    targets, twin_planned = planned[:len(wanted)], planned[len(wanted):]
+    twin_states = []  # (name, folder, row, online weights, synthesised weights or None): each read once
+    for name, (row, plan) in zip(present, twin_planned):
+        twin_states.append((name, folders[name], row, _folder_state(folders[name]),
+                            None if plan is None else state_of[id(plan)]))
+    variants = {row["target"]: _loaded(model, lambda s=state_of[id(plan)]: s, row["target"])
+                for row, plan in targets if plan is not None}
     for name, folder, row, online_state, synthesised in twin_states:
         variants[f"online:{name}"] = _loaded(model, lambda s=online_state: s, folder)
         if synthesised is not None:
             variants[f"synthesised:{name}"] = _loaded(model, lambda s=synthesised: s, f"synthesised:{name}")
     results = evaluate(variants) if variants else {}
     out = []
-    for row, _ in planned:
+    for row, _ in targets:
         out.append({**row, **{k: results.get(row["target"], {}).get(k) for k in METRIC_KEYS}})
     for name, folder, row, online_state, synthesised in twin_states:
         online = results.get(f"online:{name}", {})
@@ -368,7 +393,24 @@ def _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evalu
         out.append({**row, "target": f"twin:{name}", "online_folder": folder,
                     **{k: synth.get(k) for k in METRIC_KEYS}, **{f"online_{k}": online.get(k) for k in METRIC_KEYS},
                     "fid_minus_online": fid_diff, **extra})
+    if save_best is not None:
+        _save_best(save_best, step, out, {row["target"]: plan for row, plan in targets}, state_of, overwrite)
     return out
+
+
+def best_folder(save_best: str, step: int) -> str:
+    """Where ``save_best`` keeps the weights of the best average of ``step``."""
+    return os.path.join(save_best, f"step-{step}")
+
+
+def _save_best(save_best: str, step: int, rows: List[dict], plans: dict, state_of: dict, overwrite: bool) -> None:
+    from lawa_diffusion.posthoc.synthesize import write_state
+
+    best = best_per_step(rows).get(str(step))
+    if best is not None:
+        plan = plans[best["target"]]
+        write_state(plan, state_of[id(plan)], best_folder(save_best, step), overwrite=overwrite,
+                    extra={"hindsight": best})
 
 
 # ----------------------------------------------------------------------------- plot and text

@@ -1,23 +1,25 @@
-"""Any average after training: synthesise a target averaging profile from a run's stored EMA snapshots
+"""Any average after training: synthesise target averaging profiles from a run's stored EMA snapshots
 (``lawa-diffusion synthesize``).
 
 The run's snapshot files (``RUN/ema_snapshots[/<track>]/step-<step>.safetensors``, every track) carry their
 step, model config and — when written with it — their track's full definition (``track_def``); older files
-take their track's definition from ``RUN/config.yaml``. :func:`plan_synthesis` builds each snapshot's exact
-profile, solves for the coefficients (:mod:`lawa_diffusion.maths.profile_fit`) and returns a :class:`Synthesis`;
-:meth:`Synthesis.state_dict` streams the weighted sum one snapshot file at a time into a float64
-accumulator; :func:`write_synthesis` writes it as a diffusers model folder with ``synthesis.json`` beside it.
+take their track's definition from ``RUN/config.yaml``. :func:`plan_syntheses` builds each snapshot's exact
+profile once and solves every target's coefficients (:mod:`lawa_diffusion.maths.profile_fit`) before any weight
+is read, one :class:`Synthesis` per target. Then ONE pass over the files serves every target
+(:mod:`lawa_diffusion.posthoc.one_pass`: the targets × files coefficient matrix times a block of the stacked
+snapshots at a time): :func:`synthesize_states` returns the weights, :func:`write_syntheses` streams them into
+one diffusers model folder per target with ``synthesis.json`` beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
-import struct
-import sys
+import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from lawa_diffusion.config.base import check
@@ -25,17 +27,19 @@ from lawa_diffusion.config.tracks import RAW_TRACK
 from lawa_diffusion.config.train import TrainConfig
 from lawa_diffusion.maths import lag
 from lawa_diffusion.maths import profile_fit as synthesis
-from lawa_diffusion.posthoc.saved_weights import load_into_assigned, one_model
-from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.maths.averaging import check_finite
+from lawa_diffusion.posthoc.one_pass import StateBuffers, flat_order, weighted_sums
+from lawa_diffusion.posthoc.saved_weights import load_into_assigned, one_model
+from lawa_diffusion.posthoc.snapshot_reader import open_snapshot
+from lawa_diffusion.posthoc.streamed_folder import StreamedSafetensors, check_fits, weights_path, write_config
+from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.checksums import verified_metadata
 from lawa_diffusion.utils.files import atomic_dir, atomic_write_json
 
 SIDECAR_NAME = "synthesis.json"
 SKIP_BELOW = 1e-12  # coefficients smaller than this (in absolute value) are not read: their files add nothing
-BLOCK_ELEMENTS = 1 << 15  # tensors summed together across the files: 256 KiB of float64 accumulator (fastest of 2^13..2^20 measured)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SNAPSHOT_FIX = "delete it and synthesise from the other snapshots, or restore it from a copy"
+NONFINITE_FIX = "a snapshot it reads holds them (did the run diverge?): synthesise at an earlier --step or from other --tracks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,59 +72,9 @@ class Synthesis:
         return [(s, float(x)) for s, x in zip(self.sources, self.solution.coefficients) if abs(x) >= SKIP_BELOW]
 
     def state_dict(self, dtype: torch.dtype = torch.float32, progress: bool = True,
-                   accumulate: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
-        """``Σ xᵢ θᵢ`` by tensor name, summed in ``accumulate`` (float64) and returned in ``dtype``.
-
-        Streams: a block of tensors at a time (about :data:`BLOCK_ELEMENTS` elements, or one larger tensor; its
-        accumulator stays in the CPU cache), each file's copy of the block read in turn into one reused buffer
-        (in one read when the block's tensors lie together in the file); a finished block is converted to
-        ``dtype`` at once. Memory beyond the result: one block's accumulator and one block of one file."""
-        from tqdm.auto import tqdm
-
-        used = self.used()
-        layouts = [tensor_layout(s.path) for s, _ in used]
-        first = layouts[0]
-        for (source, _), layout in zip(used, layouts):
-            odd = sorted(set(first).symmetric_difference(layout)) or sorted(
-                n for n in first if first[n][1] != layout[n][1])
-            if odd:
-                raise ValueError(f"snapshot {source.path!r} holds other tensors than {used[0][0].path!r} (e.g. "
-                                 f"{odd[0]!r}); synthesise from snapshots of one model only")
-        blocks, starts = _blocks(first)
-        block_bytes = [[sum(layout[n][3] for n in block) for layout in layouts] for block in blocks]
-        largest = max((b for row in block_bytes for b in row), default=0)
-        buffer = torch.empty(largest, dtype=torch.uint8)
-        # half-precision snapshots are widened through float32 first: a vectorised copy, then one add
-        staging = torch.empty(largest // 2 + 1, dtype=torch.float32)
-        # one accumulator for every block, allocated once: freeing one per block would leave holes in the heap
-        accumulator = torch.empty(max((sum(math.prod(first[n][1]) for n in b) for b in blocks), default=0),
-                                  dtype=accumulate)
-        out: Dict[str, torch.Tensor] = {}
-        with tqdm(total=sum(map(sum, block_bytes)), desc="synthesize", unit="B", unit_scale=True,
-                  disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True) as bar:
-            for block, sizes in zip(blocks, block_bytes):
-                acc = accumulator[:sum(math.prod(first[n][1]) for n in block)].zero_()
-                for (source, x), layout, nbytes in zip(used, layouts, sizes):
-                    fd = os.open(source.path, os.O_RDONLY)
-                    try:
-                        if _contiguous(layout, block):  # the block's bytes in one read, added in one go
-                            chunk = buffer[:nbytes]
-                            _read_into(fd, chunk, layout[block[0]][2], source.path)
-                            _add(acc, chunk.view(layout[block[0]][0]), x, staging)
-                        else:
-                            for n in block:
-                                kind, shape, offset, size = layout[n]
-                                chunk = buffer[:size]
-                                _read_into(fd, chunk, offset, source.path)
-                                start = starts[n]
-                                _add(acc[start:start + chunk.numel() // kind.itemsize], chunk.view(kind), x, staging)
-                    finally:
-                        os.close(fd)
-                    bar.update(nbytes)
-                for n in block:
-                    shape = first[n][1]
-                    out[n] = acc[starts[n]:starts[n] + math.prod(shape)].view(shape).to(dtype, copy=True)
-        return out
+                   accumulate: Optional[torch.dtype] = None, device: str | torch.device = "cpu") -> Dict[str, torch.Tensor]:
+        """``Σ xᵢ θᵢ`` by tensor name in ``dtype`` on the CPU: :func:`synthesize_states` of this synthesis alone."""
+        return synthesize_states([self], dtype, progress=progress, accumulate=accumulate, device=device)[0]
 
     def record(self, output: Optional[str] = None) -> dict:
         """What ``synthesis.json`` and ``synthesize --json`` hold (JSON-ready)."""
@@ -133,69 +87,6 @@ class Synthesis:
                               "path": os.path.abspath(src.path)} for src, x in zip(self.sources, s.coefficients)],
             "run": os.path.abspath(self.run_dir), "output": None if output is None else os.path.abspath(output),
         }
-
-
-# ----------------------------------------------------------------------------- reading snapshot files
-def tensor_layout(path: str) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...], int, int]]:
-    """name -> (dtype, shape, byte offset in the file, byte count) of a safetensors file's float tensors, from
-    its header alone (8-byte little-endian header size, then the JSON header, then the data)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        try:
-            header = json.loads(f.read(size)) if 0 < size < 1 << 27 else None
-        except ValueError:
-            header = None
-    check(isinstance(header, dict), f"snapshot {path!r} is not a safetensors file; remove it from the run")
-    header.pop("__metadata__", None)
-    layout = {}
-    for name, info in header.items():
-        kind = _DTYPES.get(info.get("dtype"))
-        check(kind is not None, f"snapshot {path!r} tensor {name!r} has dtype {info.get('dtype')!r}, not a float; "
-                                "synthesise from EMA snapshot files only")
-        begin, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        check(end - begin == math.prod(shape) * kind.itemsize,
-              f"snapshot {path!r} tensor {name!r} has {end - begin} bytes for shape {shape}; the file is damaged")
-        layout[name] = (kind, shape, 8 + size + begin, end - begin)
-    return layout
-
-
-def _blocks(layout: Dict[str, tuple]) -> Tuple[List[List[str]], Dict[str, int]]:
-    """The tensors in file order, cut into blocks of at least :data:`BLOCK_ELEMENTS` elements (the last may be
-    smaller), and each tensor's element offset in its block."""
-    blocks, block, size, starts = [], [], 0, {}
-    for n in sorted(layout, key=lambda n: layout[n][2]):  # file order: reads run forward through each file
-        starts[n] = size
-        block.append(n)
-        size += math.prod(layout[n][1])
-        if size >= BLOCK_ELEMENTS:
-            blocks.append(block)
-            block, size = [], 0
-    return blocks + ([block] if block else []), starts
-
-
-def _contiguous(layout: Dict[str, tuple], block: Sequence[str]) -> bool:
-    """Whether ``block``'s tensors lie one after the other in the file, in this order, all of one dtype."""
-    kind = layout[block[0]][0]
-    return all(layout[a][2] + layout[a][3] == layout[b][2] and layout[b][0] == kind for a, b in zip(block, block[1:]))
-
-
-def _add(acc: torch.Tensor, values: torch.Tensor, x: float, staging: torch.Tensor) -> None:
-    """``acc += x · values`` (flat), half precision widened through ``staging`` (float32) first."""
-    if values.element_size() < 4:
-        values = staging[: values.numel()].copy_(values)
-    acc.add_(values, alpha=x)
-
-
-def _read_into(fd: int, buffer: torch.Tensor, offset: int, path: str) -> None:
-    """Fill the uint8 tensor ``buffer`` with the bytes of ``fd`` from ``offset`` (no other copy)."""
-    view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        check(got > 0, f"snapshot {path!r} ends before its tensors do; the file is truncated")
-        done += got
 
 
 # ----------------------------------------------------------------------------- finding the snapshots
@@ -284,16 +175,19 @@ def shared_model(sources: Sequence[SnapshotSource]):
 
 
 # ----------------------------------------------------------------------------- planning
-def plan_synthesis(run_dir: str, target: str, step: Optional[int] = None, tracks: Optional[Sequence[str]] = None,
+def plan_syntheses(run_dir: str, targets: Sequence[str], step: Optional[int] = None,
+                   tracks: Optional[Sequence[str]] = None,
                    max_residual: Optional[float] = synthesis.DEFAULT_MAX_RESIDUAL, *,
-                   snapshots: Optional[Sequence[SnapshotSource]] = None) -> Synthesis:
+                   snapshots: Optional[Sequence[SnapshotSource]] = None) -> List[Synthesis]:
     """The coefficients of the stored snapshots (``tracks``, default all; steps ``<= step``, default the last
-    stored step) whose combination is closest to ``target`` at ``step`` (ValueError when the residual exceeds
-    ``max_residual``; None: never refuse). Reads only the files' metadata.
+    stored step) whose combination is closest to each of ``targets`` at ``step`` (ValueError when a residual
+    exceeds ``max_residual``; None: never refuse), every target checked before any is solved. Reads only the
+    files' metadata, once for all targets.
 
-    snapshots: ``find_snapshots(run_dir, tracks)`` already made (many targets or steps of one run: the files'
-    metadata is then not read again to find them)."""
-    parsed = synthesis.parse_target(target)
+    snapshots: ``find_snapshots(run_dir, tracks)`` already made (many steps of one run: the files' metadata is
+    then not read again to find them)."""
+    check(len(targets) >= 1, "synthesize needs at least one target: pass --target or --sigma-rel")
+    parsed = [synthesis.parse_target(t) for t in targets]
     if snapshots is None:
         every = find_snapshots(os.fspath(run_dir), tracks)
     else:
@@ -310,31 +204,149 @@ def plan_synthesis(run_dir: str, target: str, step: Optional[int] = None, tracks
     sources = [s for s in every if s.step <= step]
     cls, arch = shared_model(sources)
     known = known_tracks(os.fspath(run_dir), every)
-    for name in parsed.names():
-        check(name in known, f"target {target!r} names track {name!r}, which {os.fspath(run_dir)!r} neither stored nor "
-                             f"defines; known tracks: {', '.join(sorted(known))}")
-    description = parsed.describe(known)
-    p = synthesis.target_profile(parsed, step, known)
+    for target, p in zip(targets, parsed):
+        for name in p.names():
+            check(name in known, f"target {target!r} names track {name!r}, which {os.fspath(run_dir)!r} neither "
+                                 f"stored nor defines; known tracks: {', '.join(sorted(known))}")
     profiles = synthesis.source_profiles([s.definition for s in sources], [s.step for s in sources], step)
-    solution = synthesis.solve(profiles, p, max_residual, what=f"target {target!r} ({description})")
-    return Synthesis(os.fspath(run_dir), target, description, step, sources, solution, cls, arch, max_residual)
+    plans = []
+    for target, p in zip(targets, parsed):
+        description = p.describe(known)
+        solution = synthesis.solve(profiles, synthesis.target_profile(p, step, known), max_residual,
+                                   what=f"target {target!r} ({description})")
+        plans.append(Synthesis(os.fspath(run_dir), target, description, step, sources, solution, cls, arch,
+                               max_residual))
+    return plans
+
+
+def plan_synthesis(run_dir: str, target: str, step: Optional[int] = None, tracks: Optional[Sequence[str]] = None,
+                   max_residual: Optional[float] = synthesis.DEFAULT_MAX_RESIDUAL, *,
+                   snapshots: Optional[Sequence[SnapshotSource]] = None) -> Synthesis:
+    """:func:`plan_syntheses` of one target."""
+    return plan_syntheses(run_dir, [target], step, tracks, max_residual, snapshots=snapshots)[0]
+
+
+# ----------------------------------------------------------------------------- one pass over the snapshots
+def coefficient_matrix(plans: Sequence[Synthesis]) -> Tuple[List[str], np.ndarray]:
+    """The snapshot files some plan uses (coefficient >= :data:`SKIP_BELOW`), by step then track, and the targets ×
+    files matrix of the plans' coefficients (0 where a plan does not use a file)."""
+    check(len(plans) >= 1, "a synthesis pass needs at least one planned target")
+    used = {}
+    for plan in plans:
+        for source, _ in plan.used():
+            used.setdefault(source.path, (source.step, source.track))
+    paths = sorted(used, key=used.get)
+    column = {p: i for i, p in enumerate(paths)}
+    x = np.zeros((len(plans), len(paths)))
+    for row, plan in enumerate(plans):
+        for source, value in plan.used():
+            x[row, column[source.path]] = value
+    return paths, x
+
+
+def _one_model(plans: Sequence[Synthesis]):
+    first = plans[0]
+    for plan in plans[1:]:
+        check(plan.model_cls is first.model_cls and plan.model_config == first.model_config,
+              f"targets {first.target!r} and {plan.target!r} are planned from snapshots of different models; "
+              "synthesise the targets of one run together")
+    return first.model_cls, first.model_config
+
+
+def _pass(plans: Sequence[Synthesis], readers: list, accumulate, device, progress: bool):
+    paths, x = coefficient_matrix(plans)
+    readers.extend(open_snapshot(p) for p in paths)
+    return weighted_sums(readers, x, device=device, accumulate=accumulate, progress=progress)
+
+
+def synthesize_states(plans: Sequence[Synthesis], dtype: torch.dtype = torch.float32, progress: bool = True,
+                      accumulate: Optional[torch.dtype] = None,
+                      device: str | torch.device = "cpu") -> List[Dict[str, torch.Tensor]]:
+    """The weights of every plan (``Σ xᵢ θᵢ`` by tensor name, in ``dtype`` on the CPU) from ONE read of the
+    snapshot files they use (:func:`one_pass.weighted_sums` on ``device``; float32 arithmetic over the snapshots'
+    differences unless ``accumulate`` or ``dtype`` is float64). Memory beyond the results: two blocks of every file.
+    The tensors of one plan share no memory with each other."""
+    readers: list = []
+    try:
+        tiles = _pass(plans, readers, accumulate or (torch.float64 if dtype == torch.float64 else torch.float32),
+                      device, progress)
+        buffers = StateBuffers(flat_order(readers), len(plans), dtype)
+        for start, tile in tiles:
+            buffers.take(start, tile)
+        return buffers.states()
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def write_syntheses(plans: Sequence[Synthesis], outs: Sequence[str | os.PathLike], overwrite: bool = False,
+                    progress: bool = True, device: str | torch.device = "cpu") -> List[dict]:
+    """Write every plan's weights as a diffusers model folder (``from_pretrained`` loads it; fp32) with
+    ``synthesis.json`` (its :meth:`Synthesis.record`) beside config.json, from ONE read of the snapshot files: each
+    block of the weighted sums goes straight into every target's weights file. Atomic per folder, refusing an
+    existing one unless ``overwrite`` (all checked before any work). Returns the records."""
+    outs = [os.path.abspath(os.fspath(o)) for o in outs]
+    check(len(outs) == len(plans), f"write_syntheses needs one output folder per target: {len(plans)} targets, "
+                                   f"{len(outs)} folders")
+    check(len(set(outs)) == len(outs), "two targets would be written to one folder; give each its own")
+    if not overwrite:
+        for out in outs:
+            if os.path.exists(out):
+                raise FileExistsError(f"output {out!r} already exists; choose another path or pass --overwrite")
+    cls, config = _one_model(plans)
+    records = [plan.record(out) for plan, out in zip(plans, outs)]
+    readers: list = []
+    files: List[StreamedSafetensors] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            folders = [stack.enter_context(atomic_dir(out, overwrite=overwrite, kind="synthesize")) for out in outs]
+            tiles = _pass(plans, readers, torch.float32, device, progress)
+            order = flat_order(readers)
+            check_fits(cls, config, order, f"the snapshots of {plans[0].run_dir!r}")
+            for folder in folders:
+                write_config(folder, cls, config)
+                files.append(StreamedSafetensors(weights_path(folder), order, torch.float32))
+            for start, tile in tiles:
+                block = tile.cpu()
+                check_finite({"weights": block}, "the synthesised weights", NONFINITE_FIX)  # nothing is kept if not
+                for t, f in enumerate(files):
+                    f.write(start, block[t])
+            for f in files:
+                f.close()
+            for folder, record in zip(folders, records):
+                atomic_write_json(os.path.join(folder, SIDECAR_NAME), record)
+    finally:
+        for f in files:
+            f.close()
+        for reader in readers:
+            reader.close()
+    return records
 
 
 def write_synthesis(synthesis: Synthesis, out: str | os.PathLike, overwrite: bool = False,
                     progress: bool = True) -> dict:
-    """Write the synthesised weights as a diffusers model folder ``out`` (``from_pretrained`` loads it; fp32) with
-    ``synthesis.json`` (its :meth:`Synthesis.record`) beside config.json; atomic, refusing an existing ``out``
-    unless ``overwrite``. Returns the record."""
+    """:func:`write_syntheses` of one plan into ``out``; returns its record."""
+    return write_syntheses([synthesis], [out], overwrite=overwrite, progress=progress)[0]
+
+
+def write_state(synthesis: Synthesis, state: Dict[str, torch.Tensor], out: str | os.PathLike,
+                overwrite: bool = False, extra: Optional[dict] = None) -> dict:
+    """Write weights already synthesised for ``synthesis`` (:func:`synthesize_states`) as its model folder with
+    ``synthesis.json`` (its record and ``extra``); atomic. Returns the record."""
     from accelerate import init_empty_weights
 
-    record = synthesis.record(os.fspath(out))
+    record = {**synthesis.record(os.fspath(out)), **(extra or {})}
+    check_finite(state, "the synthesised weights", NONFINITE_FIX)
     with atomic_dir(out, overwrite=overwrite, kind="synthesize") as tmp:
-        state = synthesis.state_dict(torch.float32, progress=progress)
-        check_finite(state, "the synthesised weights", "a snapshot it reads holds them (did the run diverge?): "
-                                                       "synthesise at an earlier --step or from other --tracks")
         with init_empty_weights():
             model = synthesis.model_cls.from_config(synthesis.model_config)
-        load_into_assigned(model, state, synthesis.sources[-1].path)
+        load_into_assigned(model, {k: v.float() for k, v in state.items()}, synthesis.sources[-1].path)
         model.save_pretrained(tmp)
         atomic_write_json(os.path.join(tmp, SIDECAR_NAME), record)
     return record
+
+
+def folder_name(target: str) -> str:
+    """A folder name for a target's weights: its text with every character but letters, digits, ``.``, ``=``
+    and ``-`` replaced by ``_`` (``lawa:k=5,nu=100,over=ema`` -> ``lawa_k=5_nu=100_over=ema``)."""
+    return re.sub(r"[^A-Za-z0-9.=\-]", "_", target.strip())

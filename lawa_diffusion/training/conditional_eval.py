@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
-
 TRAINER_OPTIONS = {"prompts": "eval.prompts", "class_labels": "eval.class_labels"}
 
 

@@ -165,6 +165,35 @@ def test_api_stores_emas_it_is_given_in_the_dtype_asked(tmp_path):
     assert os.path.dirname(runfolder.snapshot_path(str(tmp_path), 1, "ema")) == str(tmp_path / "ema_snapshots")
 
 
+def test_a_pending_write_keeps_its_host_copy_not_the_ema_tensors(tmp_path):
+    """An EMA moved (new tensors) after a store frees its old tensors while the file is still waiting to be written;
+    the file then holds the weights of the store."""
+    import gc
+    import threading
+    import weakref
+
+    from diffusers.training_utils import EMAModel
+
+    unet = tiny_unet()
+    ema = EMAModel(unet.parameters(), decay=0.9, min_decay=0.9)
+    with PosthocSnapshots(unet, tmp_path, every_n_steps=1, emas={"ema": ema}, main_process=True) as store:
+        gate = threading.Event()
+        store.writer.submit(gate.wait)  # the writer thread is busy until the gate opens
+        try:
+            ema.step(unet.parameters())
+            store.after_step()
+            stored = [p.clone() for p in ema.shadow_params]
+            old = [weakref.ref(p) for p in ema.shadow_params]
+            ema.shadow_params = [p.clone() + 1.0 for p in ema.shadow_params]  # what ema.to(other device) does
+            gc.collect()
+            assert sum(ref() is not None for ref in old) == 0
+        finally:
+            gate.set()
+    tensors, _ = read_snapshot(runfolder.snapshot_path(str(tmp_path), 1, "ema"))
+    names = [n for n, _ in unet.named_parameters()]
+    assert all(torch.equal(tensors[n], p) for n, p in zip(names, stored))
+
+
 def test_api_errors_are_one_sentence(tmp_path):
     unet = tiny_unet()
     with pytest.raises(ValueError, match="posthoc dtype must be one of float32, bfloat16, float16, got 'float64'"):

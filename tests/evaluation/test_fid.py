@@ -10,8 +10,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from lawa_diffusion.cli import fid as fid_cli
 from lawa_diffusion.cli import entry as cli
+from lawa_diffusion.cli import fid as fid_cli
 from lawa_diffusion.evaluation import fid, inception, sampling
 from lawa_diffusion.evaluation import images as data
 from lawa_diffusion.utils.files import cache_root

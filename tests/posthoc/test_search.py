@@ -149,6 +149,78 @@ def test_append_adds_steps_and_targets_and_replaces_a_row_scored_again(walk_run,
     assert [json.loads(line) for line in open(os.path.join(out, "hindsight.jsonl"))] == again["rows"]
 
 
+def test_each_step_reads_its_snapshots_once_and_scores_the_float64_sums_rounded_to_float32(walk_run, tmp_path,
+                                                                                          monkeypatch):
+    """Every target and twin of a step from one read of the files it uses; every weight scored is the float64 sum
+    of the files correctly rounded to float32, as when each target was synthesised on its own in float64."""
+    from tests.helpers import counted_reads, tensor_bytes
+
+    run, _, _ = walk_run
+    scored = {}  # (step, variant) -> the weights evaluated
+
+    def keep_weights(variants):
+        step = len({s for s, _ in scored}) and max(s for s, _ in scored) + 1  # 0 then 1: the order of the steps
+        out = param_sum_metric([])(variants)
+        for name, weights in variants.items():
+            with weights() as model:
+                scored[(step, name)] = {k: v.clone() for k, v in model.state_dict().items()}
+        return out
+
+    with counted_reads(monkeypatch) as reads:
+        summary = hindsight.run_hindsight(run, "0.05:0.2:4", targets=["decay=0.9", "lawa:k=2,nu=10,over=p05",
+                                                                      "decay=0.999"], twins=["c90"], steps="30,60",
+                                          tracks=["p05", "p10"], evaluate=keep_weights, out_dir=str(tmp_path / "h"),
+                                          progress=False)
+    assert len(summary["rows"]) == 2 * (4 + 3) + 1  # the twin where a checkpoint holds it: step 60
+    used = {}
+    for row in summary["rows"]:
+        target = "c90" if row["kind"] == "twin" else row["target"]
+        plan = plan_synthesis(run, target, row["step"], ["p05", "p10"], max_residual=None)
+        if row["refused"]:
+            assert row["fid"] is None
+            continue
+        files = [s.path for s, _ in plan.used()]
+        used.setdefault(row["step"], set()).update(os.path.abspath(f) for f in files)
+        variant = f"synthesised:{target}" if row["kind"] == "twin" else target
+        weights = scored[({30: 0, 60: 1}[row["step"]], variant)]
+        assert row["fid"] == sum(v.double().sum().item() for v in weights.values())
+        for name, exact in _float64_sum(files, [x for _, x in plan.used()]).items():
+            rounded = exact.float()
+            ulp = (torch.nextafter(rounded.abs(), torch.tensor(math.inf)) - rounded.abs()).double()
+            assert ((weights[name].double() - exact).abs() <= 0.5 * ulp + 1e-14 * exact.abs()).all(), (target, name)
+    assert len(used[60]) > len(used[30]) > 1
+    for path, seen in reads.items():
+        steps = [s for s in used if path in used[s]]
+        assert seen == {"opens": len(steps), "bytes": len(steps) * tensor_bytes(path)}, path
+    assert set(reads) == used[30] | used[60]
+
+
+def test_save_best_writes_each_steps_best_average(walk_run, tmp_path):
+    run, _, _ = walk_run
+    best_dir = tmp_path / "best"
+    summary = hindsight.run_hindsight(run, "0.05:0.2:3", targets=["decay=0.9"], steps="30,60", tracks=["p05", "p10"],
+                                      evaluate=param_sum_metric([]), out_dir=str(tmp_path / "h"), progress=False,
+                                      save_best=str(best_dir))
+    assert sorted(os.listdir(best_dir)) == ["step-30", "step-60"]
+    assert summary["saved_best"] == {s: str(best_dir / f"step-{s}") for s in ("30", "60")}
+    for step in (30, 60):
+        best = summary["best"][str(step)]
+        scored = [r for r in summary["rows"] if r["step"] == step and r["fid"] is not None]
+        assert best["fid"] == min(r["fid"] for r in scored) and len(scored) >= 2
+        folder = best_dir / f"step-{step}"
+        record = json.loads((folder / "synthesis.json").read_text())
+        assert record["target"] == best["target"] and record["hindsight"] == best and record["step"] == step
+        plan = plan_synthesis(run, best["target"], step, ["p05", "p10"], max_residual=None)
+        expected = _float64_sum([s.path for s in plan.sources], plan.solution.coefficients)
+        loaded = UNet2DModel.from_pretrained(folder).state_dict()
+        assert sum(v.double().sum().item() for v in loaded.values()) == pytest.approx(best["fid"], rel=1e-12)
+        for name, value in expected.items():
+            torch.testing.assert_close(loaded[name].double(), value, rtol=0, atol=1e-6)
+    with pytest.raises(FileExistsError, match="--save-best"):
+        hindsight.run_hindsight(run, "0.1", steps="60", tracks=["p05", "p10"], evaluate=param_sum_metric([]),
+                                out_dir=str(tmp_path / "h2"), progress=False, save_best=str(best_dir))
+
+
 @pytest.mark.parametrize("args, words", [
     (["--sigma-rel", "0.3"], ["--sigma-rel", "0.3"]),
     (["--steps", "7"], ["--steps", "7", "stored"]),

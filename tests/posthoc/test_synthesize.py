@@ -18,7 +18,7 @@ from lawa_diffusion.cli import entry as cli
 from lawa_diffusion.engine.posthoc_snapshots import save_ema_snapshot
 from lawa_diffusion.maths import lag
 from lawa_diffusion.maths import profile_fit as synthesis
-from lawa_diffusion.posthoc import synthesize
+from lawa_diffusion.posthoc import one_pass, snapshot_reader, synthesize
 from lawa_diffusion.posthoc.synthesize import SIDECAR_NAME, plan_synthesis, write_synthesis
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import MARKER_NAME, atomic_save_safetensors, write_marker
@@ -186,15 +186,80 @@ def test_mixed_dtype_and_scattered_files_sum_like_float64(tmp_path):
         atomic_save_safetensors(runfolder.snapshot_path(run, step, "p10"), tensors, metadata={
             "step": str(step), "track": "p10", "model_config": config, "track_def": definition})
     plan = plan_synthesis(run, "lawa:k=3,nu=2,over=p10")
-    layout = synthesize.tensor_layout(plan.sources[1].path)
-    assert not synthesize._contiguous(layout, sorted(layout, key=lambda n: layout[n][2]))
-    old = synthesize.BLOCK_ELEMENTS
-    try:
-        for block in (old, 1000, 1):
-            synthesize.BLOCK_ELEMENTS = block
+    layout = snapshot_reader.tensor_layout(plan.sources[1].path)
+    assert len({e.dtype for e in layout.values()}) == 2  # no block lies together in one dtype
+    expected = float64_sum([s.path for s in plan.sources], [1 / 3] * 3)
+    for read, tile in ((one_pass.READ_ELEMENTS, one_pass.TILE_BYTES), (1000, 3 * 8 * 300), (37, 3 * 8 * 7)):
+        with pytest.MonkeyPatch.context() as mp:  # blocks and tiles that cut tensors anywhere
+            mp.setattr(one_pass, "READ_ELEMENTS", read)
+            mp.setattr(one_pass, "MIN_ELEMENTS", min(read, one_pass.MIN_ELEMENTS))
+            mp.setattr(one_pass, "TILE_BYTES", tile)
             got = plan.state_dict(torch.float64, progress=False)
-            expected = float64_sum([s.path for s in plan.sources], [1 / 3] * 3)
-            for name, value in expected.items():
-                torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12)
-    finally:
-        synthesize.BLOCK_ELEMENTS = old
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-12)
+
+
+EIGHT = ["lawa:k=3,nu=10,over=p05", "decay=0.9", "c90", "--sigma-rel", "0.05:0.15:5"]
+
+
+def _argv_targets(spec):
+    argv, i = [], 0
+    while i < len(spec):
+        if spec[i] == "--sigma-rel":
+            argv += spec[i:i + 2]
+            i += 2
+        else:
+            argv += ["--target", spec[i]]
+            i += 1
+    return argv
+
+
+def test_eight_targets_are_written_from_one_read_and_equal_eight_one_target_calls(tiny_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    from tests.helpers import counted_reads, tensor_bytes
+
+    run, _ = tiny_run
+    with counted_reads(monkeypatch) as reads:
+        assert cli.main(["synthesize", run, *_argv_targets(EIGHT), "--step", "60", "-o", str(tmp_path / "all"),
+                         "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    targets = [r["target"] for r in records]
+    assert len(targets) == 8 and targets[3:] == [f"sigma_rel={v:g}" for v in np.geomspace(0.05, 0.15, 5).round(4)]
+    assert sorted(os.listdir(tmp_path / "all")) == sorted(synthesize.folder_name(t) for t in targets)
+    # one read: every snapshot some target uses is opened once and its tensor bytes read once; the others not at all
+    used = {c["path"] for r in records for c in r["coefficients"] if abs(c["coefficient"]) >= synthesize.SKIP_BELOW}
+    stored = {os.path.abspath(p) for track in ("p05", "p10", "c90") for _, p in runfolder.list_ema_snapshots(run, track)}
+    assert used <= stored and len(used) > 10
+    for path in stored:
+        assert reads.get(path, {"opens": 0, "bytes": 0}) == (
+            {"opens": 1, "bytes": tensor_bytes(path)} if path in used else {"opens": 0, "bytes": 0}), path
+    for i, record in enumerate(records):
+        folder = tmp_path / "all" / synthesize.folder_name(record["target"])
+        assert record["output"] == str(folder)
+        assert json.loads((folder / SIDECAR_NAME).read_text()) == record
+        alone = tmp_path / f"alone-{i}"
+        assert cli.main(["synthesize", run, "--target", record["target"], "--step", "60", "-o", str(alone)]) == 0
+        one, many = UNet2DModel.from_pretrained(alone).state_dict(), UNet2DModel.from_pretrained(folder).state_dict()
+        assert json.loads((alone / SIDECAR_NAME).read_text())["coefficients"] == record["coefficients"]
+        expected = float64_sum([c["path"] for c in record["coefficients"]],
+                               [c["coefficient"] for c in record["coefficients"]])
+        for name, value in expected.items():
+            # the same weights to a few float32 roundings (with other targets the pass sums over the differences to
+            # another snapshot), and both the float64 sum of the files to 1e-6 of the tensor's norm
+            scale = value.abs().max().item()
+            torch.testing.assert_close(many[name], one[name], rtol=0, atol=2.0 ** -20 * scale)
+            for got in (one, many):
+                assert (got[name].double() - value).norm() <= 1e-6 * value.norm()
+
+
+def test_all_targets_are_checked_before_any_is_written(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    out = tmp_path / "none"
+    for extra, words in ((["--target", "decay=0.97", "--tracks", "p05,p10"], "out of reach"),
+                         (["--target", "sigma_rel=0.3"], "sigma_rel must be > 0"),
+                         ([], "at least one target")):
+        base = [] if not extra else ["--target", "sigma_rel=0.08", "--sigma-rel", "0.05,0.1"]
+        assert cli.main(["synthesize", run, *base, *extra, "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not out.exists()
