@@ -46,6 +46,27 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_UMASK: list = []
+
+
+def user_mode(directory: bool = False) -> int:
+    """The mode a file (or folder) the user creates gets under their umask: temp files and folders start private
+    (0600 / 0700), so what is moved into place gets this mode first. The umask is read from /proc (changing it
+    to read it would race with other threads creating files)."""
+    if not _UMASK:
+        umask = None
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+        except OSError:
+            pass
+        if umask is None:  # no /proc: read it the only portable way (once)
+            umask = os.umask(0o022)
+            os.umask(umask)
+        _UMASK.append(umask)
+    return (0o777 if directory else 0o666) & ~_UMASK[0]
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed: Optional[int] = None) -> None:
     """Call ``write(tmp_path)`` then move the finished file to ``path`` atomically.
 
@@ -63,6 +84,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed: 
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, user_mode())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -290,6 +312,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: Optional[
             for name in names:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, user_mode(directory=True))
         if os.path.exists(path):
             old = path + ".old." + os.path.basename(tmp)
             os.replace(path, old)

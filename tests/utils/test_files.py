@@ -275,3 +275,21 @@ def test_marker_names_the_command(tmp_path):
     assert files.output_kind(tmp_path) == "sweep"
     (tmp_path / MARKER_NAME).write_text("garbage")
     assert files.output_kind(tmp_path) is None
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    from lawa_diffusion.utils import files
+
+    previous = os.umask(0o027)
+    files._UMASK.clear()
+    try:
+        files.atomic_write_text(tmp_path / "a.txt", "x")
+        with files.atomic_dir(tmp_path / "out", kind="synthesize") as tmp:
+            with open(os.path.join(tmp, "w.bin"), "wb") as f:
+                f.write(b"1")
+    finally:
+        os.umask(previous)
+        files._UMASK.clear()
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0700
+    assert (tmp_path / "out" / "w.bin").stat().st_mode & 0o777 == 0o640
