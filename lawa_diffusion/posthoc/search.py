@@ -318,14 +318,14 @@ def run_hindsight(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | str 
                                  command="posthoc", accelerator=accelerator, model=model, **eval_options)
     if main and progress:  # the work asked for, once the inputs are known to be usable
         say(f"{len(wanted)} average(s) x {len(chosen)} step(s): {len(wanted) * len(chosen)} syntheses, each scored "
-            "with one FID evaluation of the run's num_samples images", "posthoc")
+            "with one FID evaluation of the run's num_samples images", "search")
     if main:
         os.makedirs(out_dir, exist_ok=True)
         write_marker(out_dir, "hindsight")
         rows = _kept_rows(files["jsonl"], append, chosen, [t for _, t in wanted] + [f"twin:{n}" for n in twins])
     else:
         rows = []
-    bar = tqdm(total=len(chosen), desc="posthoc steps", disable=not (progress and main))
+    bar = tqdm(total=len(chosen), desc="search: steps", disable=not (progress and main))
     for step in chosen:
         new = _score_step(run_dir, step, wanted, twins, tracks, max_residual, model, evaluate, sources,
                           save_best if main else None, overwrite=True)
