@@ -14,6 +14,17 @@
   both variants by torch-fidelity (CPU) and by the float64 device maths.
   {"bench": "evaluation", "sample_s": {...}, "metric_s": {...}, "evaluation_s": fast sampling + device maths, ...}
 --bench background: metric maths in a background thread vs inline (below).
+--bench conditional: benchmarks/bench_eval_conditional.py (the conditional evaluator's images/s over those of
+  diffusers' StableDiffusionPipeline.__call__ on the same prompts and settings, goal >= 1.0), tiny on the CPU.
+  {"bench": "eval_conditional", "ratio": ..., "goal": 1.0, "evaluator_img_s": ..., "pipeline_img_s": ..., ...}
+--bench conditional_overhead: the training-step cost of a conditional evaluation schedule. A captioned
+  Fashion-MNIST folder and a small text-to-image pipeline (scripts/make_caption_folder.py, make_tiny_pipeline.py
+  with configs/text_to_image_cpu.yaml, or _gpu.yaml on CUDA) are made once, the held-out reference statistics
+  cached, then scripts/train_text_to_image.py runs under the launch plugin with the same LAWA settings, without
+  and with --lawa_fid_every_n_steps, alternating (--repeats times each); steps/s is the script's own rate over
+  its training loop (evaluations inside it), the median over repeats.
+  {"bench": "conditional_fid_overhead", "steps_per_s_without": ..., "steps_per_s_with": ..., "ratio": with /
+   without, "seconds_per_evaluation": ..., "sample_s_per_evaluation": ..., "metric_s_per_evaluation": ..., ...}
 
 Background vs inline: both runs train the same UNet for the same steps with the same evaluations (EMA and LAWA, sampled and
 turned into 2048-dim features by the stand-in feature network, so that the FID/KID maths cost what
@@ -26,6 +37,7 @@ and checks that both runs wrote the same FID/KID rows.
 Usage: python benchmarks/bench_eval.py --bench trainer,evaluation [--config configs/fashion_mnist_gpu.yaml]
        [--set KEY=VALUE ...] [--warmup 30] [--train-steps 200] [--device cpu|cuda]
        python benchmarks/bench_eval.py --bench background [--steps 100] [--eval-every 50] [--num-samples 500]
+       python benchmarks/bench_eval.py --bench conditional,conditional_overhead [--device cpu|cuda] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -34,7 +46,9 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +56,8 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def _relative(actual: float, expected: float) -> float:
@@ -214,9 +228,105 @@ def bench_evaluation(args, work: str) -> None:
                                  for n in feats) if fast != "no" else 0.0)
 
 
+# ----------------------------------------------------------------------------- conditional evaluation
+# bench_eval_conditional.py's sizes: its own defaults on the CPU; on CUDA an evaluation's worth of prompts
+CONDITIONAL_CUDA_ARGS = ["--num-prompts", "512", "--batch-size", "128", "--steps", "20", "--width", "64"]
+
+
+def bench_conditional(args) -> None:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_eval_conditional
+
+    sizes = CONDITIONAL_CUDA_ARGS if torch.device(args.device).type == "cuda" else []
+    code = bench_eval_conditional.main(["--device", args.device, "--repeats", str(max(args.repeats, 3)), *sizes])
+    if code:
+        raise RuntimeError(f"bench_eval_conditional.py exited {code}")
+
+
+# sizes of the text-to-image run (CPU: tiny; CUDA: the GPU check's pipeline for 300 steps, 3 evaluations)
+T2I_SIZES = {
+    "cpu": dict(pipeline_config="configs/text_to_image_cpu.yaml", data=["--num-train", "64", "--num-test", "8",
+                                                                          "--image-size", "16"],
+                num_reference=8, script=["--resolution", "16", "--train_batch_size", "8", "--max_train_steps", "12",
+                                         "--learning_rate", "1e-3"],
+                lawa=["--lawa_k", "3", "--lawa_every_n_steps", "2"], fid_every=6,
+                fid=["--lawa_fid_num_samples", "8", "--lawa_fid_batch_size", "8",
+                     "--lawa_fid_num_inference_steps", "2"]),
+    "cuda": dict(pipeline_config="configs/text_to_image_gpu.yaml", data=["--num-train", "5000", "--num-test", "1000",
+                                                                           "--image-size", "32"],
+                 num_reference=1000, script=["--resolution", "32", "--train_batch_size", "64", "--max_train_steps",
+                                             "300", "--learning_rate", "3e-4", "--mixed_precision", "bf16",
+                                             "--allow_tf32", "--dataloader_num_workers", "4"],
+                 lawa=["--lawa_k", "5", "--lawa_every_n_steps", "50"], fid_every=100,
+                 fid=["--lawa_fid_num_samples", "1000", "--lawa_fid_batch_size", "500",
+                      "--lawa_fid_num_inference_steps", "20"]),
+}
+DONE_RE = re.compile(r"^done: (\d+) steps in ([0-9.]+) s", re.M)
+
+
+def _run(command: list, env: dict) -> str:
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {done.returncode}:\n{tail}")
+    return done.stdout + done.stderr
+
+
+def bench_conditional_overhead(args, work: str) -> None:
+    """Steps/s of the text-to-image script under the plugin without and with a conditional FID schedule."""
+    from lawa_diffusion.utils.files import read_jsonl
+
+    device = torch.device(args.device).type
+    size = T2I_SIZES["cuda" if device == "cuda" else "cpu"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "LAWA_CACHE_DIR": os.path.join(work, "cache")}
+    if device == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
+    py = sys.executable
+    data, pipe = os.path.join(work, "t2i_data"), os.path.join(work, "t2i_pipe")
+    _run([py, "scripts/make_caption_folder.py", "--output", data, *size["data"]], env)
+    _run([py, "scripts/make_tiny_pipeline.py", "--config", size["pipeline_config"], "--words-from",
+          os.path.join(data, "train"), "--output", pipe], env)
+    image_size = size["data"][size["data"].index("--image-size") + 1]
+    _run([py, "-m", "lawa_diffusion", "ref-stats", "--prompts", os.path.join(data, "test"), "--num-reference",
+          str(size["num_reference"]), "--image-size", image_size, "--device", args.device], env)
+    fid = ["--lawa_fid_prompts", os.path.join(data, "test"), "--lawa_fid_num_reference", str(size["num_reference"]),
+           *size["fid"]]
+    seconds: dict = {"without": [], "with": []}
+    steps, rows = 0, []
+    for repeat in range(args.repeats):
+        for mode in ("without", "with"):
+            out = os.path.join(work, f"run-{mode}-{repeat}")
+            every = size["fid_every"] if mode == "with" else 0
+            text = _run([py, "-m", "lawa_diffusion.launch", *size["lawa"], "--lawa_fid_every_n_steps", str(every),
+                         *fid, "scripts/train_text_to_image.py", "--pretrained_model_name_or_path", pipe,
+                         "--train_data_dir", os.path.join(data, "train"), "--output_dir", out, "--use_ema",
+                         "--seed", "0", "--checkpointing_steps", "1000000", *size["script"]], env)
+            found = DONE_RE.findall(text)
+            if not found:
+                raise RuntimeError(f"the training script printed no 'done: N steps in S s' line ({mode} FID)")
+            steps = int(found[-1][0])
+            seconds[mode].append(float(found[-1][1]))
+            if mode == "with":
+                rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    median = {mode: statistics.median(values) for mode, values in seconds.items()}
+    evaluations = len({row["step"] for row in rows})
+    per_eval = {key: round(sum(r.get(key) or 0.0 for r in rows) / max(evaluations, 1), 3)
+                for key in ("sample_seconds", "metric_seconds")}
+    emit(bench="conditional_fid_overhead", device=args.device, pipeline_config=size["pipeline_config"],
+         train_steps=steps, fid_every_n_steps=size["fid_every"], evaluations=evaluations,
+         variants=sorted({row["variant"] for row in rows}), num_samples=rows[0]["num_samples"] if rows else None,
+         steps_per_s_without=round(steps / median["without"], 2), steps_per_s_with=round(steps / median["with"], 2),
+         ratio=round(median["without"] / median["with"], 3),
+         seconds_per_evaluation=round((median["with"] - median["without"]) / max(evaluations, 1), 2),
+         sample_s_per_evaluation=per_eval["sample_seconds"], metric_s_per_evaluation=per_eval["metric_seconds"],
+         repeats=args.repeats, seconds={k: [round(v, 2) for v in vs] for k, vs in seconds.items()})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench", default="background", help="comma list of trainer, evaluation, background")
+    p.add_argument("--bench", default="background", help="comma list of trainer, evaluation, background, conditional, "
+                                                         "conditional_overhead")
     p.add_argument("--config", default="configs/fashion_mnist_gpu.yaml", help="trainer / evaluation: the run's config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer / evaluation: override")
     p.add_argument("--warmup", type=int, default=30, help="trainer: steps before timing (compilation included)")
@@ -233,11 +343,19 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
     benches = args.bench.split(",")
+    known = ("trainer", "evaluation", "background", "conditional", "conditional_overhead")
+    unknown = [b for b in benches if b not in known]
+    if unknown:
+        p.error(f"--bench must be a comma list of {', '.join(known)}, got {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as work:
         if "trainer" in benches:
             bench_trainer(args, work)
         if "evaluation" in benches:
             bench_evaluation(args, work)
+        if "conditional" in benches:
+            bench_conditional(args)
+        if "conditional_overhead" in benches:
+            bench_conditional_overhead(args, work)
     return background_bench(args) if "background" in benches else 0
 
 

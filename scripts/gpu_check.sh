@@ -26,6 +26,17 @@
 #   GPU_CHECK_PART=seeds bash scripts/gpu_check.sh   # three seeds of the same config at once, and their report
 #   GPU_CHECK_PART=paper bash scripts/gpu_check.sh   # configs/paper_regime_gpu.yaml: plan, three seeds at
 #       once and their report
+#   GPU_CHECK_PART=text2image bash scripts/gpu_check.sh   # a small latent text-to-image run under the launch plugin:
+#       t2i_data      Fashion-MNIST as captioned image folders, train/ and the held-out test/ (scripts/make_caption_folder.py)
+#       t2i_pipe      a Stable-Diffusion-style pipeline with random weights from configs/text_to_image_gpu.yaml
+#                     (scripts/make_tiny_pipeline.py; its tokenizer spells the captions' words)
+#       t2i_train     scripts/train_text_to_image.py --use_ema under `-m lawa_diffusion.launch`: LAWA k/ν, FID on the
+#                     held-out prompts and images (--lawa_fid_prompts test/ --lawa_fid_num_reference N), power-EMA
+#                     snapshots for the search in hindsight (--lawa_posthoc_every_n_steps)
+#       t2i_hindsight `lawa-diffusion hindsight` on a small σ_rel grid at two evaluated steps
+#       t2i_report    `lawa-diffusion report` (after the search: it adds the best-in-hindsight curve)
+#       bench_t2i     benchmarks/bench_eval.py --bench conditional,conditional_overhead, while budget is left
+#     The steps before t2i_hindsight keep GPU_CHECK_T2I_RESERVE_S of the budget for it and the report (default 90).
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh       # any part end to end on the CPU with tiny sizes (no budget)
 #
 # Output in $OUT: summary.txt (the figures, the table of steps and the verdict; also printed at the end) and
@@ -43,9 +54,11 @@
 #   GPU_CHECK_FAIL      comma list of steps given an argument their command rejects (checks that a failing
 #                       step fails the script: tests/system/test_gpu_check.py)
 #   T_<STEP>            one step's limit in seconds (T_PREFLIGHT, T_TESTS, T_PLAN, T_REF_STATS, T_ONE_SEED,
-#                       T_BENCH_LAWA, T_BENCH_FID, T_BENCH_EVAL, T_SEEDS (each of the three), T_REPORT)
+#                       T_BENCH_LAWA, T_BENCH_FID, T_BENCH_EVAL, T_SEEDS (each of the three), T_REPORT, T_T2I_DATA,
+#                       T_T2I_PIPE, T_T2I_TRAIN, T_T2I_HINDSIGHT, T_T2I_REPORT, T_BENCH_T2I)
 # Expects: $LAWA_DATA (or the Debian package's folder) with Fashion-MNIST, $LAWA_INCEPTION_WEIGHTS (or
-# `lawa-diffusion inception fetch` done before), diffusers and torch-fidelity importable (the preflight says).
+# `lawa-diffusion inception fetch` done before), diffusers and torch-fidelity importable (the preflight says; the
+# text2image part also needs transformers and Fashion-MNIST's label files).
 set -euo pipefail
 OUT="${OUT:-gpu_out}"
 LOGS="$OUT/logs"
@@ -62,7 +75,8 @@ REPORT_RESERVE_S=30  # of the budget, kept for the report after three seeds
 case "$PART" in
   figures|seeds) CONFIG=configs/fashion_mnist_gpu.yaml ;;
   paper) CONFIG=configs/paper_regime_gpu.yaml ;;
-  *) echo "gpu_check: GPU_CHECK_PART must be figures, seeds or paper, got '$PART'" >&2; exit 2 ;;
+  text2image) CONFIG=configs/text_to_image_gpu.yaml ;;
+  *) echo "gpu_check: GPU_CHECK_PART must be figures, seeds, paper or text2image, got '$PART'" >&2; exit 2 ;;
 esac
 log() { echo "== $(date +%T) $*"; }
 
@@ -75,7 +89,9 @@ if [ "$TINY" = 1 ]; then
   DEFAULT_TESTS='-m "not cuda and not slow" tests/engine/test_rings.py tests/engine/test_collectives.py
                  tests/engine/test_bench_lawa.py tests/training/test_fast_path.py'
   : "${T_PREFLIGHT:=120}" "${T_PLAN:=120}" "${T_TESTS:=600}" "${T_BENCH_LAWA:=300}" "${T_REF_STATS:=300}" \
-    "${T_ONE_SEED:=600}" "${T_BENCH_FID:=300}" "${T_BENCH_EVAL:=600}" "${T_SEEDS:=900}" "${T_REPORT:=300}"
+    "${T_ONE_SEED:=600}" "${T_BENCH_FID:=300}" "${T_BENCH_EVAL:=600}" "${T_SEEDS:=900}" "${T_REPORT:=300}" \
+    "${T_T2I_DATA:=120}" "${T_T2I_PIPE:=120}" "${T_T2I_TRAIN:=600}" "${T_T2I_HINDSIGHT:=300}" "${T_T2I_REPORT:=120}" \
+    "${T_BENCH_T2I:=600}"
   # bench_lawa's size flags (the one line to adjust when its flags change)
   LAWA_ARGS=(--numel 2000000 --repeats 3 --train_repeats 1 --train_every 5)
   FID_ARGS=(--num-images 24 --reference-images 40 --batch-size 32 --kid-subsets 10 --only maths)
@@ -94,6 +110,17 @@ if [ "$TINY" = 1 ]; then
                                     {name: lawa_k3, over: ema_short, k: 3, every_n_steps: 4}]")
   fi
   REF_ARGS=(--num-images 64)
+  # the text2image part (configs/text_to_image_cpu.yaml: a 0.2M-parameter UNet on 16x16 images)
+  T2I_RESERVE_S=0
+  T2I_PIPE_CONFIG=configs/text_to_image_cpu.yaml
+  T2I_DATA_ARGS=(--num-train 64 --num-test 8 --image-size 16)
+  T2I_SCRIPT_ARGS=(--resolution 16 --train_batch_size 8 --max_train_steps 12 --checkpointing_steps 12
+                   --learning_rate 1e-3)
+  T2I_PLUGIN_ARGS=(--lawa_k 3 --lawa_every_n_steps 2 --lawa_fid_every_n_steps 6 --lawa_fid_num_reference 8
+                   --lawa_fid_num_samples 8 --lawa_fid_batch_size 8 --lawa_fid_num_inference_steps 2
+                   --lawa_posthoc_every_n_steps 3)
+  T2I_HINDSIGHT_ARGS=(--sigma-rel 0.05,0.1 --steps 12)
+  T2I_BENCH_ARGS=(--bench conditional,conditional_overhead)
 else
   DEVICE=cuda
   BUDGET="${GPU_CHECK_BUDGET:-400}"
@@ -110,6 +137,20 @@ else
   EVAL_ARGS=(--bench trainer --warmup 15 --train-steps 150)  # evaluation: see the runs' lines
   RUN_SIZES=()
   REF_ARGS=(--batch-size 1250)
+  # the text2image part: sizes not yet measured on a GPU (estimated: about 3 minutes in all, the run about 2)
+  T2I_RESERVE_S="${GPU_CHECK_T2I_RESERVE_S:-90}"
+  : "${T_T2I_DATA:=90}" "${T_T2I_PIPE:=60}" "${T_T2I_TRAIN:=300}" "${T_T2I_HINDSIGHT:=120}" "${T_T2I_REPORT:=60}" \
+    "${T_BENCH_T2I:=180}"
+  T2I_PIPE_CONFIG=configs/text_to_image_gpu.yaml
+  T2I_DATA_ARGS=(--num-train 20000 --num-test 2000 --image-size 32)
+  T2I_SCRIPT_ARGS=(--resolution 32 --train_batch_size 64 --max_train_steps 1000 --checkpointing_steps 500
+                   --learning_rate 3e-4 --lr_scheduler constant_with_warmup --lr_warmup_steps 50
+                   --mixed_precision bf16 --allow_tf32 --dataloader_num_workers 4)
+  T2I_PLUGIN_ARGS=(--lawa_k 5 --lawa_every_n_steps 50 --lawa_fid_every_n_steps 250 --lawa_fid_num_reference 2000
+                   --lawa_fid_num_samples 1000 --lawa_fid_batch_size 500 --lawa_fid_num_inference_steps 20
+                   --lawa_posthoc_every_n_steps 100)
+  T2I_HINDSIGHT_ARGS=(--sigma-rel 0.05,0.08,0.12 --steps 500,1000)
+  T2I_BENCH_ARGS=(--bench conditional,conditional_overhead)
 fi
 eval "TESTS=(${GPU_CHECK_TESTS:-$DEFAULT_TESTS})"
 [[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check: GPU_CHECK_BUDGET must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
@@ -223,11 +264,39 @@ cuda_tests() {  # the tests step, with a junit XML whose skipped count decides t
   show tests "passed|failed|error|skipped" 12
 }
 
+text_to_image() {  # the text2image part: data, pipeline, a plugin run, its search in hindsight and its report
+  local data="$RUNS/t2i_data" pipe="$RUNS/t2i_pipe" run="$RUNS/t2i_run"
+  RESERVE_S=$T2I_RESERVE_S  # the run's search in hindsight and report keep their time
+  step t2i_data "$T_T2I_DATA" $PY scripts/make_caption_folder.py --output "$data" "${T2I_DATA_ARGS[@]}"
+  show t2i_data "images"
+  step t2i_pipe "$T_T2I_PIPE" $PY scripts/make_tiny_pipeline.py --config "$T2I_PIPE_CONFIG" --words-from "$data/train" \
+    --output "$pipe"
+  show t2i_pipe "parameters"
+  step t2i_train "$T_T2I_TRAIN" $PY -m lawa_diffusion.launch "${T2I_PLUGIN_ARGS[@]}" --lawa_fid_prompts "$data/test" \
+    scripts/train_text_to_image.py --pretrained_model_name_or_path "$pipe" --train_data_dir "$data/train" \
+    --output_dir "$run" --use_ema --seed 0 "${T2I_SCRIPT_ARGS[@]}"
+  show_t2i_run
+  RESERVE_S=$REPORT_RESERVE_S
+  step t2i_hindsight "$T_T2I_HINDSIGHT" $PY -m lawa_diffusion hindsight "$run" "${T2I_HINDSIGHT_ARGS[@]}" --overwrite
+  show t2i_hindsight "^step [0-9]+:|^hindsight:"
+  RESERVE_S=0
+  step t2i_report "$T_T2I_REPORT" $PY -m lawa_diffusion report "$run"
+  show t2i_report "." 40
+  step bench_t2i "$T_BENCH_T2I" $PY benchmarks/bench_eval.py --device "$DEVICE" "${T2I_BENCH_ARGS[@]}"
+  show bench_t2i "^\{" 4
+}
+
+show_t2i_run() {  # the plugin run's lag plan, evaluation lines, step rate, warnings and errors (also when it was cut off)
+  [ -f "$LOGS/t2i_train.log" ] || return 0
+  tr '\r' '\n' < "$LOGS/t2i_train.log" | grep -aoE "lag plan: .*|step [0-9]+: FID .*|^done: .*|.*rror.*|.*warning.*" | tail -n 12 \
+    || true
+}
+
 log "part $PART on $DEVICE, budget ${BUDGET} s (0: none), output in $OUT"
 if [ "$DEVICE" = cuda ]; then nvidia-smi -L || true; fi
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
-step preflight "$T_PREFLIGHT" $PY scripts/gpu_preflight.py --device "$DEVICE"
+step preflight "$T_PREFLIGHT" $PY scripts/gpu_preflight.py --device "$DEVICE" --part "$PART"
 show preflight "^preflight"  # (when it failed, its last lines were shown)
 START=$SECONDS  # the budget is for the steps after the preflight
 
@@ -244,8 +313,7 @@ if passed preflight; then
     RESERVE_S=0
     train one_seed 9 "$T_ONE_SEED"
     show_run one_seed
-    # ---- EXTRA STEP (reserved): the conditional (text-to-image) evaluation run goes here, as one `step` line
-    # ---- (with its T_<STEP> limit in both size blocks above), before the long benches.
+    # (the text-to-image run is a part of its own: GPU_CHECK_PART=text2image)
     step bench_lawa "$T_BENCH_LAWA" $PY benchmarks/bench_lawa.py --device "$DEVICE" "${LAWA_ARGS[@]}"
     show bench_lawa "^\{" 16
     step bench_fid "$T_BENCH_FID" $PY benchmarks/bench_fid.py --device "$DEVICE" "${FID_ARGS[@]}"
@@ -266,6 +334,9 @@ if passed preflight; then
     show plan "." 4
     three_seeds
     ;;
+  text2image)
+    text_to_image
+    ;;
   esac
 else
   log "stopped after the preflight: $(grep -a '^preflight failed' "$LOGS/preflight.log" | head -n 1 || echo "it did not finish")"
@@ -273,9 +344,14 @@ fi
 
 {
   echo "== figures"
-  for name in bench_lawa bench_fid bench_eval; do
-    show "$name" '"bench": "(snapshot|average|pinned|train_step_overhead|metric_maths|trainer|trainer_speedup|evaluation)"'
+  for name in bench_lawa bench_fid bench_eval bench_t2i; do
+    show "$name" '"bench": "(snapshot|average|pinned|train_step_overhead|metric_maths|trainer|trainer_speedup|evaluation|eval_conditional|conditional_fid_overhead)"'
   done
+  if [ -f "$LOGS/t2i_train.log" ]; then
+    echo "-- t2i_train"; show_t2i_run
+    echo "-- t2i_hindsight"; show t2i_hindsight "^step [0-9]+:"
+    echo "-- t2i_report"; show t2i_report "." 30
+  fi
   for name in one_seed seed0 seed1 seed2; do
     if [ -f "$LOGS/$name.log" ]; then echo "-- $name"; show_run "$name"; fi
   done
@@ -297,9 +373,11 @@ fi
 } | tee "$OUT/summary.txt"
 verdict=$(sed -n 's/^gpu_check verdict: \([a-z]*\).*/\1/p' "$OUT/summary.txt")
 
-# everything else in one archive: the logs, the table, the runs' small files (no checkpoints or snapshots)
+# everything else in one archive: the logs, the table, the runs' small files (no checkpoints, snapshots, weights,
+# nor the text2image part's data and pipeline)
 if tar czf "$OUT/gpu_check.tar.gz" -C "$OUT" logs steps.tsv summary.txt gpu_check.log \
-     -C "$(dirname "$RUNS")" --exclude='checkpoint-*' --exclude='ema_snapshots' \
+     -C "$(dirname "$RUNS")" --exclude='checkpoint-*' --exclude='ema_snapshots' --exclude='*.safetensors' \
+     --exclude='t2i_data' --exclude='t2i_pipe' \
      --transform "s|^$(basename "$RUNS")|runs|" "$(basename "$RUNS")"; then
   rm -rf "$LOGS" "$SUMMARY" "$OUT/gpu_check.log"
   log "logs and runs in $OUT/gpu_check.tar.gz, the summary in $OUT/summary.txt"

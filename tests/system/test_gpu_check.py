@@ -125,3 +125,42 @@ def test_three_seeds_at_once_are_three_steps_and_the_script_finishes(tmp_path):
 def test_bad_settings_are_refused(tmp_path, env, words):
     done = gpu_check(tmp_path, **env)
     assert done.returncode == 2 and words in done.stderr
+
+
+@pytest.mark.slow
+def test_the_text_to_image_part_runs_end_to_end_on_the_cpu(tmp_path):
+    """GPU_CHECK_PART=text2image at tiny sizes (its benchmark step left out): captioned Fashion-MNIST, a pipeline from
+    configs/text_to_image_cpu.yaml, a plugin run with FID on the held-out captions, its search in hindsight and its
+    report. The summary's figures are the run's own rows; the run was evaluated on the held-out prompts the data
+    folder gives; the archive holds no weights, data or pipeline."""
+    import json
+
+    from lawa_diffusion.evaluation.prompts import load_prompt_set
+    from lawa_diffusion.utils.files import read_jsonl
+
+    steps = ["t2i_data", "t2i_pipe", "t2i_train", "t2i_hindsight", "t2i_report"]
+    done = gpu_check(tmp_path, GPU_CHECK_PART="text2image", GPU_CHECK_STEPS=",".join(steps))
+    assert done.returncode == 0, done.stdout + done.stderr
+    table, verdict = summary(done.stdout)
+    assert verdict == "passed" and {name: table[name][0] for name in table} == {"preflight": "passed",
+                                                                                **{s: "passed" for s in steps}}
+    run, data = tmp_path / "runs" / "t2i_run", tmp_path / "runs" / "t2i_data"
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [(r["step"], r["variant"]) for r in rows] == [(6, "ema"), (6, "lawa"), (12, "ema"), (12, "lawa")]
+    held_out = load_prompt_set(str(data / "test"), num_reference=8)
+    assert {r["prompts_sha256"] for r in rows} == {held_out.fingerprint()} and {r["conditioning"] for r in rows} == {"text"}
+    figures = (tmp_path / "out" / "summary.txt").read_text().split("== steps")[0]
+    for step in (6, 12):
+        fid = {r["variant"]: r["fid"] for r in rows if r["step"] == step}
+        assert f"step {step}: FID ema {fid['ema']:.2f}  lawa {fid['lawa']:.2f}" in figures
+    assert re.search(r"^done: 12 steps in [0-9.]+ s \([0-9.]+ step/s\)", figures, re.M)
+    searched = [r for r in read_jsonl(run / "posthoc" / "hindsight.jsonl") if not r["refused"]]
+    best = min(searched, key=lambda r: r["fid"])
+    assert best["step"] == 12 and f"FID {best['fid']:.3f}" in figures
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["curves"]["ema"]["mean"] == [r["fid"] for r in rows if r["variant"] == "ema"]
+    assert report["curves"]["best_in_hindsight"]["mean"] == [best["fid"]]
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "runs/t2i_run/metrics.jsonl" in names and "runs/t2i_run/report/report.json" in names
+    assert not [n for n in names if n.endswith(".safetensors") or n.startswith(("runs/t2i_data", "runs/t2i_pipe"))]
