@@ -1,4 +1,4 @@
-"""The launch plugin's FID on a text-to-image script (tests/scripts/train_text_to_image_style.py, unmodified).
+"""The launch plugin's FID on a text-to-image script (scripts/train_text_to_image.py, unmodified).
 
 References are independent of the plugin: the same script run without it (its weights, bitwise), and the
 conditional evaluator run afterwards on the checkpoint's saved unet_ema / unet_lawa folders with the pipeline
@@ -15,10 +15,10 @@ import yaml
 
 from lawa_diffusion import launch
 from lawa_diffusion.utils.files import read_jsonl
-from tests.helpers import SCRIPTS, fresh_accelerate, weights
+from tests.helpers import ROOT, fresh_accelerate, weights
 from tests.tiny_pipelines import build_text_to_image_pipeline, write_caption_folder
 
-SCRIPT = SCRIPTS / "train_text_to_image_style.py"
+SCRIPT = ROOT / "scripts" / "train_text_to_image.py"
 STEPS, CKPT, FID_EVERY = 6, 3, 3
 CAPTIONS = ("a photo of a red cat", "a big dog", "a small blue car", "the green tree", "a cat on the car",
             "a red dog", "a big blue tree", "the small cat")
