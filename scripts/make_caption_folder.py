@@ -60,7 +60,8 @@ def write_folder(path: str, images, captions, *, overwrite: bool = False) -> int
 
 def make_split(out: str, split: str, count: int, image_size: int, template: str, overwrite: bool) -> str:
     from lawa_diffusion.evaluation import images as image_io
-    from lawa_diffusion.training.labels import labels_file_of, read_idx_labels
+    from lawa_diffusion.evaluation.images import read_idx_labels
+    from lawa_diffusion.training.labels import labels_file_of
 
     path = image_io.fashion_mnist_file(split, download=False)
     pixels, labels = image_io.read_idx_images(path), read_idx_labels(labels_file_of(path))

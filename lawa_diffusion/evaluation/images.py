@@ -80,20 +80,36 @@ def _download(split: str) -> str:
     return found
 
 
-def read_idx_images(path: str) -> torch.Tensor:
-    """uint8 [N, 1, H, W] from an IDX image file (``.gz`` or raw)."""
+def _read_idx(path: str, magic: bytes, ndim: int, what: str, fix: str) -> tuple:
+    """(payload bytes, dims) of an IDX uint8 file (``.gz`` or raw) holding ``ndim`` dimensions; one sentence
+    naming the file for anything unreadable, of another kind or truncated."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
         raise ValueError(f"IDX file {path!r} could not be read ({e}); replace it with an intact copy") from None
-    check(len(data) >= 16 and data[:4] == b"\x00\x00\x08\x03",
-          f"file {path!r} is not an IDX uint8 image file (magic 0x00000803); pass a Fashion-MNIST images file")
-    n, h, w = (int.from_bytes(data[4 * i: 4 * i + 4], "big") for i in (1, 2, 3))
-    check(len(data) == 16 + n * h * w, f"IDX file {path!r} is truncated ({len(data)} bytes for {n} images of "
-          f"{h}x{w}); replace it with an intact copy")
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=16).copy()).view(n, 1, h, w)
+    head = 4 + 4 * ndim
+    check(len(data) >= head and data[:4] == magic,
+          f"file {path!r} is not an IDX uint8 {what} file (magic 0x{magic.hex()}); {fix}")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    check(len(data) == head + size, f"IDX file {path!r} is truncated ({len(data)} bytes for {what}s of shape "
+          f"{'x'.join(map(str, dims))}); replace it with an intact copy")
+    return data[head:], dims
+
+
+def read_idx_images(path: str) -> torch.Tensor:
+    """uint8 [N, 1, H, W] from an IDX image file (``.gz`` or raw)."""
+    data, (n, h, w) = _read_idx(path, b"\x00\x00\x08\x03", 3, "image", "pass a Fashion-MNIST images file")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(n, 1, h, w)
+
+
+def read_idx_labels(path: str) -> torch.Tensor:
+    """int64 [N] from an IDX label file (``.gz`` or raw)."""
+    data, _ = _read_idx(path, b"\x00\x00\x08\x01", 1, "label",
+                        "put Fashion-MNIST's label file next to its image file")
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
 
 
 def load_fashion_mnist(split: str = "train", root: Optional[str] = None, *, download: bool = True) -> torch.Tensor:

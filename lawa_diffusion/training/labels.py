@@ -3,32 +3,14 @@ IDX label files, found next to its image files.
 """
 from __future__ import annotations
 
-import gzip
 import os
 
-import numpy as np
 import torch
 
 from lawa_diffusion.config.base import check
+from lawa_diffusion.evaluation.images import read_idx_labels
 
 IMAGES_PART, LABELS_PART = "images-idx3-ubyte", "labels-idx1-ubyte"
-LABELS_MAGIC = b"\x00\x00\x08\x01"
-
-
-def read_idx_labels(path: str) -> torch.Tensor:
-    """int64 [N] from an IDX label file (``.gz`` or raw)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"IDX label file {path!r} could not be read ({e}); replace it with an intact copy") from None
-    check(len(data) >= 8 and data[:4] == LABELS_MAGIC, f"file {path!r} is not an IDX uint8 label file (magic "
-          "0x00000801); put Fashion-MNIST's label file next to its image file")
-    n = int.from_bytes(data[4:8], "big")
-    check(len(data) == 8 + n, f"IDX label file {path!r} is truncated ({len(data)} bytes for {n} labels); replace it "
-          "with an intact copy")
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=8).astype(np.int64))
 
 
 def labels_file_of(images_path: str) -> str:
