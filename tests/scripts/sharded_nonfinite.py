@@ -51,3 +51,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # what was checked is written; leave without the interpreter's teardown, where gloo's threads have aborted a
+    # loaded machine's process now and then ("terminate called without an active exception")
+    os._exit(0)
