@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from lawa_diffusion.cli.renamed import add_old_spelling
-from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
+from lawa_diffusion.cli.run_evaluator_options import add_evaluator_options, evaluator_options
 from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.search import (
     DEFAULT_SIGMA_RELS,
@@ -24,8 +23,7 @@ from lawa_diffusion.utils.output import is_main_process
 
 # ----------------------------------------------------------------------------- CLI
 def _cmd(args) -> int:
-    options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
-    options.update(condition_options(args))
+    options = evaluator_options(args)
     outs = [args.out if args.out is None or len(args.runs) == 1 else
             os.path.join(args.out, os.path.basename(os.path.normpath(run))) for run in args.runs]
     best = [None if args.save_best is None else args.save_best if len(args.runs) == 1 else
@@ -82,15 +80,7 @@ def _add_parser(subparsers, name: str, func, **help_kwargs) -> None:
     p.add_argument("--max-residual", type=float, default=synthesis.DEFAULT_MAX_RESIDUAL,
                    help="targets with a larger relative profile residual are listed as refused, not scored "
                         "(default %(default)s)")
-    p.add_argument("--reference", default=None, help="FID reference (default: the run's eval.reference)")
-    p.add_argument("--num-samples", type=int, default=None, help="images per average (default: the run's)")
-    p.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
-    p.add_argument("--inception-weights", dest="weights", default=None,
-                   help="Inception weights file (default: the run's / the resolved ones)")
-    add_old_spelling(p, "--weights", "--inception-weights", "weights")
-    add_condition_options(p)
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    add_evaluator_options(p, "average")
     p.add_argument("-o", "--out", default=None, help="output folder (default RUN/posthoc; with several runs DIR/<run name>)")
     p.add_argument("--save-best", default=None, metavar="DIR",
                    help="write the weights of each step's best average to DIR/step-<step> (a diffusers model folder "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lawa_diffusion.cli.renamed import add_old_spelling
-from lawa_diffusion.cli.run_conditions import add_condition_options, condition_options
+from lawa_diffusion.cli.run_evaluator_options import add_evaluator_options, evaluator_options
 from lawa_diffusion.config.commands import PosthocConfig
 from lawa_diffusion.posthoc.sweep import format_sweep, run_sweep
 from lawa_diffusion.runs import folder as runfolder
@@ -13,8 +13,7 @@ from lawa_diffusion.utils.files import check_output_dir
 def _cmd_sweep(args) -> int:
     out = runfolder.sweep_dir(args.run_dir, args.track) if args.out is None else args.out
     check_output_dir(out, "-o", args.overwrite, kind="sweep", protected=[args.run_dir])  # before any work
-    options = {k: getattr(args, k) for k in ("reference", "num_samples", "batch_size", "num_inference_steps", "weights")}
-    options.update(condition_options(args))
+    options = evaluator_options(args)
     summary = run_sweep(args.run_dir, args.k, args.every, steps=args.steps, out_dir=args.out, overwrite=args.overwrite,
                         metric=args.metric, heatmap_step=args.heatmap_step, device=args.device, track=args.track,
                         **options)
@@ -39,15 +38,7 @@ def register_cli(subparsers) -> None:
                         "run's ema_tracks)")
     s.add_argument("--heatmap-step", type=int, default=None, help="step shown in the heat-map (default: the last)")
     s.add_argument("--metric", default="fid", help="fid or kid_mean, for the heat-map")
-    s.add_argument("--reference", default=None, help="FID reference (default: the run's eval.reference)")
-    s.add_argument("--num-samples", type=int, default=None, help="images per variant (default: the run's)")
-    s.add_argument("--num-inference-steps", type=int, default=None, help="sampler steps (default: the run's)")
-    s.add_argument("--batch-size", type=int, default=None, help="sampling batch size (default: the run's)")
-    s.add_argument("--inception-weights", dest="weights", default=None,
-                   help="Inception weights file (default: the run's / the resolved ones)")
-    add_old_spelling(s, "--weights", "--inception-weights", "weights")
-    add_condition_options(s)
-    s.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    add_evaluator_options(s, "variant")
     s.add_argument("-o", "--out", default=None, help="output folder (default RUN_DIR/sweep)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder's sweep files")
     s.set_defaults(func=_cmd_sweep)
