@@ -161,23 +161,31 @@ def load_denoiser_folder(path: str | os.PathLike, *, device=None, dtype=None) ->
     return model.eval().requires_grad_(False)
 
 
-def _load_part(folder: str, name: str, library: str, class_name: str) -> Any:
+NO_VARIANT = ("scheduler", "tokenizer", "tokenizer_2")  # parts without weight files
+REFOLDER_FIX = "save the pipeline again with save_pretrained"
+
+
+def load_part(source: str, name: str, library: str, class_name: str, *, revision: Optional[str] = None,
+              variant: Optional[str] = None, fix: str = REFOLDER_FIX) -> Any:
+    """The ``name`` part (a ``library`` ``class_name``) of a pipeline folder (or a Hub id already in the local
+    cache), from local files only; one sentence ending with ``fix`` when it is not installed, missing or
+    unreadable."""
     try:
-        module = importlib.import_module(library)
+        cls = getattr(importlib.import_module(library), class_name, None)
     except ImportError:
-        raise ValueError(f"pipeline folder {folder!r} has a {name} from {library}, which is not installed; "
-                         f"pip install {library}") from None
-    cls = getattr(module, class_name, None)
-    check(cls is not None, f"{library} has no {class_name} (the {name} of pipeline folder {folder!r}); install the "
-          f"{library} version that wrote it")
-    if not os.path.isdir(os.path.join(folder, name)):
-        raise FileNotFoundError(f"pipeline folder {folder!r} names a {name} in model_index.json but has no {name} "
-                                "subfolder; save the pipeline again with save_pretrained")
+        cls = None
+    check(cls is not None, f"the {name} of {source!r} is a {library} {class_name}, which is not installed here; "
+          f"install {library}, or {fix}")
+    if os.path.isdir(source) and not os.path.isdir(os.path.join(source, name)):
+        raise FileNotFoundError(f"pipeline folder {source!r} names a {name} but has no {name} subfolder; {fix}")
+    kwargs = {"subfolder": name, "revision": revision, "local_files_only": True}
+    if variant and name not in NO_VARIANT:
+        kwargs["variant"] = variant
     try:
-        return cls.from_pretrained(folder, subfolder=name, local_files_only=True)
+        return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        raise ValueError(f"the {name} of pipeline folder {folder!r} could not be loaded ({_first_line(e)}); "
-                         "save the pipeline again with save_pretrained") from None
+        raise ValueError(f"the {name} of {source!r} could not be loaded from local files ({_first_line(e)}); "
+                         f"{fix}") from None
 
 
 def pipeline_guidance_scale(pipeline_class: Optional[str]) -> float:
@@ -257,7 +265,7 @@ class ConditionalPipelineParts:
                   "class-conditional UNet pipeline")
         check("unet" in present and "scheduler" in present, f"pipeline folder {folder!r} has no unet and scheduler "
               f"in model_index.json (it has {', '.join(sorted(present)) or 'nothing'}); pass a UNet pipeline folder")
-        parts = {name: _load_part(folder, name, *index[name]) for name in PIPELINE_PARTS
+        parts = {name: load_part(folder, name, *index[name]) for name in PIPELINE_PARTS
                  if name in present and not (name == "unet" and unet is not None)}
         if unet is not None:
             parts["unet"] = unet if isinstance(unet, nn.Module) else load_denoiser_folder(_denoiser_path(folder, unet))

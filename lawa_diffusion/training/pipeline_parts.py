@@ -6,23 +6,14 @@ what diffusers' text-to-image examples load as the fallback.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from typing import Optional
 
-from lawa_diffusion.config.base import check
-
 DEFAULT_PARTS = {"scheduler": ("diffusers", "DDPMScheduler"), "vae": ("diffusers", "AutoencoderKL"),
                  "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}
 SECOND_PARTS = ("text_encoder_2", "tokenizer_2")  # SDXL-style pipelines
-NO_VARIANT = ("scheduler", "tokenizer", "tokenizer_2")  # parts without weight files
 INDEX_NAME = "model_index.json"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:160]
 
 
 def read_json(source: str, name: str, revision: Optional[str] = None) -> Optional[dict]:
@@ -68,24 +59,6 @@ def part_classes(source: str, revision: Optional[str] = None) -> tuple:
     return classes, {}
 
 
-def load_part(source: str, name: str, library: str, class_name: str, revision: Optional[str], variant: Optional[str],
-              option: str):
-    try:
-        cls = getattr(importlib.import_module(library), class_name, None)
-    except ImportError:
-        cls = None
-    check(cls is not None, f"the {name} of {source!r} is a {library} {class_name}, which is not installed here; "
-          f"install {library}, or pass {option} with a pipeline folder whose parts are")
-    kwargs = {"subfolder": name, "revision": revision, "local_files_only": True}
-    if variant and name not in NO_VARIANT:
-        kwargs["variant"] = variant
-    try:
-        return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        raise ValueError(f"the {name} of {source!r} could not be loaded from local files ({_first_line(e)}); pass "
-                         f"{option} with a local pipeline folder") from None
-
-
 def load_pipeline_parts(source: str, unet, *, revision: Optional[str] = None, variant: Optional[str] = None,
                         device=None, option: str = "--lawa_fid_pipeline"):
     """``ConditionalPipelineParts`` of ``source``'s scheduler, VAE, text encoder(s) and tokenizer(s) around ``unet``
@@ -95,12 +68,14 @@ def load_pipeline_parts(source: str, unet, *, revision: Optional[str] = None, va
     from lawa_diffusion.evaluation.conditional import (
         PIPELINE_SETTINGS,
         ConditionalPipelineParts,
+        load_part,
         pipeline_guidance_scale,
     )
 
     source = os.fspath(source)
     classes, index = part_classes(source, revision)
-    parts = {name: load_part(source, name, library, class_name, revision, variant, option)
+    fix = f"pass {option} with a local pipeline folder whose parts are installed"
+    parts = {name: load_part(source, name, library, class_name, revision=revision, variant=variant, fix=fix)
              for name, (library, class_name) in classes.items()}
     for module in parts.values():
         if isinstance(module, nn.Module):
