@@ -120,6 +120,27 @@ class PowerEMAModel(EMAModel):
         value = (1.0 - 1.0 / (step + 1.0)) ** (self.gamma + 1.0)
         return max(min(value, self.decay), self.min_decay)
 
+    @torch.no_grad()
+    def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        let_diffusers_gather()  # under ZeRO-3, diffusers' step gathers partitioned parameters through this name
+        super().step(parameters)
+
+    @torch.no_grad()
+    def step_parts(self, parts: list, trainable: list) -> None:
+        """``step`` over this process's parts of the parameters (flat tensors, the shadow params being parts of the
+        same shape): diffusers' foreach update, the same arithmetic element by element; ``trainable``: each
+        parameter's ``requires_grad`` (a part of a frozen one is copied, as diffusers does)."""
+        self.optimization_step += 1
+        decay = self.get_decay(self.optimization_step)
+        self.cur_decay_value = decay
+        frozen = [(s, p) for s, p, t in zip(self.shadow_params, parts, trainable) if not t]
+        moving = [(s, p) for s, p, t in zip(self.shadow_params, parts, trainable) if t]
+        if frozen:
+            torch._foreach_copy_([s for s, _ in frozen], [p for _, p in frozen])
+        if moving:
+            shadows, params = [s for s, _ in moving], [p for _, p in moving]
+            torch._foreach_sub_(shadows, torch._foreach_sub(shadows, params), alpha=1 - decay)
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "gamma": self.gamma}
 

@@ -14,6 +14,12 @@ into pinned buffers on CUDA) and leaves the file writes to one background thread
 them. ``attach(accelerator)`` makes ``save_state`` flush and carry the EMAs' state
 (``posthoc_state.safetensors``) and ``load_state`` restore it and drop the files stored after the
 checkpoint's step, so a resumed run stores what an uninterrupted one would.
+
+With several processes the own EMAs are kept like the model: over an FSDP2-sharded or ZeRO-3-partitioned model
+each process keeps, steps and stores only its part of each EMA (``engine.sharded_snapshots``: every process writes
+its part of ``step-<step>/`` through torch.distributed.checkpoint, the main process its record; each checkpoint
+holds one ``posthoc_state.rank-*`` file per process); over a replicated (DDP) model only the main process, which
+stores them, keeps them, and the others drop theirs at the first update.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch
 from lawa_diffusion.config.base import check
 from lawa_diffusion.config.tracks import POSTHOC_DTYPES
 from lawa_diffusion.engine.rings import host_empty, note_use
+from lawa_diffusion.engine.sharded_snapshots import PartLayout, kind_of, write_sharded_snapshot
 from lawa_diffusion.maths import lag
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.checksums import verified_metadata
@@ -37,6 +44,7 @@ from lawa_diffusion.utils.output import is_main_process
 
 DTYPES = {name: getattr(torch, name) for name in POSTHOC_DTYPES}
 STATE_FILE = "posthoc_state.safetensors"
+RANK_STATE_FILE = "posthoc_state.rank-{rank:05d}-of-{world:05d}.safetensors"  # the own EMAs' parts of one process
 DEFAULT_SIGMA_RELS = (0.05, 0.10)
 BUFFERS_PER_TRACK = 2  # snapshots of one track in flight; a third store waits for the oldest file
 
@@ -86,9 +94,11 @@ def parameter_names(model_cls: Any, model_config: Any) -> List[str]:
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP / DataParallel and ``torch.compile`` wrappers (whose parameter names are prefixed)."""
+    """The model inside DDP / DataParallel, DeepSpeed and ``torch.compile`` wrappers (whose parameter names are
+    prefixed)."""
     while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or (
+                type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), torch.nn.Module)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
@@ -138,6 +148,14 @@ class PosthocSnapshots:
         if sigma_rels is None and not gammas and not emas:
             sigma_rels = DEFAULT_SIGMA_RELS
         self.own: Dict[str, Any] = {}
+        self.layout: Optional[PartLayout] = None  # set once the model is sharded: the own EMAs hold parts
+        self.idle = False  # a process of a replicated (DDP) run that is not the main one: it keeps no own EMA
+        self._decided = False
+        self._group: Any = None
+        self._loaded_parts: Optional[dict] = None
+        if kind_of(parameters) is not None:  # already sharded: each process keeps its part from the start
+            self.layout = PartLayout.of(parameters, names)
+            parameters = self.layout.views(parameters)
         self._make_own(parameters, [(sigma_rel_track(s), lag.power_ema(sigma_rel=s)) for s in sigma_rels or ()]
                        + [(gamma_track(g), lag.power_ema(gamma=g)) for g in gammas], model_cls, model_config)
         self.tracks = list(self.emas) if tracks is None else list(dict.fromkeys(tracks))
@@ -173,11 +191,44 @@ class PosthocSnapshots:
         """Step this object's own EMAs with the trained ``parameters`` (after the optimizer step), then store
         the snapshots that are due; returns the paths being written."""
         params = list(parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters)
+        if not self._decided:
+            self._decide(params)
+        if self.idle:
+            return []
+        if self.layout is not None:
+            parts, trainable = self.layout.views(params), [p.requires_grad for p in params]
+            for ema in self.own.values():
+                ema.step_parts(parts, trainable)
+            return self.after_step()
         for ema in self.own.values():
             if ema.shadow_params and params and ema.shadow_params[0].device != params[0].device:
                 ema.to(params[0].device)
             ema.step(params)
         return self.after_step()
+
+    def _decide(self, params: list) -> None:
+        """At the first update: keep the own EMAs in parts over a sharded model (made before it was sharded, they
+        are cut now), or, on a process of a replicated run that does not store them, drop them."""
+        import torch.distributed as dist
+
+        self._decided = True
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.layout is None and kind_of(params) is not None:
+            self.layout = PartLayout.of(params, self.names)
+            for ema in self.own.values():
+                ema.shadow_params = self.layout.cut(ema.shadow_params)
+        elif self.layout is None and world > 1 and not self.main_process and self.own:
+            self.idle = True
+            for ema in self.own.values():
+                ema.shadow_params = []
+        if self.layout is not None:
+            self._group = dist.new_group(backend="gloo") if world > 1 else None  # DCP's collectives, off the trainer's
+            if self._loaded_parts is not None:
+                self._use_loaded_parts()
+
+    def held_bytes(self) -> int:
+        """Bytes of the own EMAs' weights this process holds (its parts when sharded; none when idle)."""
+        return sum(t.numel() * t.element_size() for ema in self.own.values() for t in ema.shadow_params)
 
     def due(self, step: int) -> bool:
         return self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
@@ -191,37 +242,46 @@ class PosthocSnapshots:
         """Store ``tracks`` (names, or {name: dtype}; default: the scheduled ones, in ``dtype``) at ``step`` now;
         the files are written in the background. Nothing on a process that is not the main one."""
         self._after_resume(step)
-        if not self.main_process:
-            return []
         tracks = self.tracks if tracks is None else tracks
         plan = dict(tracks) if isinstance(tracks, Mapping) else {t: self.dtype for t in tracks}
-        paths = [self._store(step, name, as_dtype(dtype)) for name, dtype in plan.items()]
-        self.written += paths
+        paths = []
+        for name, dtype in plan.items():
+            check(name in self.emas, f"posthoc track {name!r} is not an EMA of this PosthocSnapshots; it holds "
+                                     f"{', '.join(self.emas)}")
+            if self._in_parts(name):  # every process stores its part
+                paths.append(self._store(step, name, as_dtype(dtype), sharded=True))
+            elif self.main_process:
+                paths.append(self._store(step, name, as_dtype(dtype)))
+        if self.main_process:
+            self.written += paths
         return paths
 
-    def _store(self, step: int, name: str, dtype: torch.dtype) -> str:
-        check(name in self.emas, f"posthoc track {name!r} is not an EMA of this PosthocSnapshots; it holds "
-                                 f"{', '.join(self.emas)}")
+    def _in_parts(self, name: str) -> bool:
+        return self.layout is not None and name in self.own and not self.idle
+
+    def _store(self, step: int, name: str, dtype: torch.dtype, sharded: bool = False) -> str:
         source = self.emas[name].shadow_params
         check(len(source) == len(self.names),
               f"EMA track {name!r} holds {len(source)} tensors for {len(self.names)} parameter names")
-        cuda = source[0].is_cuda
+        cuda = bool(source) and source[0].is_cuda
         free = self._free.setdefault((name, dtype), queue.Queue())
         if free.empty() and self._made.get((name, dtype), 0) < BUFFERS_PER_TRACK:
             self._made[(name, dtype)] = self._made.get((name, dtype), 0) + 1
             # one host buffer per track, pinned under the source's GPU (rings.host_empty), viewed per tensor
-            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda, device=source[0].device)
+            flat = host_empty((sum(p.numel() for p in source),), dtype, pin=cuda,
+                              device=source[0].device if source else None)
             free.put([v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in source]), source)])
         buffers = free.get()  # waits only while earlier snapshots of this track are still being written
         for buffer, p in zip(buffers, source):
             buffer.copy_(p.detach(), non_blocking=cuda)
-        event, device = None, source[0].device  # the job keeps the device, not the source tensors (freed if moved)
+        event, device = None, source[0].device if source else None  # the job keeps the device, not the tensors
         if cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             note_use(buffers[0], event)  # the pages are unpinned only after this copy has run
-        path = runfolder.snapshot_path(self.output_dir, step, name)
+        path = runfolder.snapshot_path(self.output_dir, step, name, sharded=sharded)
         definition, names, config, output_dir = self.definitions[name], self.names, self.model_config, self.output_dir
+        layout, group, main = self.layout, self._group, self.main_process
 
         def job() -> None:
             try:
@@ -229,8 +289,12 @@ class PosthocSnapshots:
                     # this thread's CUDA calls go to the source's GPU (a new thread starts on GPU 0)
                     torch.cuda.set_device(device)
                     event.synchronize()
-                save_ema_snapshot(output_dir, step, types.SimpleNamespace(shadow_params=buffers), names, config,
-                                  name, definition, dtype)
+                if sharded:
+                    record = snapshot_metadata(step, name, config, definition)
+                    write_sharded_snapshot(path, dict(zip(names, buffers)), layout, record, group, main)
+                else:
+                    save_ema_snapshot(output_dir, step, types.SimpleNamespace(shadow_params=buffers), names, config,
+                                      name, definition, dtype)
             finally:
                 free.put(buffers)
 
@@ -256,7 +320,7 @@ class PosthocSnapshots:
             folder = runfolder.snapshot_folder(self.output_dir, name)
             for path in glob.glob(os.path.join(glob.escape(folder), ".step-*.tmp")):
                 try:
-                    os.unlink(path)
+                    runfolder.remove_snapshot(path)  # a file, or a sharded snapshot's folder
                 except OSError:
                     pass
 
@@ -268,7 +332,7 @@ class PosthocSnapshots:
             for name in self.emas:
                 for snap_step, path in runfolder.list_ema_snapshots(self.output_dir, name):
                     if snap_step > step:
-                        os.unlink(path)
+                        runfolder.remove_snapshot(path)
                         removed.append(path)
         return removed
 
@@ -297,9 +361,11 @@ class PosthocSnapshots:
         self._resumed = True
 
     def save_state(self, folder: str) -> Optional[str]:
-        """Flush, then write the own EMAs' state into ``folder`` (main process); returns the file's path."""
+        """Flush, then write the own EMAs' state into ``folder`` (the main process; when the EMAs are kept in parts,
+        every process its own file); returns the file's path."""
         self.flush()
-        if not (self.main_process and self.own):
+        parts = self.layout is not None and not self.idle
+        if not (self.own and (self.main_process or parts)):
             return None
         tensors, meta = {}, {}
         for name, ema in self.own.items():
@@ -307,9 +373,13 @@ class PosthocSnapshots:
             for i, p in enumerate(state.pop("shadow_params")):
                 tensors[f"{name}/{i}"] = p.detach().cpu()
             meta[name] = state
+        saved = {"every_n_steps": self.every_n_steps, "tracks": meta}
         path = os.path.join(folder, STATE_FILE)
-        atomic_save_safetensors(path, tensors, metadata={"posthoc_state": json.dumps(
-            {"every_n_steps": self.every_n_steps, "tracks": meta})})
+        if parts:
+            rank, world = _rank_and_world()
+            path = os.path.join(folder, RANK_STATE_FILE.format(rank=rank, world=world))
+            saved["parts"] = [[p.lo, p.hi] for p in self.layout.parts]
+        atomic_save_safetensors(path, tensors, metadata={"posthoc_state": json.dumps(saved)})
         return path
 
     def load_state(self, folder: str) -> bool:
@@ -318,19 +388,35 @@ class PosthocSnapshots:
         self._resumed = True
         if not self.own:
             return False
-        path = os.path.join(folder, STATE_FILE)
-        check(os.path.isfile(path), f"checkpoint {folder!r} holds no post-hoc EMA state ({STATE_FILE}); resume with "
-                                    "the options the checkpoint was written with, or start a new output folder")
-        from safetensors import safe_open
-
-        verified_metadata(path, "resume from the checkpoint before this one")
-        with safe_open(path, framework="pt") as f:
-            state = json.loads(f.metadata()["posthoc_state"])
-            for name, track in state["tracks"].items():
-                count = sum(1 for key in f.keys() if key.startswith(name + "/"))
-                track["shadow_params"] = [f.get_tensor(f"{name}/{i}") for i in range(count)]
+        rank, world = _rank_and_world()
+        mine = os.path.join(folder, RANK_STATE_FILE.format(rank=rank, world=world))
+        path = mine if os.path.isfile(mine) else os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            others = glob.glob(os.path.join(glob.escape(folder), "posthoc_state.rank-*.safetensors"))
+            check(not others, f"checkpoint {folder!r} holds the post-hoc EMAs in {len(others)} parts, none for process "
+                              f"{rank} of {world}; resume with the number of processes that wrote it")
+            check(False, f"checkpoint {folder!r} holds no post-hoc EMA state ({STATE_FILE}); resume with the options "
+                         "the checkpoint was written with, or start a new output folder")
+        state = _read_state(path)
+        if path == mine:  # parts: used once this run's layout is known (now, or at the first update)
+            self._loaded_parts = state
+            if self.layout is not None and not self._needs_cut():
+                self._use_loaded_parts()
+            return True
         self.load_state_dict(state)
         return True
+
+    def _needs_cut(self) -> bool:
+        return any(t.numel() != part.size for ema in self.own.values()
+                   for t, part in zip(ema.shadow_params, self.layout.parts))
+
+    def _use_loaded_parts(self) -> None:
+        state, self._loaded_parts = self._loaded_parts, None
+        saved = [tuple(r) for r in state.get("parts", [])]
+        now = [(p.lo, p.hi) for p in self.layout.parts]
+        check(saved == now, "the checkpoint's post-hoc EMA parts do not match how this run shards the model; resume "
+                            "with the processes and sharding the checkpoint was written with")
+        self.load_state_dict(state)
 
     def attach(self, accelerator: Any) -> "PosthocSnapshots":
         """``accelerator.save_state`` flushes the files and saves the own EMAs' state; ``load_state`` restores it."""
@@ -339,7 +425,36 @@ class PosthocSnapshots:
         return self
 
 
+def _rank_and_world() -> tuple:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _read_state(path: str) -> dict:
+    """The own EMAs' state as :meth:`PosthocSnapshots.save_state` wrote it (checksum verified)."""
+    from safetensors import safe_open
+
+    verified_metadata(path, "resume from the checkpoint before this one")
+    with safe_open(path, framework="pt") as f:
+        state = json.loads(f.metadata()["posthoc_state"])
+        for name, track in state["tracks"].items():
+            count = sum(1 for key in f.keys() if key.startswith(name + "/"))
+            track["shadow_params"] = [f.get_tensor(f"{name}/{i}") for i in range(count)]
+    return state
+
+
 # ----------------------------------------------------------------------------- EMA snapshot files
+def snapshot_metadata(step: int, track: str, model_config: dict, track_def: Optional[dict] = None) -> Dict[str, str]:
+    """What every stored snapshot says of itself (a file's safetensors metadata, a sharded folder's record)."""
+    metadata = {"step": str(step), "track": track, "model_config": json.dumps(model_config)}
+    if track_def is not None:
+        metadata["track_def"] = json.dumps(track_def)
+    return metadata
+
+
 def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_config: dict,
                       track: str = runfolder.BASE_TRACK, track_def: Optional[dict] = None,
                       dtype: torch.dtype = torch.float16) -> str:
@@ -350,8 +465,5 @@ def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_conf
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", dtype) for n, p in zip(names, ema.shadow_params)}
     path = runfolder.snapshot_path(run_dir, step, track)
-    metadata = {"step": str(step), "track": track, "model_config": json.dumps(model_config)}
-    if track_def is not None:
-        metadata["track_def"] = json.dumps(track_def)
-    atomic_save_safetensors(path, tensors, metadata=metadata)
+    atomic_save_safetensors(path, tensors, metadata=snapshot_metadata(step, track, model_config, track_def))
     return path

@@ -12,18 +12,20 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lawa_diffusion.config.base import check
+from lawa_diffusion.posthoc.snapshot_reader import load_tensors, snapshot_metadata
 from lawa_diffusion.runs.folder import (
     BASE_TRACK,
     check_track,
     checkpoint_step,
     ema_folder,
+    is_sharded_snapshot,
     list_checkpoints,
     saved_tracks,
     snapshot_files,
     snapshot_folder,
     snapshot_step,
 )
-from lawa_diffusion.utils.checksums import load_safetensors, verified_metadata
+from lawa_diffusion.utils.checksums import load_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -40,7 +42,8 @@ class Source:
 
     @property
     def is_snapshot(self) -> bool:
-        return os.path.isfile(self.path)
+        """A snapshot file, or the folder of a snapshot stored in shards."""
+        return os.path.isfile(self.path) or is_sharded_snapshot(self.path)
 
 
 # ----------------------------------------------------------------------------- finding sources
@@ -71,7 +74,7 @@ def _run_folder_sources(path: str, subfolder: str, track: str = BASE_TRACK) -> L
 
 
 def _sources_in(path: str, subfolder: str, track: str = BASE_TRACK) -> List[Source]:
-    if os.path.isfile(path) and path.endswith(".safetensors"):
+    if os.path.isfile(path) and path.endswith(".safetensors") or is_sharded_snapshot(path):
         return [Source(path, _snapshot_step(path))]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint path {path!r} does not exist; pass a run, checkpoint, model or snapshot folder")
@@ -129,7 +132,7 @@ def _read_json(path: str) -> dict:
 
 
 def _snapshot_metadata(path: str) -> dict:
-    return verified_metadata(path, WEIGHTS_FIX)
+    return snapshot_metadata(path, WEIGHTS_FIX)
 
 
 def _snapshot_step(path: str) -> Optional[int]:
@@ -154,6 +157,8 @@ def read_weights(source: Source) -> Dict[str, torch.Tensor]:
     def load_file(path: str) -> Dict[str, torch.Tensor]:  # header, size and any checksum checked first
         return load_safetensors(path, WEIGHTS_FIX, note_unchecked=source.is_snapshot)
 
+    if source.is_snapshot and os.path.isdir(source.path):
+        return load_tensors(source.path)
     if source.is_snapshot or os.path.isfile(os.path.join(source.path, WEIGHTS_NAME)):
         return load_file(source.path if source.is_snapshot else os.path.join(source.path, WEIGHTS_NAME))
     index = os.path.join(source.path, WEIGHTS_INDEX_NAME)

@@ -8,8 +8,9 @@ and a reader puts those elements' stored bytes into a buffer and says where each
 
 :class:`SafetensorsSnapshot` reads one ``step-<step>.safetensors`` file with positioned reads (``os.preadv`` into the
 buffer, no other copy; neighbouring spans stored one after the other in one dtype are read in one call).
-:func:`open_snapshot` chooses the reader of a stored snapshot; a store of another shape (e.g. the shards of a
-distributed checkpoint, each holding part of every tensor) plugs in there as another reader class.
+:class:`ShardedSnapshot` reads the folder of a snapshot stored in shards by several processes (FSDP2, ZeRO-3) on
+one process: each span's elements come from the shard files holding them. :func:`open_snapshot` chooses the reader
+of a stored snapshot; :func:`snapshot_metadata` and :func:`load_tensors` serve both kinds.
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lawa_diffusion.config.base import check
+from lawa_diffusion.runs.folder import SHARDED_SNAPSHOT_RECORD
+from lawa_diffusion.utils.checksums import DamagedFileError, read_header, verified_metadata, verify_outside_checksum
 
+DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # DCP's safetensors metadata: each tensor's offsets in the whole
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 Span = Tuple[str, int, int]  # a tensor's name and a range [lo, hi) of its flattened elements
 
@@ -134,6 +138,134 @@ def _read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
         done += got
 
 
+class ShardedSnapshot:
+    """A snapshot stored in shards by several processes (``engine.sharded_snapshots``), read on one process with no
+    process group: the folder's record (names, shapes) and DCP's shard files (each tensor's part, a flat range at the
+    offset DCP's sharding metadata gives), every file's checksum verified first. ``bytes_read``: as for files."""
+
+    def __init__(self, path: str, fix: str = "store the snapshot again, or remove the folder from the run"):
+        self.path = os.fspath(path)
+        self.record = read_sharded_record(self.path, fix)
+        self.shapes = {name: tuple(shape) for name, shape in self.record["tensors"]}
+        self.chunks: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {n: [] for n in self.shapes}
+        self.files = sorted(self.record["files"])
+        for index, file in enumerate(self.files):
+            full = os.path.join(self.path, file)
+            header, metadata, data = read_header(full, fix)
+            offsets = json.loads(metadata.get(DCP_SHARDING_KEY, "{}"))
+            for name, info in header.items():
+                kind = DTYPES.get(info.get("dtype"))
+                check(name in self.chunks and kind is not None and name in offsets,
+                      f"sharded snapshot {self.path!r}: {file} holds {name!r} that its record does not list; {fix}")
+                begin, end = (int(v) for v in info["data_offsets"])
+                lo = int(offsets[name]["saved_offsets"][0])
+                self.chunks[name].append((lo, (end - begin) // kind.itemsize, index, data + begin, kind))
+        for name, shape in self.shapes.items():
+            pieces = sorted(self.chunks[name])
+            covered = 0
+            for lo, count, *_ in pieces:
+                check(lo == covered, f"sharded snapshot {self.path!r} is missing elements {covered}..{lo} of {name!r} "
+                                     f"(a shard file is absent or damaged); {fix}")
+                covered += count
+            check(covered == math.prod(shape), f"sharded snapshot {self.path!r} holds {covered} of the "
+                                               f"{math.prod(shape)} elements of {name!r}; {fix}")
+            self.chunks[name] = pieces
+        self.bytes_read = 0
+        self._fds: Dict[int, int] = {}
+
+    def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+        return {name: (self.chunks[name][0][4] if self.chunks[name] else torch.float32, shape)
+                for name, shape in self.shapes.items()}
+
+    def read(self, spans: Sequence[Span], buffer: torch.Tensor) -> List[Piece]:
+        """As :meth:`SafetensorsSnapshot.read`, each span's elements gathered from the files holding them."""
+        runs: List[list] = []  # [file index, file offset, byte count, dtype, block start, numel]
+        start = 0
+        for name, lo, hi in spans:
+            for first, count, index, offset, dtype in self.chunks[name]:
+                a, b = max(lo, first), min(hi, first + count)
+                if a >= b:
+                    continue
+                size = dtype.itemsize
+                at, block = offset + (a - first) * size, start + a - lo
+                last = runs[-1] if runs else None
+                if (last is not None and last[0] == index and last[3] == dtype and last[1] + last[2] == at
+                        and last[4] + last[5] == block):
+                    last[2] += (b - a) * size
+                    last[5] += b - a
+                else:
+                    runs.append([index, at, (b - a) * size, dtype, block, b - a])
+            start += hi - lo
+        pieces, cursor = [], 0
+        view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
+        for index, offset, count, dtype, first, numel in runs:
+            cursor = -(-cursor // dtype.itemsize) * dtype.itemsize  # one dtype per snapshot: no gap in practice
+            check(cursor + count <= len(view), f"snapshot {self.path!r}: a block needs {cursor + count} bytes, the "
+                                               f"buffer holds {len(view)}")
+            if index not in self._fds:
+                self._fds[index] = os.open(os.path.join(self.path, self.files[index]), os.O_RDONLY)
+            _read_exactly(self._fds[index], view[cursor:cursor + count], offset, self.path)
+            last = pieces[-1] if pieces else None
+            if (last is not None and last.dtype == dtype and last.byte_offset + last.numel * dtype.itemsize == cursor
+                    and last.start + last.numel == first):  # read from two files, one run in the buffer
+                pieces[-1] = Piece(last.byte_offset, dtype, last.start, last.numel + numel)
+            else:
+                pieces.append(Piece(cursor, dtype, first, numel))
+            cursor += count
+        self.bytes_read += sum(run[2] for run in runs)
+        return pieces
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def read_sharded_record(path: str, fix: str) -> dict:
+    """A sharded snapshot's record, after every shard file it lists is found intact (header, size, checksum)."""
+    record_path = os.path.join(path, SHARDED_SNAPSHOT_RECORD)
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        raise DamagedFileError(f"sharded snapshot {path!r} has no readable {SHARDED_SNAPSHOT_RECORD}; {fix}") from None
+    check(isinstance(record, dict) and isinstance(record.get("files"), dict) and isinstance(record.get("tensors"), list),
+          f"sharded snapshot {path!r}: {SHARDED_SNAPSHOT_RECORD} lacks its files or tensors; {fix}")
+    for file, checksum in sorted(record["files"].items()):
+        full = os.path.join(path, file)
+        if not os.path.isfile(full):
+            raise DamagedFileError(f"sharded snapshot {path!r} lacks its shard file {file!r}; {fix}")
+        verify_outside_checksum(full, checksum, fix)
+    return record
+
+
+def snapshot_metadata(path: str, fix: str) -> Dict[str, str]:
+    """What a stored snapshot says of itself (step, track, model_config, track_def), once found intact: a file's
+    safetensors metadata, or a sharded snapshot's record."""
+    if os.path.isdir(path):
+        record = read_sharded_record(path, fix)
+        return {k: record[k] for k in ("step", "track", "model_config", "track_def") if k in record}
+    return verified_metadata(path, fix)
+
+
 def open_snapshot(path: str):
-    """The reader of a stored snapshot (today: a safetensors file)."""
-    return SafetensorsSnapshot(path)
+    """The reader of a stored snapshot: a safetensors file, or the folder of a sharded one."""
+    return ShardedSnapshot(path) if os.path.isdir(path) else SafetensorsSnapshot(path)
+
+
+def load_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a stored snapshot, whole, on the CPU (a sharded one assembled from its shard files)."""
+    reader = open_snapshot(path)
+    try:
+        out = {}
+        for name, (dtype, shape) in reader.tensors().items():
+            numel = math.prod(shape)
+            buffer = torch.empty(numel * dtype.itemsize + 8, dtype=torch.uint8)
+            tensor = torch.empty(numel, dtype=dtype)
+            for piece in reader.read([(name, 0, numel)], buffer):
+                data = buffer[piece.byte_offset:piece.byte_offset + piece.numel * piece.dtype.itemsize]
+                tensor[piece.start:piece.start + piece.numel] = data.view(piece.dtype)
+            out[name] = tensor.view(shape)
+        return out
+    finally:
+        reader.close()

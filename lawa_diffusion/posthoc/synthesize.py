@@ -30,10 +30,9 @@ from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.maths.averaging import check_finite
 from lawa_diffusion.posthoc.one_pass import StateBuffers, flat_order, weighted_sums
 from lawa_diffusion.posthoc.saved_weights import load_into_assigned, one_model
-from lawa_diffusion.posthoc.snapshot_reader import open_snapshot
+from lawa_diffusion.posthoc.snapshot_reader import open_snapshot, snapshot_metadata
 from lawa_diffusion.posthoc.streamed_folder import StreamedSafetensors, check_fits, weights_path, write_config
 from lawa_diffusion.runs import folder as runfolder
-from lawa_diffusion.utils.checksums import verified_metadata
 from lawa_diffusion.utils.files import atomic_dir, atomic_write_json
 
 SIDECAR_NAME = "synthesis.json"
@@ -91,7 +90,7 @@ class Synthesis:
 
 # ----------------------------------------------------------------------------- finding the snapshots
 def _metadata(path: str) -> dict:
-    return verified_metadata(path, SNAPSHOT_FIX)  # header, size and checksum checked (once per file)
+    return snapshot_metadata(path, SNAPSHOT_FIX)  # header, size and checksum checked (once per file)
 
 
 def _config_tracks(run_dir: str) -> Dict[str, lag.EMATrack]:

@@ -6,10 +6,12 @@
                                              unet_lawa[_<window>]/, lawa_state_<window>.safetensors)
     RUN/ema_snapshots/step-<step>.safetensors  EMA weights at LAWA snapshot steps (save_ema_snapshots, fp16)
                                              and every posthoc.every_n_steps (posthoc.dtype); optional
-    RUN/ema_snapshots/<track>/step-<step>.safetensors  the same for the other EMA tracks (posthoc_store.py)
+    RUN/ema_snapshots/<track>/step-<step>.safetensors  the same for the other EMA tracks (engine.posthoc_snapshots)
+    RUN/ema_snapshots/<track>/step-<step>/   a snapshot stored in shards by every process (FSDP2, ZeRO-3):
+                                             DCP's shard-*.safetensors files and snapshot.json
     RUN/lawa_snapshots/                      LAWA windows with disk storage and no snapshot_dir
     RUN/report/, RUN/sweep[-<track>]/        outputs of ``lawa-diffusion report`` / ``sweep``
-    RUN/posthoc/hindsight.{jsonl,json}       output of ``lawa-diffusion posthoc`` (search in hindsight)
+    RUN/posthoc/hindsight.{jsonl,json}       output of ``lawa-diffusion hindsight`` (search in hindsight)
 
 Resuming at step s removes what lies past s (metrics rows, snapshot files, later checkpoints), so the
 resumed run continues them without duplicates or gaps.
@@ -37,7 +39,8 @@ SWEEP_DIR = "sweep"
 POSTHOC_DIR = "posthoc"
 HINDSIGHT_NAME = "hindsight.jsonl"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-SNAPSHOT_RE = re.compile(r"^step-(\d+)\.safetensors$")
+SNAPSHOT_RE = re.compile(r"^step-(\d+)(\.safetensors)?$")  # a file, or the folder of a sharded snapshot
+SHARDED_SNAPSHOT_RECORD = "snapshot.json"  # in a sharded snapshot's folder: step, track, model, shapes, shard files
 _LEFTOVER_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|deleting)$")
 
 
@@ -229,20 +232,37 @@ def snapshot_folder(run_dir: str, track: str = BASE_TRACK) -> str:
     return folder if track == BASE_TRACK else os.path.join(folder, track)
 
 
-def snapshot_path(run_dir: str, step: int, track: str = BASE_TRACK) -> str:
-    return os.path.join(snapshot_folder(run_dir, track), f"step-{step:09d}.safetensors")
+def snapshot_path(run_dir: str, step: int, track: str = BASE_TRACK, sharded: bool = False) -> str:
+    """``step-<step>.safetensors``, or, for a snapshot stored in shards by several processes, the folder
+    ``step-<step>/`` (DCP's shard files and :data:`SHARDED_SNAPSHOT_RECORD`)."""
+    name = f"step-{step:09d}"
+    return os.path.join(snapshot_folder(run_dir, track), name if sharded else name + ".safetensors")
+
+
+def is_sharded_snapshot(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, SHARDED_SNAPSHOT_RECORD))
 
 
 def snapshot_step(path: str) -> Optional[int]:
-    """The step of a ``step-<step>.safetensors`` file name (None for any other name)."""
-    m = SNAPSHOT_RE.match(os.path.basename(path))
+    """The step of a ``step-<step>.safetensors`` file or ``step-<step>/`` folder name (None for any other name)."""
+    m = SNAPSHOT_RE.match(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
 
 
 def snapshot_files(folder: str) -> Dict[int, str]:
-    """EMA snapshot files ``step-<step>.safetensors`` in ``folder``, by step."""
-    paths = glob.glob(os.path.join(glob.escape(folder), "step-*.safetensors"))
-    return {s: p for p in paths if (s := snapshot_step(p)) is not None}
+    """EMA snapshots in ``folder`` by step: ``step-<step>.safetensors`` files and sharded snapshot folders
+    ``step-<step>/`` (complete ones: with their record)."""
+    paths = glob.glob(os.path.join(glob.escape(folder), "step-*"))
+    return {s: p for p in paths if (s := snapshot_step(p)) is not None
+            and (os.path.isfile(p) if p.endswith(".safetensors") else is_sharded_snapshot(p))}
+
+
+def remove_snapshot(path: str) -> None:
+    """Delete a stored snapshot: its file, or its sharded folder."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def list_ema_snapshots(run_dir: str, track: str = BASE_TRACK) -> List[Tuple[int, str]]:
@@ -281,7 +301,7 @@ def truncate_after(run_dir: str, step: int) -> List[str]:
     for track in snapshot_tracks(run_dir):
         for snap_step, path in list_ema_snapshots(run_dir, track):
             if snap_step > step:
-                os.unlink(path)
+                remove_snapshot(path)
     later = [path for s, path in list_checkpoints(run_dir) if s > step]
     for path in later:
         shutil.rmtree(path)

@@ -129,6 +129,29 @@ def verified_metadata(path: str | os.PathLike, fix: str = DEFAULT_FIX, note_unch
     return metadata
 
 
+def outside_checksum(path: str | os.PathLike, fix: str = DEFAULT_FIX) -> str:
+    """The checksum of a safetensors file's tensors alone (its metadata left out): what the record of a sharded
+    snapshot keeps for each of its shard files, whose metadata another library writes."""
+    header, _, data = read_header(os.fspath(path), fix)
+    return _file_checksum(os.fspath(path), header, {}, data)
+
+
+def verify_outside_checksum(path: str | os.PathLike, expected: str, fix: str = DEFAULT_FIX) -> None:
+    """Check a safetensors file whose checksum is kept outside it (a shard file of a sharded snapshot, whose record
+    holds :func:`tensors_checksum` of its tensors with no metadata): ``DamagedFileError`` when its header, size or
+    tensor bytes are not what was written (checked once per process while the file is unchanged)."""
+    path = os.fspath(path)
+    header, _, data = read_header(path, fix)
+    stat = os.stat(path)
+    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _verified.get(path) == key:
+        return
+    if _file_checksum(path, header, {}, data) != expected:
+        raise DamagedFileError(f"{path!r} does not match the checksum written with it: its bytes changed after it "
+                               f"was written; {fix}")
+    _verified[path] = key
+
+
 def load_safetensors(path: str | os.PathLike, fix: str = DEFAULT_FIX, note_unchecked: bool = True) -> Dict[str, torch.Tensor]:
     """``safetensors.torch.load_file(path)`` after :func:`verified_metadata`; a file safetensors still cannot read
     is one sentence naming it."""

@@ -33,7 +33,7 @@ MODEL_FOLDER_KINDS = ("synthesize", "average", "lawa", "model folder")
 RUN_KIND = "train"  # a training run folder: the output of no other command
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -93,7 +93,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], needed: 
         if error is not None and error is not e:
             raise error from e
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def named_os_error(error: BaseException, path: str, needed: Optional[int] = None) -> BaseException:
@@ -320,7 +320,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, kind: Optional[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         error = named_os_error(e, path) if isinstance(e, Exception) else None
