@@ -343,10 +343,39 @@ class LAWA:
 
     @contextlib.contextmanager
     def swapped_into(self, module: nn.Module, sync_ranks: bool = False) -> Iterator[nn.Module]:
-        """Temporarily load the LAWA weights into ``module``; the original weights come back on exit."""
+        """Temporarily load the LAWA weights into ``module``; the original weights come back on exit. Over a sharded
+        source and an unsharded ``module`` (a copy to sample with) the whole average is gathered into it on every
+        process (a collective: every process of the mesh takes part)."""
         targets = self.source.targets_of(module)
-        with swapped_weights(targets, lambda t: self.average_into(t, sync_ranks=sync_ranks)):
+        if self.source.sharded() and not any(is_sharded(p) for p in module.parameters()):
+            fill = self._gathered_into
+        else:
+            fill = lambda t: self.average_into(t, sync_ranks=sync_ranks)  # noqa: E731
+        with swapped_weights(targets, fill):
             yield module
+
+    def _gathered_average(self) -> Iterator[torch.Tensor]:
+        """The whole average of each source tensor, in order, gathered over the mesh of a sharded source (every
+        process of the mesh must take part)."""
+        from torch.distributed.tensor import DTensor
+
+        sources = self.source.raw_tensors()
+        groups = collectives.mesh_groups(sources)
+        local = flat_views(self.average_flat(), self.source.tensors())
+        device = collectives.comm_device(groups[0], self._compute_device())  # (shards offloaded to the CPU under NCCL)
+        with torch.no_grad():
+            for src, avg in zip(sources, local):
+                if is_sharded(src):
+                    avg = DTensor.from_local(avg.to(device), src.device_mesh, src.placements, run_check=False,
+                                             shape=src.shape, stride=src.stride()).full_tensor()
+                yield avg
+
+    def _gathered_into(self, targets: Sequence[torch.Tensor]) -> None:
+        check(len(targets) == len(self.source.raw_tensors()),
+              f"lawa got {len(targets)} tensors to fill but the source has {len(self.source.raw_tensors())}; pass the "
+              "parameters of the model the EMA tracks")
+        for target, avg in zip(targets, self._gathered_average()):
+            target.copy_(avg)
 
     def snapshot_flat(self, step: int, sync_ranks: bool = False) -> torch.Tensor:
         """The held snapshot of ``step`` (the source's tensors then, in the storage dtype) as one flat tensor
@@ -394,8 +423,6 @@ class LAWA:
     def _save_gathered(self, path: str | os.PathLike, model: Optional[nn.Module]) -> None:
         """Gather the sharded average over the EMA's mesh into an unsharded model on the mesh's first process,
         which writes the folder (processes outside the mesh take no part)."""
-        from torch.distributed.tensor import DTensor
-
         check(model is None or not any(is_sharded(p) for p in model.parameters()),
               "lawa save_pretrained of a sharded EMA needs an unsharded model to write; pass model=<the model "
               "before fully_shard>, or create the EMAModel with model_cls= and model_config=")
@@ -406,18 +433,13 @@ class LAWA:
             model = self._template_model(model)
             targets = self.source.targets_of(model)
         groups = collectives.mesh_groups(sources)
-        local = flat_views(self.average_flat(), self.source.tensors())
-        device = collectives.comm_device(groups[0], self._compute_device())  # (shards offloaded to the CPU under NCCL)
-        with torch.no_grad():
-            for i, (src, avg) in enumerate(zip(sources, local)):
-                if is_sharded(src):  # a collective over the mesh: every process of it takes part
-                    avg = DTensor.from_local(avg.to(device), src.device_mesh, src.placements, run_check=False,
-                                             shape=src.shape, stride=src.stride()).full_tensor()
-                if main:
+        for i, avg in enumerate(self._gathered_average()):  # a collective over the mesh: every process takes part
+            if main:
+                with torch.no_grad():
                     targets[i].copy_(avg)
         if main:
             self._write_folder(model, path)
-        collectives.wait_for_all(groups, device)  # the folder is complete when any process of the mesh returns
+        collectives.wait_for_all(groups, collectives.comm_device(groups[0], self._compute_device()))
 
     def _write_folder(self, model: nn.Module, path: str | os.PathLike) -> None:
         if hasattr(model, "register_to_config"):

@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
+from lawa_diffusion.config.base import check
 from lawa_diffusion.engine import zero3
 
 
@@ -21,6 +22,15 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     except ImportError:  # a torch without DTensor shards nothing
         return False
     return isinstance(tensor, DTensor)
+
+
+@torch.no_grad()
+def copy_whole(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+    """Copy each source into the unsharded target of the same shape; a sharded (DTensor) source is gathered first
+    (a collective: every process of its mesh must call this)."""
+    check(len(sources) == len(targets), f"copy_whole got {len(sources)} sources for {len(targets)} targets")
+    for source, target in zip(sources, targets):
+        target.copy_(source.full_tensor() if is_sharded(source) else source)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from lawa_diffusion.config.base import check
 from lawa_diffusion.config.tracks import BASE_TRACK, BASE_WINDOW, DELAYED_SUFFIX, RAW_TRACK
 from lawa_diffusion.config.train import TrainConfig
 from lawa_diffusion.engine.lawa import LAWA, swapped_weights
+from lawa_diffusion.engine.sources import copy_whole, is_sharded
 from lawa_diffusion.maths import lag
 from lawa_diffusion.maths.track_lags import delayed_snapshot, lag_track, lag_tracks_of, variant_lag, window_delta_lag
 from lawa_diffusion.runs.folder import ema_folder, lawa_folder
@@ -30,8 +31,14 @@ from lawa_diffusion.runs.folder import ema_folder, lawa_folder
 # ----------------------------------------------------------------------------- the tracks
 @contextlib.contextmanager
 def ema_swapped(ema, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``module`` holding the EMA weights for the duration of the block; its own weights come back after."""
-    with swapped_weights(list(module.parameters()), ema.copy_to):
+    """``module`` holding the EMA weights for the duration of the block; its own weights come back after. A sharded
+    EMA (FSDP2) is gathered into an unsharded ``module`` on every process (a collective)."""
+    params = list(module.parameters())
+    if any(is_sharded(s) for s in ema.shadow_params) and not any(is_sharded(p) for p in params):
+        with swapped_weights(params, lambda targets: copy_whole(ema.shadow_params, targets)):
+            yield module
+        return
+    with swapped_weights(params, ema.copy_to):
         yield module
 
 

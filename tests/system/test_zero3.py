@@ -1,5 +1,5 @@
 """Real DeepSpeed ZeRO-3 (2 CPU processes under torchrun, gloo): the diffusers-style script with ``--use_ema``
-through the launch plugin (with its FID monitor; killed after step 3 and resumed), through a
+through the launch plugin (with its FID monitor and post-hoc EMAs; killed after step 3 and resumed), through a
 ``lawa-diffusion patch``-ed copy (``LAWAEMAModel`` + ``attach`` + ``save_lawa_next_to``), and the API by
 hand (tests/scripts/zero3_api.py: LAWA copied into the partitioned model inside ``GatheredParameters``).
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ RUNNER = SCRIPTS / "zero3_cpu.py"
 K, NU, STEPS = 2, 2, 4  # 8 images, 2 per process and step: 2 steps per epoch, 2 epochs
 LAWA = ["--lawa_k", str(K), "--lawa_every_n_steps", str(NU)]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+POSTHOC = ["--lawa_posthoc_sigma_rels", "0.05,0.10", "--lawa_posthoc_every_n_steps", "1"]
+TRACKS = {"sigma_rel_0.05": 0.05, "sigma_rel_0.1": 0.10}
 DS_CONFIG = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
              "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}  # 4 = 2 per process x 1 x 2 processes
 
@@ -67,7 +70,7 @@ def runs(tmp_path_factory):
     patched = tmp / "patched.py"
     assert cli.main(["patch", str(SCRIPT), "-o", str(patched)]) == 0
     fid = ["--lawa_fid_every_n_steps", str(NU), "--lawa_fid_reference", str(data), "--lawa_fid_num_samples", "4",
-           "--lawa_fid_batch_size", "2", "--lawa_fid_num_inference_steps", "2"]
+           "--lawa_fid_batch_size", "2", "--lawa_fid_num_inference_steps", "2", *POSTHOC]
     done = {
         "reference": torchrun(tmp, "reference", str(SCRIPT), *script_args(data, tmp / "reference")),
         "patched": torchrun(tmp, "script", str(patched), *script_args(data, tmp / "patched", *LAWA)),
@@ -75,6 +78,8 @@ def runs(tmp_path_factory):
         # the plugin run is killed after step 3 and resumed from checkpoint-2: its end is compared with the reference
         "killed": torchrun(tmp, "launch", *LAWA, *fid, str(SCRIPT), *script_args(data, tmp / "plugin", "--crash_after_step", "3")),
     }
+    for track in TRACKS:  # stored by the killed run at its checkpoint step: the resumed run goes on from them
+        shutil.copytree(tmp / "plugin" / "ema_snapshots" / track / "step-000000002", tmp / "killed" / track)
     done["plugin"] = torchrun(tmp, "launch", *LAWA, *fid, str(SCRIPT),
                               *script_args(data, tmp / "plugin", "--resume_from_checkpoint", "latest"))
     for name, run in done.items():
@@ -114,6 +119,32 @@ def test_the_plugin_run_was_killed_and_resumed_from_its_checkpoint(runs):
     tmp, done = runs
     assert "Resuming from checkpoint checkpoint-2" in done["plugin"].stdout + done["plugin"].stderr
     assert sorted(p.name for p in (tmp / "plugin").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_the_plugins_post_hoc_emas_are_kept_in_parts_and_resume_exactly(runs):
+    """Each process keeps and stores its part of the power EMAs, and resumes its part: after the resume from
+    checkpoint-2, each track's step-3 snapshot is its step-2 snapshot (stored before the kill) moved towards the
+    weights of step 3 by the track's decay, so the two tracks must name the same weights; step 4 is step 3 moved
+    towards the final weights (those of the uninterrupted reference)."""
+    from lawa_diffusion.engine.ema import PowerEMAModel
+    from lawa_diffusion.posthoc.snapshot_reader import load_tensors
+
+    tmp, _ = runs
+    trained, implied = weights(tmp / "reference" / "unet_raw"), []
+    for track, sigma_rel in TRACKS.items():
+        store = tmp / "plugin" / "ema_snapshots" / track
+        assert sorted(p.name for p in store.iterdir()) == [f"step-{s:09d}" for s in range(1, STEPS + 1)]
+        record = json.loads((store / f"step-{STEPS:09d}" / "snapshot.json").read_text())
+        assert record["layout"] == "zero3" and record["world_size"] == 2 and len(record["files"]) == 2
+        beta = PowerEMAModel([torch.zeros(1)], sigma_rel=sigma_rel).get_decay
+        s2 = {k: v.double() for k, v in load_tensors(str(tmp / "killed" / track)).items()}
+        s3, s4 = ({k: v.double() for k, v in load_tensors(str(store / f"step-{t:09d}")).items()} for t in (3, 4))
+        implied.append({k: (s3[k] - beta(3) * s2[k]) / (1 - beta(3)) for k in s3})  # the weights of step 3
+        assert max_diff(s4, {k: beta(4) * s3[k] + (1 - beta(4)) * trained[k] for k in s3}) <= 1e-6
+    assert max_diff(implied[0], implied[1]) <= 1e-6  # 1e-7 here; a track resumed from step 1 gives 4e-5
+    assert sorted(p.name for p in (tmp / "plugin" / "checkpoint-2").glob("posthoc_state*")) == [
+        "posthoc_state.rank-00000-of-00002.safetensors", "posthoc_state.rank-00001-of-00002.safetensors"]
 
 
 def test_an_ema_made_from_zero3_partitions_is_refused_in_one_sentence():
