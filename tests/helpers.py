@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import pytest
@@ -453,11 +454,14 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``tests/scripts/<script>`` as ``nproc`` processes (torch.distributed.run, one thread each)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 300, plugin: Optional[Sequence[str]] = None,
+             env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``tests/scripts/<script>`` as ``nproc`` processes (torch.distributed.run, one thread each); with ``plugin``
+    (its ``--lawa_*`` options), each process runs it through ``-m lawa_diffusion.launch``. ``env``: more variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    launch = [] if plugin is None else ["-m", "lawa_diffusion.launch", *plugin]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(SCRIPTS / script), *args],
+                           str(nproc), *launch, str(SCRIPTS / script), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

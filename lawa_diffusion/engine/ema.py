@@ -2,7 +2,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -82,6 +82,27 @@ class LAWAEMAModel(EMAModel):
             super().save_pretrained(path)
         finally:
             del self.state_dict
+
+    def save_pretrained_from(self, path, weights: Sequence[torch.Tensor]) -> None:
+        """Write the folder ``save_pretrained`` writes, with ``weights`` (full tensors in the order of
+        ``shadow_params``) as its weights: how the gathered weights of a sharded EMA are saved."""
+        from lawa_diffusion.engine.lawa import uninitialized_model
+
+        check(self.model_cls is not None and self.model_config is not None,
+              "EMAModel.save_pretrained needs the model class and config; create the EMAModel with model_cls= "
+              "and model_config=")
+        model = uninitialized_model(self.model_cls, self.model_config)
+        params = list(model.parameters())
+        check(len(params) == len(weights),
+              f"EMAModel.save_pretrained got {len(weights)} weights for a {type(model).__name__} of {len(params)} "
+              "parameters; create the EMAModel from the parameters of the model given as model_cls=/model_config=")
+        state = self.ema_state_dict()
+        state.pop("shadow_params", None)
+        model.register_to_config(**state)
+        with torch.no_grad():
+            for param, weight in zip(params, weights):
+                param.copy_(weight)
+        model.save_pretrained(path)
 
     def save_lawa_pretrained(self, path) -> None:
         """Write the LAWA weights as a diffusers model folder."""

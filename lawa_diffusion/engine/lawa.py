@@ -118,6 +118,12 @@ class LAWA:
                      "of its own shard (snapshot_ranks='all' instead of 'main')")
             self.config = dataclasses.replace(self.config, snapshot_ranks="all")
 
+    def follow_source(self) -> None:
+        """Re-read whether the source is sharded, once its tensors were replaced by DTensor shards (an EMA made
+        before ``fully_shard``, sharded like the model later): snapshot_ranks 'main' becomes 'all' then."""
+        self._checked_ids = []
+        self._all_ranks_if_sharded()
+
     def due(self, step: int) -> bool:
         c = self.config
         return step >= c.start_step and (step - c.start_step) % c.every_n_steps == 0

@@ -38,6 +38,71 @@ def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def shard_like(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """``tensors`` (full tensors, the same on every process) with each one whose counterpart in ``like`` is a
+    DTensor made a DTensor of the same device mesh and placements that holds this process's own chunk (a copy,
+    on the counterpart's device); the rest as they are. No communication: exact because every process holds the
+    same full tensor. ``ValueError`` when the two lists differ in length or global shapes, or for a placement
+    other than Shard and Replicate."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    tensors, like = list(tensors), list(like)
+    check(len(tensors) == len(like),
+          f"EMAModel.step got {len(like)} parameters but the EMA holds {len(tensors)} weights, so it cannot shard "
+          "them like the FSDP model's; pass the parameters of the model the EMAModel was made from")
+    out = []
+    for i, (full, target) in enumerate(zip(tensors, like)):
+        if not is_sharded(target) or is_sharded(full):
+            out.append(full)
+            continue
+        check(tuple(full.shape) == tuple(target.shape),
+              f"EMAModel.step got parameter {i} of shape {tuple(target.shape)} where the EMA holds shape "
+              f"{tuple(full.shape)}, so it cannot shard its weights like the FSDP model's; pass the parameters "
+              "of the model the EMAModel was made from")
+        for placement in target.placements:
+            check(isinstance(placement, (Shard, Replicate)),
+                  f"EMAModel.step got parameter {i} with placement {placement}, which an EMA cannot follow; "
+                  "shard the model with Shard or Replicate placements (fully_shard does)")
+        local = target.to_local()
+        try:
+            chunk = distribute_tensor(full.detach().to(local.device), target.device_mesh, target.placements,
+                                      src_data_rank=None).to_local()
+        except TypeError:  # torch before 2.6: no src_data_rank
+            raise ValueError(f"sharding an EMA like an FSDP model needs torch>=2.6 (distribute_tensor with "
+                             f"src_data_rank), this is torch {torch.__version__}; upgrade torch") from None
+        out.append(DTensor.from_local(chunk.clone(), target.device_mesh, target.placements, run_check=False,
+                                      shape=full.shape, stride=full.stride()))
+    return out
+
+
+def needs_sharding(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]) -> bool:
+    """Whether some tensor of ``tensors`` is full where its counterpart in ``like`` is a DTensor (or, the lists
+    differing in length, whether full tensors meet DTensors at all: ``shard_like`` then says what differs)."""
+    if len(tensors) != len(like):
+        return any(is_sharded(t) for t in like) and not all(is_sharded(s) for s in tensors)
+    return any(is_sharded(t) and not is_sharded(s) for s, t in zip(tensors, like))
+
+
+def gather_full(tensors: Sequence[torch.Tensor], keep: bool) -> Optional[List[torch.Tensor]]:
+    """The full tensors of ``tensors`` (DTensors gathered over their mesh, one at a time; the rest as they are),
+    detached on the CPU where ``keep``, else None. A collective: every process of the meshes must call it."""
+    from torch.distributed.tensor import DTensor
+
+    from lawa_diffusion.engine import collectives
+
+    out: List[torch.Tensor] = []
+    groups = collectives.mesh_groups(tensors)
+    for t in tensors:
+        if is_sharded(t):
+            local = t.to_local()
+            device = collectives.comm_device(groups[0], local.device)  # (shards offloaded to the CPU under NCCL)
+            t = DTensor.from_local(local.to(device), t.device_mesh, t.placements, run_check=False,
+                                   shape=t.shape, stride=t.stride()).full_tensor()
+        if keep:
+            out.append(t.detach().to("cpu", copy=True))
+    return out if keep else None
+
+
 class TensorSource:
     """A list of same-order tensors plus, where the source keeps one, its optimizer-step counter."""
 

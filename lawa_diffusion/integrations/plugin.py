@@ -4,7 +4,9 @@
 importable from, wraps ``ModelMixin.save_pretrained`` (LAWA sibling of a model saved with the EMA
 weights copied in) and ``Accelerator.save_state`` / ``load_state`` (LAWA state in checkpoints; on
 one process ``save_state`` writes a temp folder renamed into place, so a killed save never leaves a
-half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. With ``fid_every_n_steps``
+half-written ``checkpoint-N``); ``Plugin.uninstall`` puts everything back. An EMA made from the full model
+before FSDP2 shards it is sharded like the parameters at its first ``step`` (and after a resume), and
+``save_state`` gathers it on every process for the script's main-process ``save_pretrained``. With ``fid_every_n_steps``
 it also records the script's Accelerator and noise scheduler, and ``FIDMonitor`` evaluates the first
 EMA's EMA and LAWA weights with the trainer's evaluator (conditional models too: the options that cannot
 evaluate the script's model are refused when its first EMA is made, before training).
@@ -23,13 +25,14 @@ import traceback
 from typing import Any, Callable, Iterator, List, Optional
 
 from lawa_diffusion.config.base import check
+from lawa_diffusion.engine import sources
 from lawa_diffusion.engine.accelerate_hooks import engine_state_file, load_engine_state, save_engine_state, state_file
 from lawa_diffusion.integrations.fid_monitor import FIDMonitor
 from lawa_diffusion.integrations.plugin_options import PROG
 from lawa_diffusion.integrations.posthoc_beside import PosthocBeside
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import atomic_dir, atomic_write_json
-from lawa_diffusion.utils.output import is_main_process, say
+from lawa_diffusion.utils.output import is_main_process, process_rank, say
 
 RUN_FILE = "lawa_launch.json"  # in each checkpoint: the world size that wrote it
 WINDOW_KEYS = ("k", "every_n_steps", "start_step")
@@ -120,6 +123,8 @@ def check_window(lawa: Any, folder: str) -> None:
     """Refuse a checkpoint whose LAWA window of ``lawa.name`` has another k, every_n_steps or start_step."""
     path = state_file(folder, lawa.name)
     if not os.path.isfile(path):
+        path = state_file(folder, lawa.name, process_rank())  # the window of a sharded EMA: this process's file
+    if not os.path.isfile(path):
         return
     from safetensors import safe_open
 
@@ -143,6 +148,11 @@ def check_ema_source(parameters: Any) -> Any:
         parameters = list(parameters)
     zero3.check_ema_source(parameters.parameters() if hasattr(parameters, "parameters") else parameters, "the launch plugin")
     return parameters
+
+
+def saved_sharded(folder: str, name: str) -> bool:
+    """Whether ``folder`` holds the window of engine ``name`` as per-process shard files (a sharded EMA's)."""
+    return os.path.isfile(state_file(folder, name, process_rank())) and not os.path.isfile(state_file(folder, name))
 
 
 def _options(values: dict, keys: List[str], flags: bool = False) -> str:
@@ -256,6 +266,42 @@ class Plugin:
                 state_file(self.loaded_from, ema.lawa.name), engine_state_file(ema.lawa, self.loaded_from))):
             load_engine_state(ema.lawa, self.loaded_from)
 
+    def follow_sharding(self, ema: Any, parameters: Any) -> None:
+        """Shard the full weights of ``ema`` like ``parameters`` where these are DTensors and the weights are not
+        yet (an EMA made before ``accelerator.prepare`` / ``fully_shard``, or full weights loaded back on a resume),
+        then load the window a resume left for the shards."""
+        params = list(parameters.parameters() if hasattr(parameters, "parameters") else parameters)
+        if sources.needs_sharding(ema.shadow_params, params):
+            self.check_sharded(ema)
+            ema.shadow_params = sources.shard_like(ema.shadow_params, params)
+            ema.lawa.follow_source()
+        pending = ema.__dict__.pop("_lawa_load_after_shard", None)
+        if pending is not None:
+            load_engine_state(ema.lawa, pending)
+
+    def check_sharded(self, ema: Any) -> None:
+        """Refuse the options that cannot follow a sharded (FSDP2) EMA, before it is sharded."""
+        first = not self.emas or ema is self.emas[0]  # (an EMA adopted late is not in the list yet)
+        for given, option in ((self.posthoc is not None, "--lawa_posthoc_every_n_steps"),
+                              (self.fid is not None, "--lawa_fid_every_n_steps")):
+            check(not (given and first),
+                  f"{option} cannot follow an EMA of a model sharded by FSDP2 (its weights are DTensor shards); "
+                  f"drop {option} for this run, or train without FSDP")
+
+    @contextlib.contextmanager
+    def gathered_emas(self, accelerator: Any) -> Iterator[None]:
+        """For the block: the full weights of each sharded training EMA, gathered on every process and kept in
+        host memory on the main one, where the script's main-process-only ``save_pretrained`` of the EMA writes
+        them; freed on exit."""
+        sharded = [ema for ema in self.emas if ema.lawa.source.sharded()]
+        try:
+            for ema in sharded:
+                ema._lawa_full = sources.gather_full(ema.shadow_params, keep=accelerator.is_main_process)
+            yield
+        finally:
+            for ema in sharded:
+                ema._lawa_full = None
+
     def after_step(self, ema: Any, parameters: Any = None) -> None:
         if self.posthoc is not None and self.emas and ema is self.emas[0] and parameters is not None:
             self.posthoc.update(ema, parameters)
@@ -308,9 +354,10 @@ class Plugin:
 
         def save_state(accelerator, output_dir=None, *args, **kwargs):
             plugin.hooks_last(accelerator)
-            if output_dir is None or accelerator.num_processes > 1:
-                return original(accelerator, output_dir, *args, **kwargs)
-            return saved_whole(lambda tmp: original(accelerator, tmp, *args, **kwargs), output_dir)
+            with plugin.gathered_emas(accelerator):  # sharded EMAs: a collective, as FSDP's save_state is
+                if output_dir is None or accelerator.num_processes > 1:
+                    return original(accelerator, output_dir, *args, **kwargs)
+                return saved_whole(lambda tmp: original(accelerator, tmp, *args, **kwargs), output_dir)
 
         return save_state
 
@@ -341,7 +388,10 @@ class Plugin:
             check_world_size(input_dir, accelerator.num_processes)
             for ema in plugin.emas:
                 check_window(ema.lawa, input_dir)
-                load_engine_state(ema.lawa, input_dir)
+                if not ema.lawa.source.sharded() and saved_sharded(input_dir, ema.lawa.name):
+                    ema._lawa_load_after_shard = input_dir  # once the next step has sharded the loaded weights
+                else:
+                    load_engine_state(ema.lawa, input_dir)
             if plugin.posthoc is not None:
                 plugin.posthoc.load_state(input_dir)
 
@@ -392,6 +442,7 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
             super().__init__(parameters, *args, lawa=plugin.lawa_config(), **kwargs)
             self._lawa_swapped_ids: Optional[set] = None
             self._lawa_saving = False
+            self._lawa_full: Optional[list] = None  # a sharded EMA's gathered weights, while save_state runs
             self._lawa_temporary = True
             if not plugin._temporary_depth:
                 plugin.adopt(self)
@@ -413,16 +464,23 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
 
         @reported_as_input_errors
         def step(self, parameters):
+            if not hasattr(parameters, "parameters"):
+                parameters = list(parameters)  # read twice: by this EMA, then by the post-hoc ones
+            plugin.follow_sharding(self, parameters)  # before a late adoption loads the window of the shards
             if self._lawa_temporary:
                 plugin.adopt_late(self)
             self._lawa_swapped_ids = None
-            if not hasattr(parameters, "parameters"):
-                parameters = list(parameters)  # read twice: by this EMA, then by the post-hoc ones
             super().step(parameters)
             plugin.after_step(self, parameters)
 
+        @reported_as_input_errors
         def copy_to(self, parameters, weights: str = "ema") -> None:
             parameters = list(parameters)
+            plugin.follow_sharding(self, parameters)
+            pairs = zip(self.shadow_params, parameters)
+            check(not any(sources.is_sharded(s) and not sources.is_sharded(p) for s, p in pairs),
+                  "EMAModel.copy_to of an EMA sharded by FSDP2 needs the sharded model's parameters; call it with "
+                  "the parameters of the prepared model, on every process")
             super().copy_to(parameters, weights)
             if weights == "ema" and not self._lawa_saving:
                 self._lawa_swapped_ids = {id(p) for p in parameters}
@@ -433,6 +491,13 @@ def make_ema_class(plugin: Plugin, original: type) -> type:
 
         @reported_as_input_errors
         def save_pretrained(self, path) -> None:
+            if self.lawa.source.sharded():  # the weights gathered by save_state (diffusers saves on the main process)
+                check(self._lawa_full is not None,
+                      f"EMAModel.save_pretrained({os.fspath(path)!r}) of an EMA sharded by FSDP2 writes the weights "
+                      "gathered by accelerator.save_state; save it from a save_state pre-hook and call "
+                      "accelerator.save_state on every process")
+                self.save_pretrained_from(path, self._lawa_full)
+                return
             self._lawa_saving = True
             try:
                 super().save_pretrained(path)

@@ -17,6 +17,16 @@ no ``weights.pop()`` on the empty list accelerate hands the hooks (DeepSpeed's o
 the model, so the hooks save and load only the EMA), and, under ZeRO-3, the final save inside
 ``deepspeed.zero.GatheredParameters`` on every process. ``--save_raw_weights`` also writes the trained
 weights (``unet_raw``) at the final save.
+
+``--fsdp2_cpu`` stands in for accelerate's FSDP2 on CPU processes (accelerate applies FSDP only on
+accelerator devices): the model is sharded with torch's ``fully_shard`` right after the EMA is made, where
+``accelerator.prepare`` would shard it, so the EMA is made from the full weights and stepped with DTensor
+shards. The script then does what diffusers' FSDP-aware examples do: ``save_state`` on every process, whose
+hooks write the model's weights gathered on every process (``fsdp_model.safetensors``) and each process's
+shard of the optimizer state (``fsdp_optimizer.rank<r>.bin``), as accelerate's FSDP2 ``save_state`` would
+(``unet_ema`` is left to the main process as before). The model and optimizer are not passed to ``prepare``
+(on CPU it would wrap them in DDP). The final save copies the EMA into the sharded model on every process
+and the main process writes the gathered weights.
 """
 import argparse
 import contextlib
@@ -68,6 +78,7 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crash_after_step", type=int, default=None)
     parser.add_argument("--save_raw_weights", action="store_true")
+    parser.add_argument("--fsdp2_cpu", action="store_true", help="shard the model with fully_shard (gloo, CPU)")
     return parser.parse_args()
 
 
@@ -110,6 +121,43 @@ def full_weights(accelerator, module):
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
+def full_state(model):
+    """The full (gathered) state dict of a fully_shard-ed model, on the CPU of the main process (empty elsewhere).
+    A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded_state(model, optimizer, output_dir, rank):
+    """The model's gathered weights (main process) and this process's shard of the optimizer state."""
+    from safetensors.torch import save_file
+
+    weights = full_state(model)
+    if rank == 0:
+        save_file(weights, os.path.join(output_dir, "fsdp_model.safetensors"))
+    state = optimizer.state_dict()  # (its per-parameter dicts are the optimizer's own: copied, not changed)
+    state["state"] = {index: {k: v.to_local() if hasattr(v, "to_local") else v for k, v in values.items()}
+                      for index, values in state["state"].items()}
+    torch.save(state, os.path.join(output_dir, f"fsdp_optimizer.rank{rank}.bin"))
+
+
+def load_sharded_state(model, optimizer, input_dir, rank):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    weights = load_file(os.path.join(input_dir, "fsdp_model.safetensors"))
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    state = torch.load(os.path.join(input_dir, f"fsdp_optimizer.rank{rank}.bin"), weights_only=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        p = params[index]
+        values.update({k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                             stride=p.stride()) for k, v in values.items() if k != "step"})
+    optimizer.load_state_dict(state)
+
+
 def main(args):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -120,10 +168,14 @@ def main(args):
     )
     set_seed(args.seed)
     deepspeed_run = accelerator.distributed_type == DistributedType.DEEPSPEED
+    fsdp_run = args.fsdp2_cpu or accelerator.distributed_type == DistributedType.FSDP
+    sharded = {}  # --fsdp2_cpu: the sharded model and its optimizer, saved and loaded by the hooks
 
     if version.parse(accelerate.__version__) >= version.parse("0.16.0"):
 
         def save_model_hook(models, weights, output_dir):
+            if args.fsdp2_cpu:  # on every process: the gather is a collective
+                save_sharded_state(sharded["model"], sharded["optimizer"], output_dir, accelerator.process_index)
             if accelerator.is_main_process:
                 if args.use_ema:
                     ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
@@ -138,6 +190,8 @@ def main(args):
                 ema_model.load_state_dict(load_model.state_dict())
                 ema_model.to(accelerator.device)
                 del load_model
+            if args.fsdp2_cpu:
+                load_sharded_state(sharded["model"], sharded["optimizer"], input_dir, accelerator.process_index)
             for i in range(0 if deepspeed_run else len(models)):
                 model = models.pop()
                 load_model = UNet2DModel.from_pretrained(input_dir, subfolder="unet")
@@ -163,6 +217,11 @@ def main(args):
             model_cls=UNet2DModel,
             model_config=model.config,
         )
+
+    if args.fsdp2_cpu:  # where accelerator.prepare shards the model under FSDP2
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
 
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
     optimizer = torch.optim.AdamW(
@@ -191,9 +250,13 @@ def main(args):
         num_training_steps=(len(train_dataloader) * args.num_epochs),
     )
 
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, lr_scheduler
-    )
+    if args.fsdp2_cpu:
+        sharded.update(model=model, optimizer=optimizer)
+        train_dataloader, lr_scheduler = accelerator.prepare(train_dataloader, lr_scheduler)
+    else:
+        model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            model, optimizer, train_dataloader, lr_scheduler
+        )
 
     if args.use_ema:
         ema_model.to(accelerator.device)
@@ -264,7 +327,7 @@ def main(args):
                 progress_bar.update(1)
                 global_step += 1
 
-                if accelerator.is_main_process or deepspeed_run:
+                if accelerator.is_main_process or deepspeed_run or fsdp_run:
                     if global_step % args.checkpointing_steps == 0:
                         save_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
                         accelerator.save_state(save_path)
@@ -284,20 +347,47 @@ def main(args):
 
         if epoch % args.save_model_epochs == 0 or epoch == args.num_epochs - 1:
             unet = accelerator.unwrap_model(model)
-            with full_weights(accelerator, unet):
-                if accelerator.is_main_process:
-                    if args.save_raw_weights:
-                        unet.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
-                    if args.use_ema:
-                        ema_model.store(unet.parameters())
-                        ema_model.copy_to(unet.parameters())
-                    pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-                    pipeline.save_pretrained(args.output_dir)
-                    if args.use_ema:
-                        ema_model.restore(unet.parameters())
+            if args.fsdp2_cpu:
+                save_sharded_pipeline(args, accelerator, unet, ema_model if args.use_ema else None, noise_scheduler)
+            else:
+                with full_weights(accelerator, unet):
+                    if accelerator.is_main_process:
+                        if args.save_raw_weights:
+                            unet.save_pretrained(os.path.join(args.output_dir, "unet_raw"))
+                        if args.use_ema:
+                            ema_model.store(unet.parameters())
+                            ema_model.copy_to(unet.parameters())
+                        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+                        pipeline.save_pretrained(args.output_dir)
+                        if args.use_ema:
+                            ema_model.restore(unet.parameters())
 
     logger.info(f"Finished {global_step} of {max_train_steps} steps")
     accelerator.end_training()
+
+
+def plain_unet(unet, weights):
+    """An unsharded copy of ``unet`` holding ``weights`` (a full state dict)."""
+    plain = UNet2DModel.from_config(unet.config)
+    plain.load_state_dict(weights)
+    return plain
+
+
+def save_sharded_pipeline(args, accelerator, unet, ema_model, noise_scheduler):
+    """The final save of a sharded model: the EMA copied into it and its weights gathered on every process, the
+    pipeline written by the main process, the trained weights back."""
+    if args.save_raw_weights:
+        raw = full_state(unet)
+        if accelerator.is_main_process:
+            plain_unet(unet, raw).save_pretrained(os.path.join(args.output_dir, "unet_raw"))
+    if ema_model is not None:
+        ema_model.store(unet.parameters())
+        ema_model.copy_to(unet.parameters())
+    weights = full_state(unet)
+    if accelerator.is_main_process:
+        DDPMPipeline(unet=plain_unet(unet, weights), scheduler=noise_scheduler).save_pretrained(args.output_dir)
+    if ema_model is not None:
+        ema_model.restore(unet.parameters())
 
 
 if __name__ == "__main__":
