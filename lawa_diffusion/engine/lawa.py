@@ -15,7 +15,7 @@ from lawa_diffusion.config.base import check
 from lawa_diffusion.config.lawa import LAWAConfig
 from lawa_diffusion.engine import accelerate_hooks, collectives
 from lawa_diffusion.engine.rings import FiniteCheck, Ring, make_ring
-from lawa_diffusion.engine.sources import TensorSource, as_source, is_sharded, local_shard
+from lawa_diffusion.engine.sources import TensorSource, as_source, is_sharded, iter_whole, local_shard
 from lawa_diffusion.maths.averaging import (
     DTYPE_NAMES,
     accumulation_dtype,
@@ -363,18 +363,8 @@ class LAWA:
     def _gathered_average(self) -> Iterator[torch.Tensor]:
         """The whole average of each source tensor, in order, gathered over the mesh of a sharded source (every
         process of the mesh must take part)."""
-        from torch.distributed.tensor import DTensor
-
-        sources = self.source.raw_tensors()
-        groups = collectives.mesh_groups(sources)
-        local = flat_views(self.average_flat(), self.source.tensors())
-        device = collectives.comm_device(groups[0], self._compute_device())  # (shards offloaded to the CPU under NCCL)
         with torch.no_grad():
-            for src, avg in zip(sources, local):
-                if is_sharded(src):
-                    avg = DTensor.from_local(avg.to(device), src.device_mesh, src.placements, run_check=False,
-                                             shape=src.shape, stride=src.stride()).full_tensor()
-                yield avg
+            yield from iter_whole(self.source.raw_tensors(), flat_views(self.average_flat(), self.source.tensors()))
 
     def _gathered_into(self, targets: Sequence[torch.Tensor]) -> None:
         check(len(targets) == len(self.source.raw_tensors()),

@@ -6,7 +6,7 @@ are exposed as this process's local shard: LAWA keeps and averages each process'
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,15 +22,6 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     except ImportError:  # a torch without DTensor shards nothing
         return False
     return isinstance(tensor, DTensor)
-
-
-@torch.no_grad()
-def copy_whole(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
-    """Copy each source into the unsharded target of the same shape; a sharded (DTensor) source is gathered first
-    (a collective: every process of its mesh must call this)."""
-    check(len(sources) == len(targets), f"copy_whole got {len(sources)} sources for {len(targets)} targets")
-    for source, target in zip(sources, targets):
-        target.copy_(source.full_tensor() if is_sharded(source) else source)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,24 +74,47 @@ def needs_sharding(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]
     return any(is_sharded(t) and not is_sharded(s) for s, t in zip(tensors, like))
 
 
+def whole_of(local: torch.Tensor, like: torch.Tensor, device: Any) -> torch.Tensor:
+    """The whole tensor whose local shard here is ``local``, sharded as the DTensor ``like`` is, gathered over its
+    mesh on ``device`` (a collective: every process of the mesh must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.to(device), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def iter_whole(tensors: Sequence[torch.Tensor], locals_: Optional[Sequence[torch.Tensor]] = None) -> Iterator[torch.Tensor]:
+    """Each of ``tensors`` whole, one at a time: DTensors gathered over their mesh, the rest as they are;
+    ``locals_``: other local shards to gather in their place (e.g. an average of the shards). A collective."""
+    from lawa_diffusion.engine import collectives
+
+    groups = collectives.mesh_groups(tensors)
+    for i, t in enumerate(tensors):
+        local = locals_[i] if locals_ is not None else (t.to_local() if is_sharded(t) else t)
+        if is_sharded(t):
+            device = collectives.comm_device(groups[0], local.device)  # (shards offloaded to the CPU under NCCL)
+            yield whole_of(local, t, device)
+        else:
+            yield local
+
+
 def gather_full(tensors: Sequence[torch.Tensor], keep: bool) -> Optional[List[torch.Tensor]]:
     """The full tensors of ``tensors`` (DTensors gathered over their mesh, one at a time; the rest as they are),
     detached on the CPU where ``keep``, else None. A collective: every process of the meshes must call it."""
-    from torch.distributed.tensor import DTensor
-
-    from lawa_diffusion.engine import collectives
-
     out: List[torch.Tensor] = []
-    groups = collectives.mesh_groups(tensors)
-    for t in tensors:
-        if is_sharded(t):
-            local = t.to_local()
-            device = collectives.comm_device(groups[0], local.device)  # (shards offloaded to the CPU under NCCL)
-            t = DTensor.from_local(local.to(device), t.device_mesh, t.placements, run_check=False,
-                                   shape=t.shape, stride=t.stride()).full_tensor()
+    for t in iter_whole(tensors):
         if keep:
             out.append(t.detach().to("cpu", copy=True))
     return out if keep else None
+
+
+@torch.no_grad()
+def copy_whole(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+    """Copy each source into the unsharded target of the same shape; a sharded (DTensor) source is gathered first
+    (a collective: every process of its mesh must call this)."""
+    check(len(sources) == len(targets), f"copy_whole got {len(sources)} sources for {len(targets)} targets")
+    for target, whole in zip(targets, iter_whole(sources)):
+        target.copy_(whole)
 
 
 class TensorSource:

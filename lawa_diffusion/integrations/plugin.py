@@ -272,21 +272,11 @@ class Plugin:
         then load the window a resume left for the shards."""
         params = list(parameters.parameters() if hasattr(parameters, "parameters") else parameters)
         if sources.needs_sharding(ema.shadow_params, params):
-            self.check_sharded(ema)
             ema.shadow_params = sources.shard_like(ema.shadow_params, params)
             ema.lawa.follow_source()
         pending = ema.__dict__.pop("_lawa_load_after_shard", None)
         if pending is not None:
             load_engine_state(ema.lawa, pending)
-
-    def check_sharded(self, ema: Any) -> None:
-        """Refuse the options that cannot follow a sharded (FSDP2) EMA, before it is sharded."""
-        first = not self.emas or ema is self.emas[0]  # (an EMA adopted late is not in the list yet)
-        for given, option in ((self.posthoc is not None, "--lawa_posthoc_every_n_steps"),
-                              (self.fid is not None, "--lawa_fid_every_n_steps")):
-            check(not (given and first),
-                  f"{option} cannot follow an EMA of a model sharded by FSDP2 (its weights are DTensor shards); "
-                  f"drop {option} for this run, or train without FSDP")
 
     @contextlib.contextmanager
     def gathered_emas(self, accelerator: Any) -> Iterator[None]:

@@ -12,11 +12,14 @@ the plugin:
 - a run killed after step 5 and resumed from ``checkpoint-4`` ends with the uninterrupted run's EMA, LAWA and
   final pipeline weights.
 - ``unet_lawa``: the float64 mean of the gathered ``unet_ema`` folders of the window's snapshot steps.
+- the post-hoc power EMAs (kept and stored in parts) and FID during training: the resumed run's snapshots and
+  metrics rows are the uninterrupted run's.
 
 What the plugin refuses over a sharded EMA is tested in one process, in test_plugin_sharded_ema.py.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -24,12 +27,14 @@ import torch
 from safetensors.torch import load_file
 
 from lawa_diffusion.engine.lawa import read_record
-from tests.helpers import assert_weights_close, make_images, mean_of, torchrun, weights
+from tests.helpers import SCRIPTS, assert_weights_close, make_images, mean_of, torchrun, weights, without_timing
 
 SCRIPT = "train_unconditional_style.py"
 K, NU = 2, 2
 STEPS = 6  # 2 processes x batch 2 over 8 images: 2 steps an epoch, 3 epochs
 LAWA = ["--lawa_k", str(K), "--lawa_every_n_steps", str(NU)]
+POSTHOC = ["--lawa_posthoc_sigma_rels", "0.05,0.10", "--lawa_posthoc_every_n_steps", "1"]
+TRACKS = ("sigma_rel_0.05", "sigma_rel_0.1")
 ENV = {"ACCELERATE_USE_CPU": "1"}  # torchrun on CPU: MULTI_CPU (gloo)
 CKPT, CRASH = 2, 5  # the killed run: checkpoints 2 and 4, killed after step 5; the resumed run redoes 5 and 6
 
@@ -40,7 +45,11 @@ def script_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run(data: Path, out: Path, *extra: str, expect: int = 0):
-    done = torchrun(SCRIPT, 2, *script_args(data, out, *extra), plugin=LAWA, env=ENV, timeout=600)
+    fid = ["--lawa_fid_every_n_steps", "3", "--lawa_fid_reference", str(data), "--lawa_fid_num_samples", "4",
+           "--lawa_fid_batch_size", "2", "--lawa_fid_num_inference_steps", "2"]
+    # zero3_cpu.py launch: the plugin with a stand-in feature extractor for its FID monitor (no DeepSpeed here)
+    done = torchrun("zero3_cpu.py", 2, "launch", *LAWA, *POSTHOC, *fid, str(SCRIPTS / SCRIPT),
+                    *script_args(data, out, *extra), env=ENV, timeout=600)
     assert done.returncode == expect, done.stderr[-3000:]
     return done
 
@@ -106,3 +115,28 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_runs_weights(runs):
         a, b = weights(resumed / name), weights(full / name)
         assert_weights_close(a, b, atol=1e-6)
         assert all(torch.equal(a[k], b[k]) for k in a), name  # the same float operations: bitwise
+
+
+@pytest.mark.slow
+def test_post_hoc_emas_and_fid_follow_the_sharded_ema_and_resume_exactly(runs):
+    """The power EMAs are kept in parts and stored by both processes (read here on one); the resumed run stores and
+    scores what the uninterrupted one did, bitwise; FID samples the gathered EMA and LAWA weights."""
+    from lawa_diffusion.posthoc.snapshot_reader import load_tensors
+
+    full, resumed = runs
+    for track in TRACKS:
+        stored = sorted(p.name for p in (full / "ema_snapshots" / track).iterdir())
+        assert stored == [f"step-{s:09d}" for s in range(1, STEPS + 1)]
+        assert sorted(p.name for p in (resumed / "ema_snapshots" / track).iterdir()) == stored
+        for name in stored:
+            record = json.loads((full / "ema_snapshots" / track / name / "snapshot.json").read_text())
+            assert record["layout"] == "dtensor" and record["world_size"] == 2
+            a = load_tensors(str(resumed / "ema_snapshots" / track / name))
+            b = load_tensors(str(full / "ema_snapshots" / track / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), (track, name)
+    assert sorted(p.name for p in (resumed / "checkpoint-4").glob("posthoc_state*")) == [
+        f"posthoc_state.rank-0000{r}-of-00002.safetensors" for r in (0, 1)]
+    rows = [without_timing([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()])
+            for d in (full, resumed)]
+    assert [(r["step"], r["variant"]) for r in rows[0]] == [(s, v) for s in (3, 6) for v in ("ema", "lawa")]
+    assert rows[1] == rows[0] and rows[0][2]["fid"] != rows[0][3]["fid"]

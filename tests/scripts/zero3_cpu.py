@@ -4,7 +4,8 @@
                                              (what diffusers imports itself when ZeRO-3 is on at its import)
     zero3_cpu.py script SCRIPT.py [args]      the script alone, as it is
     zero3_cpu.py launch [plugin argv]         ``python -m lawa_diffusion.launch``, with a small stand-in
-                                             feature extractor for its FID monitor
+                                             feature extractor for its FID monitor (also for plugin runs
+                                             without DeepSpeed: FSDP2 on gloo)
 
 On a machine without an accelerator, accelerate finds no device backend and counts each DeepSpeed
 process as a lone main process (num_processes 1); its process state made first with backend "gloo"
