@@ -162,3 +162,16 @@ def test_memory_per_process_sharded_is_a_part_ddp_only_the_storing_process(runs)
     assert [r["sharded"] for r in ranks] == [2 * ranks[0]["model"], 0] and ranks[0]["layout"] is None
     stored = sorted(os.listdir(runs["ddp"] / "sharded" / "ema_snapshots" / TRACKS[0]))
     assert stored == [f"step-{s:09d}.safetensors" for s in range(1, STEPS + 1)]  # whole files, as on one process
+
+
+@pytest.mark.slow
+def test_average_of_the_latest_sharded_snapshots_equals_the_unsharded_one(runs, tmp_path):
+    from lawa_diffusion.cli import entry as cli
+
+    outs = {}
+    for kind in ("sharded", "whole"):
+        outs[kind] = tmp_path / kind
+        assert cli.main(["average", str(runs["fsdp2_4"] / kind), "--track", TRACKS[1], "--k", "3", "-o",
+                         str(outs[kind])]) == 0
+    mine, whole = (load_file(str(outs[k] / "diffusion_pytorch_model.safetensors")) for k in ("sharded", "whole"))
+    assert mine.keys() == whole.keys() and all(relative(mine[k], whole[k]) <= 1e-6 for k in whole)
