@@ -79,8 +79,8 @@ def config(out: str, args, background: bool) -> dict:
 
 
 def one_run(work: str, name: str, args, background: bool, extractor) -> tuple[float, list]:
-    from lawa_diffusion.training import trainer as train
     from lawa_diffusion.config.train import TrainConfig
+    from lawa_diffusion.training import trainer as train
     from lawa_diffusion.utils.files import read_jsonl
 
     out = os.path.join(work, name)

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 
-
 def _relative(actual: float, expected: float) -> float:
     return abs(actual - expected) / max(abs(expected), 1e-30)
 
@@ -161,7 +160,8 @@ def main() -> int:
     n = args.num_images or (2048 if cuda else 32)
     m = args.reference_images or (10000 if cuda else 64)
 
-    from lawa_diffusion.evaluation import images as data, inception
+    from lawa_diffusion.evaluation import images as data
+    from lawa_diffusion.evaluation import inception
 
     weights = inception.resolve_weights(fetch=False)
     generated = data.fit_to_size(data.load_fashion_mnist("test", download=False)[:n], 32)

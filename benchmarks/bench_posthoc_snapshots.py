@@ -59,8 +59,7 @@ def timed_run(unet, opt, x, t, steps: int, every: int, folder: str) -> tuple:
 
 
 def main() -> None:
-    from lawa_diffusion.engine.posthoc_snapshots import PosthocSnapshots
-    from lawa_diffusion.engine.posthoc_snapshots import save_ema_snapshot
+    from lawa_diffusion.engine.posthoc_snapshots import PosthocSnapshots, save_ema_snapshot
     from lawa_diffusion.training.trainer import model_config_of
 
     ap = argparse.ArgumentParser()

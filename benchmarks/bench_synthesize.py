@@ -11,6 +11,10 @@ Prints one JSON object per line:
       ``fp64_ratio``: one target with float64 arithmetic ÷ reading once, for comparison
   {"bench": "time_cold", ...}   (``--cold``) the same ratios with the files evicted from the page cache before each
       timing (``posix_fadvise`` DONTNEED): reading from the disk
+  {"bench": "end_to_end", ...}  planning and one target from files whose checksums are not yet checked in the
+      process (what a ``synthesize`` command does), ÷ reading once: ``verify_first_ratio`` hashes every file by a
+      read of its own before the pass, ``streamed_ratio`` sums each checksum from the pass's one read (``--cold``:
+      also ``end_to_end_cold``, the files evicted before each timing)
   {"bench": "memory", ...}      one line per target count (1 and ``--targets``), each in a fresh process: peak
       resident memory added during the pass (Linux VmHWM after resetting it, minus the resident memory before) ÷
       (targets × one float32 model + one block of every file) (goal <= 1.1)
@@ -37,10 +41,12 @@ import time
 import numpy as np
 import torch
 
-from lawa_diffusion.maths import lag, profile_fit as synthesis
+from lawa_diffusion.maths import lag
+from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.posthoc.one_pass import block_elements
-from lawa_diffusion.posthoc.synthesize import coefficient_matrix, plan_syntheses, synthesize_states
+from lawa_diffusion.posthoc.synthesize import coefficient_matrix, find_snapshots, plan_syntheses, synthesize_states
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils import checksums
 from lawa_diffusion.utils.files import atomic_save_safetensors
 
 
@@ -102,6 +108,15 @@ def targets_of(count: int) -> list:
 
 def plans_of(run: str, count: int) -> list:
     return plan_syntheses(run, targets_of(count), max_residual=None)
+
+
+def checked_synthesis(run: str, hashed_first: bool, device: str) -> None:
+    """Plan and synthesise one target from files whose checksums this process has not checked yet: each file hashed
+    by a read of its own before the pass (``hashed_first``), or summed from the pass's one read."""
+    checksums._verified.clear()
+    snapshots = find_snapshots(run, hashed=True) if hashed_first else None
+    plans = plan_syntheses(run, targets_of(1), max_residual=None, snapshots=snapshots)
+    synthesize_states(plans, progress=False, device=device)
 
 
 def read_once(paths, buffer: torch.Tensor) -> None:
@@ -232,6 +247,7 @@ def main() -> None:
                 "one": lambda: synthesize_states(one, progress=False, device=args.device),
                 "many": lambda: synthesize_states(many, progress=False, device=args.device),
                 "fp64": lambda: synthesize_states(one, progress=False, device=args.device, accumulate=torch.float64)}
+        synthesize_states(one, progress=False, device=args.device)  # every file's checksum found intact once
         med = medians(runs, args.repeats)
         emit(bench="time", device=args.device, one_target_ratio=round(med["one"] / med["read"], 3),
              targets_ratio=round(med["many"] / med["read"], 3), targets=args.targets,
@@ -244,6 +260,15 @@ def main() -> None:
                  targets_ratio=round(cold["many"] / cold["read"], 3), targets=args.targets,
                  read_s=round(cold["read"], 3), one_target_s=round(cold["one"], 3), targets_s=round(cold["many"], 3),
                  evicted=evict(paths), goal_one=1.3, goal_targets=2.0)
+        checked = {"read": runs["read"],
+                   "verify_first": lambda: checked_synthesis(run, hashed_first=True, device=args.device),
+                   "streamed": lambda: checked_synthesis(run, hashed_first=False, device=args.device)}
+        timings = [("end_to_end", None)] + ([("end_to_end_cold", lambda: evict(paths))] if args.cold else [])
+        for name, before in timings:
+            med = medians(checked, args.repeats, before=before)
+            emit(bench=name, device=args.device, verify_first_ratio=round(med["verify_first"] / med["read"], 3),
+                 streamed_ratio=round(med["streamed"] / med["read"], 3), read_s=round(med["read"], 3),
+                 verify_first_s=round(med["verify_first"], 3), streamed_s=round(med["streamed"], 3))
         for count in (1, args.targets):
             child = [sys.executable, os.path.abspath(__file__), "--memory_of", run, "--memory_targets", str(count),
                      "--device", args.device]

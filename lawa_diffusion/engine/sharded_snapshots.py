@@ -171,7 +171,7 @@ def write_sharded_snapshot(path: str, parts: Dict[str, torch.Tensor], layout: Pa
 
     from lawa_diffusion.runs.folder import SHARDED_SNAPSHOT_RECORD
     from lawa_diffusion.utils.checksums import outside_checksum
-    from lawa_diffusion.utils.files import fsync_dir, atomic_write_json, user_mode
+    from lawa_diffusion.utils.files import atomic_write_json, fsync_dir, user_mode
 
     parent, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(parent, f".{name}.tmp")  # one name every process finds

@@ -83,7 +83,8 @@ def whole_of(local: torch.Tensor, like: torch.Tensor, device: Any) -> torch.Tens
                               shape=like.shape, stride=like.stride()).full_tensor()
 
 
-def iter_whole(tensors: Sequence[torch.Tensor], locals_: Optional[Sequence[torch.Tensor]] = None) -> Iterator[torch.Tensor]:
+def iter_whole(tensors: Sequence[torch.Tensor],
+               locals_: Optional[Sequence[torch.Tensor]] = None) -> Iterator[torch.Tensor]:
     """Each of ``tensors`` whole, one at a time: DTensors gathered over their mesh, the rest as they are;
     ``locals_``: other local shards to gather in their place (e.g. an average of the shards). A collective."""
     from lawa_diffusion.engine import collectives

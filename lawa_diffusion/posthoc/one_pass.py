@@ -71,7 +71,8 @@ def weighted_sums(readers: Sequence, coefficients, *, device: str | torch.device
                   desc: str = "synthesize") -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(start, Y[:, start:start + w])`` for consecutive ranges of the flat order, ``Y = coefficients ·
     stacked snapshots`` (``coefficients``: targets × readers), computed in ``accumulate`` on ``device``. A yielded
-    tile is overwritten by the next one. Every reader's tensor bytes are read exactly once."""
+    tile is overwritten by the next one. Every reader's tensor bytes are read exactly once; after the last tile each
+    reader's ``finish()`` (where it has one) checks what it read, e.g. against its checksum, and may raise."""
     from tqdm.auto import tqdm
 
     x = np.asarray(coefficients, dtype=np.float64)
@@ -132,6 +133,10 @@ def weighted_sums(readers: Sequence, coefficients, *, device: str | torch.device
             if cuda:  # the host buffer is read into again two blocks on: its copy must be done
                 torch.cuda.current_stream(device).synchronize()
             bar.update((stop - start) * n)
+        for reader in readers:  # what was read is what was written (readers that sum their checksum say so now)
+            finish = getattr(reader, "finish", None)
+            if finish is not None:
+                finish()
     finally:
         if pending is not None:
             pending.cancel()

@@ -25,8 +25,15 @@ import torch
 
 from lawa_diffusion.config.base import check
 from lawa_diffusion.runs.folder import SHARDED_SNAPSHOT_RECORD
-from lawa_diffusion.utils.checksums import DamagedFileError, read_header, verified_metadata, verify_outside_checksum
+from lawa_diffusion.utils.checksums import (
+    DamagedFileError,
+    StreamedChecksum,
+    read_header,
+    verified_metadata,
+    verify_outside_checksum,
+)
 
+SNAPSHOT_FIX = "delete it and synthesise from the other snapshots, or restore it from a copy"
 DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # DCP's safetensors metadata: each tensor's offsets in the whole
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 Span = Tuple[str, int, int]  # a tensor's name and a range [lo, hi) of its flattened elements
@@ -83,13 +90,15 @@ def tensor_layout(path: str) -> Dict[str, TensorEntry]:
 
 
 class SafetensorsSnapshot:
-    """A snapshot stored as one safetensors file. ``bytes_read``: the tensor bytes read so far."""
+    """A snapshot stored as one safetensors file. ``bytes_read``: the tensor bytes read so far. ``verify``: its
+    checksum is summed from the bytes the pass reads (:meth:`finish` says whether they are what was written)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
         self.path = os.fspath(path)
         self.layout = tensor_layout(self.path)
         self.bytes_read = 0
         self._fd: Optional[int] = None
+        self._checksum = StreamedChecksum(self.path, fix) if verify else None
 
     def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
         return {name: (e.dtype, e.shape) for name, e in self.layout.items()}
@@ -97,7 +106,7 @@ class SafetensorsSnapshot:
     def read(self, spans: Sequence[Span], buffer: torch.Tensor) -> List[Piece]:
         """Read the elements of ``spans`` (consecutive in the block, from block element 0) into the uint8 tensor
         ``buffer``, one positioned read per run of spans stored one after the other in one dtype."""
-        runs: List[list] = []  # [file offset, byte count, dtype, block start, numel]
+        runs: List[list] = []  # [file offset, byte count, dtype, block start, numel, [(name, byte offset, bytes)]]
         start = 0
         for name, lo, hi in spans:
             entry = self.layout[name]
@@ -107,27 +116,43 @@ class SafetensorsSnapshot:
             if last is not None and last[2] == entry.dtype and last[0] + last[1] == offset:
                 last[1] += count
                 last[4] += hi - lo
+                last[5].append((name, lo * size, count))
             else:
-                runs.append([offset, count, entry.dtype, start, hi - lo])
+                runs.append([offset, count, entry.dtype, start, hi - lo, [(name, lo * size, count)]])
             start += hi - lo
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         pieces, cursor = [], 0
         view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
-        for offset, count, dtype, first, numel in runs:
+        for offset, count, dtype, first, numel, parts in runs:
             cursor = -(-cursor // 8) * 8  # every run starts 8-byte aligned in the buffer
             check(cursor + count <= len(view), f"snapshot {self.path!r}: a block needs {cursor + count} bytes, the "
                                                f"buffer holds {len(view)}")
             _read_exactly(self._fd, view[cursor:cursor + count], offset, self.path)
+            _feed(self._checksum, parts, view, cursor)
             pieces.append(Piece(cursor, dtype, first, numel))
             cursor += count
         self.bytes_read += sum(run[1] for run in runs)
         return pieces
 
+    def finish(self) -> None:
+        """After the pass: ``DamagedFileError`` unless the file is what was written (when ``verify``)."""
+        if self._checksum is not None:
+            self._checksum.finish()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _feed(checksum: Optional[StreamedChecksum], parts: Sequence[tuple], view: memoryview, at: int) -> None:
+    """Hand the bytes of each tensor piece read at ``at`` of ``view`` to the file's running checksum."""
+    if checksum is None:
+        return
+    for name, offset, count in parts:
+        checksum.feed(name, offset, view[at:at + count])
+        at += count
 
 
 def _read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
@@ -141,14 +166,17 @@ def _read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
 class ShardedSnapshot:
     """A snapshot stored in shards by several processes (``engine.sharded_snapshots``), read on one process with no
     process group: the folder's record (names, shapes) and DCP's shard files (each tensor's part, a flat range at the
-    offset DCP's sharding metadata gives), every file's checksum verified first. ``bytes_read``: as for files."""
+    offset DCP's sharding metadata gives). Every file's checksum is checked first, or, with ``verify``, summed from
+    the bytes the pass reads (:meth:`finish`). ``bytes_read``: as for files."""
 
-    def __init__(self, path: str, fix: str = "store the snapshot again, or remove the folder from the run"):
+    def __init__(self, path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
         self.path = os.fspath(path)
-        self.record = read_sharded_record(self.path, fix)
+        self.record = read_sharded_record(self.path, fix, hash_files=not verify)
         self.shapes = {name: tuple(shape) for name, shape in self.record["tensors"]}
         self.chunks: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {n: [] for n in self.shapes}
         self.files = sorted(self.record["files"])
+        self._checksums = [StreamedChecksum(os.path.join(self.path, f), fix, outside=self.record["files"][f])
+                           for f in self.files] if verify else None
         for index, file in enumerate(self.files):
             full = os.path.join(self.path, file)
             header, metadata, data = read_header(full, fix)
@@ -174,12 +202,13 @@ class ShardedSnapshot:
         self._fds: Dict[int, int] = {}
 
     def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
-        return {name: (self.chunks[name][0][4] if self.chunks[name] else torch.float32, shape)
-                for name, shape in self.shapes.items()}
+        """In name order, as the shard files store them (so that a pass reads each file from its start to its end)."""
+        return {name: (self.chunks[name][0][4] if self.chunks[name] else torch.float32, self.shapes[name])
+                for name in sorted(self.shapes)}
 
     def read(self, spans: Sequence[Span], buffer: torch.Tensor) -> List[Piece]:
         """As :meth:`SafetensorsSnapshot.read`, each span's elements gathered from the files holding them."""
-        runs: List[list] = []  # [file index, file offset, byte count, dtype, block start, numel]
+        runs: List[list] = []  # [file index, file offset, byte count, dtype, block start, numel, [pieces]]
         start = 0
         for name, lo, hi in spans:
             for first, count, index, offset, dtype in self.chunks[name]:
@@ -188,23 +217,26 @@ class ShardedSnapshot:
                     continue
                 size = dtype.itemsize
                 at, block = offset + (a - first) * size, start + a - lo
+                part = (name, (a - first) * size, (b - a) * size)  # for the file's checksum
                 last = runs[-1] if runs else None
                 if (last is not None and last[0] == index and last[3] == dtype and last[1] + last[2] == at
                         and last[4] + last[5] == block):
                     last[2] += (b - a) * size
                     last[5] += b - a
+                    last[6].append(part)
                 else:
-                    runs.append([index, at, (b - a) * size, dtype, block, b - a])
+                    runs.append([index, at, (b - a) * size, dtype, block, b - a, [part]])
             start += hi - lo
         pieces, cursor = [], 0
         view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
-        for index, offset, count, dtype, first, numel in runs:
+        for index, offset, count, dtype, first, numel, parts in runs:
             cursor = -(-cursor // dtype.itemsize) * dtype.itemsize  # one dtype per snapshot: no gap in practice
             check(cursor + count <= len(view), f"snapshot {self.path!r}: a block needs {cursor + count} bytes, the "
                                                f"buffer holds {len(view)}")
             if index not in self._fds:
                 self._fds[index] = os.open(os.path.join(self.path, self.files[index]), os.O_RDONLY)
             _read_exactly(self._fds[index], view[cursor:cursor + count], offset, self.path)
+            _feed(self._checksums[index] if self._checksums else None, parts, view, cursor)
             last = pieces[-1] if pieces else None
             if (last is not None and last.dtype == dtype and last.byte_offset + last.numel * dtype.itemsize == cursor
                     and last.start + last.numel == first):  # read from two files, one run in the buffer
@@ -215,42 +247,54 @@ class ShardedSnapshot:
         self.bytes_read += sum(run[2] for run in runs)
         return pieces
 
+    def finish(self) -> None:
+        for checksum in self._checksums or ():
+            checksum.finish()
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
 
 
-def read_sharded_record(path: str, fix: str) -> dict:
-    """A sharded snapshot's record, after every shard file it lists is found intact (header, size, checksum)."""
+def read_sharded_record(path: str, fix: str, hash_files: bool = True) -> dict:
+    """A sharded snapshot's record, after every shard file it lists is found intact (header and size; and checksum
+    unless not ``hash_files``)."""
     record_path = os.path.join(path, SHARDED_SNAPSHOT_RECORD)
     try:
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
     except (OSError, ValueError):
         raise DamagedFileError(f"sharded snapshot {path!r} has no readable {SHARDED_SNAPSHOT_RECORD}; {fix}") from None
-    check(isinstance(record, dict) and isinstance(record.get("files"), dict) and isinstance(record.get("tensors"), list),
+    check(isinstance(record, dict) and isinstance(record.get("files"), dict)
+          and isinstance(record.get("tensors"), list),
           f"sharded snapshot {path!r}: {SHARDED_SNAPSHOT_RECORD} lacks its files or tensors; {fix}")
     for file, checksum in sorted(record["files"].items()):
         full = os.path.join(path, file)
         if not os.path.isfile(full):
             raise DamagedFileError(f"sharded snapshot {path!r} lacks its shard file {file!r}; {fix}")
-        verify_outside_checksum(full, checksum, fix)
+        if hash_files:
+            verify_outside_checksum(full, checksum, fix)
+        else:
+            read_header(full, fix)
     return record
 
 
-def snapshot_metadata(path: str, fix: str) -> Dict[str, str]:
+def snapshot_metadata(path: str, fix: str, hashed: bool = True) -> Dict[str, str]:
     """What a stored snapshot says of itself (step, track, model_config, track_def), once found intact: a file's
-    safetensors metadata, or a sharded snapshot's record."""
+    safetensors metadata, or a sharded snapshot's record. Not ``hashed``: header and size only, for a caller whose
+    pass over the tensors checks the checksum (``open_snapshot(path, verify=True)``)."""
     if os.path.isdir(path):
-        record = read_sharded_record(path, fix)
+        record = read_sharded_record(path, fix, hash_files=hashed)
         return {k: record[k] for k in ("step", "track", "model_config", "track_def") if k in record}
-    return verified_metadata(path, fix)
+    return verified_metadata(path, fix) if hashed else read_header(path, fix)[1]
 
 
-def open_snapshot(path: str):
-    """The reader of a stored snapshot: a safetensors file, or the folder of a sharded one."""
-    return ShardedSnapshot(path) if os.path.isdir(path) else SafetensorsSnapshot(path)
+def open_snapshot(path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
+    """The reader of a stored snapshot: a safetensors file, or the folder of a sharded one. ``verify``: the checksum
+    is summed from what the pass reads and checked by the reader's ``finish()``."""
+    kind = ShardedSnapshot if os.path.isdir(path) else SafetensorsSnapshot
+    return kind(path, verify=verify, fix=fix)
 
 
 def load_tensors(path: str) -> Dict[str, torch.Tensor]:

@@ -30,14 +30,13 @@ from lawa_diffusion.maths import profile_fit as synthesis
 from lawa_diffusion.maths.averaging import check_finite
 from lawa_diffusion.posthoc.one_pass import StateBuffers, flat_order, weighted_sums
 from lawa_diffusion.posthoc.saved_weights import load_into_assigned, one_model
-from lawa_diffusion.posthoc.snapshot_reader import open_snapshot, snapshot_metadata
+from lawa_diffusion.posthoc.snapshot_reader import SNAPSHOT_FIX, open_snapshot, snapshot_metadata
 from lawa_diffusion.posthoc.streamed_folder import StreamedSafetensors, check_fits, weights_path, write_config
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.files import atomic_dir, atomic_write_json
 
 SIDECAR_NAME = "synthesis.json"
 SKIP_BELOW = 1e-12  # coefficients smaller than this (in absolute value) are not read: their files add nothing
-SNAPSHOT_FIX = "delete it and synthesise from the other snapshots, or restore it from a copy"
 NONFINITE_FIX = "a snapshot it reads holds them (did the run diverge?): synthesise at an earlier --step or from other --tracks"
 
 
@@ -89,8 +88,8 @@ class Synthesis:
 
 
 # ----------------------------------------------------------------------------- finding the snapshots
-def _metadata(path: str) -> dict:
-    return snapshot_metadata(path, SNAPSHOT_FIX)  # header, size and checksum checked (once per file)
+def _metadata(path: str, hashed: bool = True) -> dict:
+    return snapshot_metadata(path, SNAPSHOT_FIX, hashed=hashed)  # header and size; checksum (once per file) if hashed
 
 
 def _config_tracks(run_dir: str) -> Dict[str, lag.EMATrack]:
@@ -129,8 +128,10 @@ class _Definitions:
         return config[track]
 
 
-def find_snapshots(run_dir: str, tracks: Optional[Sequence[str]] = None) -> List[SnapshotSource]:
-    """Every stored snapshot of ``tracks`` (default: all tracks with snapshots) of a run, by step then track."""
+def find_snapshots(run_dir: str, tracks: Optional[Sequence[str]] = None, hashed: bool = True) -> List[SnapshotSource]:
+    """Every stored snapshot of ``tracks`` (default: all tracks with snapshots) of a run, by step then track, each
+    file's header and size checked, and its checksum unless not ``hashed`` (a synthesis then sums it from its one
+    read of the file)."""
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run folder {run_dir!r} does not exist; pass a folder written by lawa-diffusion train")
     stored = runfolder.snapshot_tracks(run_dir)
@@ -146,7 +147,7 @@ def find_snapshots(run_dir: str, tracks: Optional[Sequence[str]] = None) -> List
     found = []
     for name in dict.fromkeys(chosen):
         for step, path in runfolder.list_ema_snapshots(run_dir, name):
-            found.append(SnapshotSource(name, step, path, definitions.of_file(path, name, _metadata(path))))
+            found.append(SnapshotSource(name, step, path, definitions.of_file(path, name, _metadata(path, hashed))))
     return sorted(found, key=lambda s: (s.step, s.track))
 
 
@@ -166,7 +167,7 @@ def shared_model(sources: Sequence[SnapshotSource]):
     """The model class and architecture every snapshot shares (one sentence naming two that differ)."""
     configs = []
     for s in sources:
-        text = _metadata(s.path).get("model_config")
+        text = _metadata(s.path, hashed=False).get("model_config")  # checked by finding or by the pass
         check(text is not None, f"snapshot {s.path!r} has no model_config metadata; synthesise from snapshots "
                                 "written by lawa-diffusion")
         configs.append((s.path, json.loads(text)))
@@ -188,7 +189,7 @@ def plan_syntheses(run_dir: str, targets: Sequence[str], step: Optional[int] = N
     check(len(targets) >= 1, "synthesize needs at least one target: pass --target or --sigma-rel")
     parsed = [synthesis.parse_target(t) for t in targets]
     if snapshots is None:
-        every = find_snapshots(os.fspath(run_dir), tracks)
+        every = find_snapshots(os.fspath(run_dir), tracks, hashed=False)  # the pass checks what it reads
     else:
         every = [s for s in snapshots if tracks is None or s.track in tracks]
     check(bool(every), f"no snapshot of {os.fspath(run_dir)!r} was given to synthesise from")
@@ -254,7 +255,7 @@ def _one_model(plans: Sequence[Synthesis]):
 
 def _pass(plans: Sequence[Synthesis], readers: list, accumulate, device, progress: bool):
     paths, x = coefficient_matrix(plans)
-    readers.extend(open_snapshot(p) for p in paths)
+    readers.extend(open_snapshot(p, verify=True) for p in paths)  # each checksum summed from the one read
     return weighted_sums(readers, x, device=device, accumulate=accumulate, progress=progress)
 
 

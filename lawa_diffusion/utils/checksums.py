@@ -152,6 +152,78 @@ def verify_outside_checksum(path: str | os.PathLike, expected: str, fix: str = D
     _verified[path] = key
 
 
+class StreamedChecksum:
+    """The checksum of one file fed with its tensors' bytes as a single pass reads them, so that verifying costs no
+    read of its own. ``feed(name, offset, data)``: ``data`` are the bytes of tensor ``name`` from byte ``offset``
+    on. Fed in the checksum's order (tensor by tensor in name order, each from its first byte: how safetensors
+    stores the tensors of one dtype), the sum is made on the way; fed otherwise, :meth:`finish` reads the file once
+    more. ``outside``: a checksum kept outside the file (a shard file's: tensors only). A file already verified in
+    this process while unchanged is not hashed again."""
+
+    def __init__(self, path: str | os.PathLike, fix: str = DEFAULT_FIX, outside: Optional[str] = None):
+        self.path, self.fix, self.outside = os.fspath(path), fix, outside
+        header, metadata, _ = read_header(self.path, fix)
+        stat = os.stat(self.path)
+        self.key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        self.expected = outside if outside is not None else metadata.get(CHECKSUM_KEY)
+        if _verified.get(self.path) == self.key:
+            self.expected = None
+        self.digest = _start({} if outside is not None else metadata)
+        self.order = sorted(header)
+        self.sizes = {n: int(header[n]["data_offsets"][1]) - int(header[n]["data_offsets"][0]) for n in header}
+        self.heads = {n: _tensor_head(n, str(header[n].get("dtype")), header[n].get("shape") or []) for n in header}
+        self.next, self.current, self.fed, self.in_order = 0, None, 0, True
+
+    def _start_tensor(self, name: str) -> bool:
+        """Begin ``name`` after the current tensor, passing over empty ones (never read, but summed)."""
+        if self.current is not None and self.fed != self.sizes[self.current]:
+            return False
+        self._pass_empty(name)
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            return False
+        self.digest.update(self.heads[name])
+        self.current, self.fed, self.next = name, 0, self.next + 1
+        return True
+
+    def _pass_empty(self, until: Optional[str] = None) -> None:
+        while self.next < len(self.order) and self.order[self.next] != until and self.sizes[self.order[self.next]] == 0:
+            self.digest.update(self.heads[self.order[self.next]])
+            self.next += 1
+
+    def feed(self, name: str, offset: int, data) -> None:
+        if self.expected is None or not self.in_order:
+            return
+        if offset == 0 and name != self.current and not self._start_tensor(name):
+            self.in_order = False
+            return
+        if name != self.current or offset != self.fed:
+            self.in_order = False
+            return
+        self.digest.update(data)
+        self.fed += len(data)
+
+    def finish(self) -> None:
+        """``DamagedFileError`` unless the file is what was written (reading it again when it was not fed whole in
+        order)."""
+        if self.expected is None:
+            return
+        complete = self.in_order and (self.current is None or self.fed == self.sizes[self.current])
+        if complete:
+            self._pass_empty()
+            complete = self.next >= len(self.order)
+        if not complete:
+            if self.outside is not None:
+                verify_outside_checksum(self.path, self.outside, self.fix)
+            else:
+                verified_metadata(self.path, self.fix)
+            return
+        stat = os.stat(self.path)
+        if self.digest.hexdigest() != self.expected or (stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.key:
+            raise DamagedFileError(f"{self.path!r} does not match the checksum written with it: its bytes changed "
+                                   f"after it was written; {self.fix}")
+        _verified[self.path] = self.key
+
+
 def load_safetensors(path: str | os.PathLike, fix: str = DEFAULT_FIX, note_unchecked: bool = True) -> Dict[str, torch.Tensor]:
     """``safetensors.torch.load_file(path)`` after :func:`verified_metadata`; a file safetensors still cannot read
     is one sentence naming it."""

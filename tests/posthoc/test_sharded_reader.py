@@ -15,6 +15,7 @@ from lawa_diffusion.engine.sharded_snapshots import Part, PartLayout, write_shar
 from lawa_diffusion.posthoc import one_pass
 from lawa_diffusion.posthoc.snapshot_reader import load_tensors, open_snapshot, snapshot_metadata
 from lawa_diffusion.runs import folder as runfolder
+from lawa_diffusion.utils import checksums
 from lawa_diffusion.utils.checksums import DamagedFileError
 from lawa_diffusion.utils.files import atomic_save_safetensors
 
@@ -52,14 +53,17 @@ def test_read_back_whole_and_summed_with_file_snapshots_like_float64(tmp_path, o
     assert snapshot_metadata(str(track / "step-000000002"), "fix")["step"] == "2"
     monkeypatch.setattr(one_pass, "READ_ELEMENTS", 4)  # blocks cut across tensors
     monkeypatch.setattr(one_pass, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(checksums, "_verified", {})  # each file's checksum summed from the pass's read, no other
+    monkeypatch.setattr(checksums, "_file_checksum", lambda *a: pytest.fail("a file was read again"))
     x = np.array([[0.25, 0.5, 0.25], [1.5, -1.0, 0.5]])
-    readers = [open_snapshot(str(track / f"step-{s:09d}")) for s in (1, 2)] + [
-        open_snapshot(str(track / "step-000000003.safetensors"))]
+    readers = [open_snapshot(str(track / f"step-{s:09d}"), verify=True) for s in (1, 2)] + [
+        open_snapshot(str(track / "step-000000003.safetensors"), verify=True)]
     buffers = one_pass.StateBuffers(one_pass.flat_order(readers), 2, torch.float64)
     for start, tile in one_pass.weighted_sums(readers, x, accumulate=torch.float64):
         buffers.take(start, tile)
     for reader in readers:
         reader.close()
+    assert len(checksums._verified) == 3  # two shard files and one file, found intact by the pass
     for row, state in zip(x, buffers.states()):
         for name in SHAPES:
             want = sum(w * t[name].double() for w, t in zip(row, [*sharded, plain]))

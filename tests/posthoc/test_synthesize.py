@@ -263,3 +263,31 @@ def test_all_targets_are_checked_before_any_is_written(tiny_run, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
         assert not out.exists()
+
+
+def test_checksums_are_summed_from_the_one_read_and_a_changed_byte_writes_nothing(tiny_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import shutil
+
+    from lawa_diffusion.utils import checksums
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    monkeypatch.setattr(checksums, "_verified", {})
+    full_reads = []
+    whole_file = checksums._file_checksum
+    monkeypatch.setattr(checksums, "_file_checksum", lambda path, *a: full_reads.append(path) or whole_file(path, *a))
+    argv = ["synthesize", str(run), "--target", "sigma_rel=0.08", "--step", "60", "--json", "-o"]
+    assert cli.main([*argv, str(tmp_path / "one")]) == 0
+    record = json.loads(capsys.readouterr().out)
+    used = [c["path"] for c in record["coefficients"] if abs(c["coefficient"]) >= synthesize.SKIP_BELOW]
+    assert full_reads == [] and len(used) > 3 and all(p in checksums._verified for p in used)
+    monkeypatch.setattr(checksums, "_verified", {})
+    data = bytearray(open(used[-1], "rb").read())
+    data[-5] ^= 0x01  # a weight: same size and header, only the checksum tells
+    with open(used[-1], "wb") as f:
+        f.write(bytes(data))
+    assert cli.main([*argv, str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{used[-1]}' does not match the checksum written with it" in err[0]
+    assert not (tmp_path / "two").exists() and full_reads == []
