@@ -221,10 +221,8 @@ class PosthocSnapshots:
             self.idle = True
             for ema in self.own.values():
                 ema.shadow_params = []
-        if self.layout is not None:
-            self._group = dist.new_group(backend="gloo") if world > 1 else None  # DCP's collectives, off the trainer's
-            if self._loaded_parts is not None:
-                self._use_loaded_parts()
+        if self.layout is not None and self._loaded_parts is not None:
+            self._use_loaded_parts()
 
     def held_bytes(self) -> int:
         """Bytes of the own EMAs' weights this process holds (its parts when sharded; none when idle)."""
@@ -257,7 +255,13 @@ class PosthocSnapshots:
         return paths
 
     def _in_parts(self, name: str) -> bool:
-        return self.layout is not None and name in self.own and not self.idle
+        if not (self.layout is not None and name in self.own and not self.idle):
+            return False
+        if self._group is None:  # made by every process, at its first sharded store: DCP's collectives go over it,
+            import torch.distributed as dist  # on the CPU, apart from the trainer's (NCCL) ones
+
+            self._group = dist.new_group(backend="gloo")
+        return True
 
     def _store(self, step: int, name: str, dtype: torch.dtype, sharded: bool = False) -> str:
         source = self.emas[name].shadow_params

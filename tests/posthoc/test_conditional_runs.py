@@ -1,5 +1,6 @@
 """The after-training commands on conditional runs: ``average`` and ``synthesize`` write UNet2DConditionModel folders
-(from EMA snapshots stored without a class name, and from unet_ema checkpoints) equal to float64 references;
+(from EMA snapshots stored without a class name, and from unet_ema checkpoints) and a transformer denoiser's (DiT)
+stored power EMAs synthesise into its own class, equal to float64 references;
 ``hindsight`` and ``sweep`` score a text-to-image / class-conditional run's averages with the run's own prompts,
 guidance and seed, equal to the conditional evaluator called directly on the same weights."""
 from __future__ import annotations
@@ -169,3 +170,28 @@ def test_text_run_without_prompts_or_pipeline_is_one_line(tmp_path, text_run, ca
     err = one_line_error(capsys, ["hindsight", str(run), "--sigma-rel", "0.1", "--steps", "final", "--device", "cpu",
                                   "-o", str(tmp_path / "h")])
     assert all(w in err for w in words), err
+
+
+def test_a_transformer_denoisers_stored_power_emas_synthesise_into_its_own_class(tmp_path):
+    """Snapshots a ``PosthocSnapshots`` stores for a transformer-based denoiser (DiT) carry its class: synthesize
+    writes a DiTTransformer2DModel folder equal to the float64 sum of the files."""
+    from diffusers import DiTTransformer2DModel
+
+    from lawa_diffusion import PosthocSnapshots
+    from tests.helpers import perturb_
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    generator = torch.Generator().manual_seed(1)
+    with PosthocSnapshots(model, str(tmp_path / "run"), sigma_rels=(0.05, 0.10), every_n_steps=5) as store:
+        for _ in range(20):
+            perturb_(model.parameters(), generator)
+            store.update(model.parameters())
+        store.flush()
+    out = tmp_path / "synth"
+    assert cli.main(["synthesize", str(tmp_path / "run"), "--target", "sigma_rel=0.08", "-o", str(out)]) == 0
+    plan = plan_synthesis(str(tmp_path / "run"), "sigma_rel=0.08")
+    assert plan.model_cls is DiTTransformer2DModel and len(plan.used()) >= 2
+    expected = float64_sum([s.path for s in plan.sources], plan.solution.coefficients)
+    assert_state_equal(DiTTransformer2DModel.from_pretrained(out), expected, atol=1e-5)
