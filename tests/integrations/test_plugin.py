@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lawa_diffusion import launch
 from lawa_diffusion.config import LAWAConfig
@@ -353,13 +354,13 @@ def test_two_process_torchrun_plugin_and_resume(data, tmp_path):
     ref = tmp_path / "ref"
     _torchrun([str(SCRIPT), *script_args(data, ref, "--checkpointing_steps", str(NU), epochs=epochs)], env)
     full = tmp_path / "full"
-    _torchrun(["-m", "lawa_diffusion.launch", *LAWA_ARGS, str(SCRIPT),
+    _torchrun(["-m", "lawa_diffusion.launch", *LAWA_ARGS, *POSTHOC_ARGS, str(SCRIPT),
                *script_args(data, full, "--checkpointing_steps", str(CKPT), epochs=epochs)], env)
     for step in range(CKPT, STEPS + 1, CKPT):
         expected = mean_of([ref / f"checkpoint-{s}" / "unet_ema" for s in expected_steps(step)])
         assert_weights_close(weights(full / f"checkpoint-{step}" / "unet_lawa"), expected)
     resumed = tmp_path / "resumed"
-    common = ["-m", "lawa_diffusion.launch", *LAWA_ARGS, str(SCRIPT)]
+    common = ["-m", "lawa_diffusion.launch", *LAWA_ARGS, *POSTHOC_ARGS, str(SCRIPT)]
     _torchrun([*common, *script_args(data, resumed, "--checkpointing_steps", str(CKPT), "--crash_after_step",
                                      str(2 * CKPT + 2), epochs=epochs)], env, expect=1)
     assert not (resumed / f"checkpoint-{STEPS}").exists()
@@ -370,6 +371,14 @@ def test_two_process_torchrun_plugin_and_resume(data, tmp_path):
     for name in (f"checkpoint-{STEPS}/unet_lawa", "unet_lawa"):
         assert snapshot_steps(resumed / name) == expected_steps(STEPS)
         assert_weights_close(weights(resumed / name), weights(full / name), atol=1e-6)
+    # the post-hoc EMAs under DDP: kept and stored whole by the main process alone, resumed exactly
+    for track in ("sigma_rel_0.05", "sigma_rel_0.1"):
+        stored = sorted(p.name for p in (full / "ema_snapshots" / track).iterdir())
+        assert stored == [f"step-{s:09d}.safetensors" for s in range(POSTHOC_EVERY, STEPS + 1, POSTHOC_EVERY)]
+        assert sorted(p.name for p in (resumed / "ema_snapshots" / track).iterdir()) == stored
+        for name in stored:
+            a, b = (load_file(str(d / "ema_snapshots" / track / name)) for d in (resumed, full))
+            assert all(torch.equal(a[k], b[k]) for k in b), (track, name)
 
 
 @pytest.mark.slow
