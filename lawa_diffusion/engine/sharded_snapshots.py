@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -158,12 +158,33 @@ def _shard_file(rank: int) -> str:
     return f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
 
 
+def _together(group: Any, step: Callable[[], Any]) -> List[Any]:
+    """Run ``step`` on this process, then learn every process's outcome (an all-gather): each raises if any failed,
+    so that no process is left waiting in a later collective for one that stopped. Returns every process's result."""
+    import torch.distributed as dist
+
+    try:
+        mine, error = (step(), None)
+    except Exception as e:  # noqa: BLE001 - passed to every process, raised below
+        mine, error = None, e
+    everyone: List[Any] = [None] * dist.get_world_size(group=group)
+    dist.all_gather_object(everyone, (mine, None if error is None else f"{type(error).__name__}: {error}"), group=group)
+    if error is not None:
+        raise error
+    failed = next((why for _, why in everyone if why is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"another process could not store its part of a post-hoc snapshot ({failed}); see its "
+                           "error above")
+    return [result for result, _ in everyone]
+
+
 def write_sharded_snapshot(path: str, parts: Dict[str, torch.Tensor], layout: PartLayout, record: Dict[str, Any],
                            group: Any, main: bool) -> str:
     """Store one snapshot from every process of ``group`` as the folder ``path``: each process's ``parts`` (host
     copies) through DCP into a hidden temp folder beside it, then, on the main process, the record (``record`` plus
     the tensors' names and shapes, the world size and each shard file's checksum) and one rename into place. A
-    collective: every process of ``group`` calls it for the same snapshot, in the same order."""
+    collective: every process of ``group`` calls it for the same snapshot, in the same order; a failure on any
+    process raises on all of them."""
     import os
     import shutil
 
@@ -175,32 +196,37 @@ def write_sharded_snapshot(path: str, parts: Dict[str, torch.Tensor], layout: Pa
 
     parent, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(parent, f".{name}.tmp")  # one name every process finds
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-        os.makedirs(tmp)
-    dist.barrier(group=group)
-    save_parts(tmp, parts, layout, group)
-    rank = dist.get_rank(group=group)
-    mine = os.path.join(tmp, _shard_file(rank))
-    held = any(part.size for part in layout.parts)
-    if held and not os.path.isfile(mine):
-        raise RuntimeError(f"torch.distributed.checkpoint wrote no {os.path.basename(mine)!r} in {tmp!r}; this torch "
-                           "names its shard files otherwise: store post-hoc EMAs with one process")
-    report = (os.path.basename(mine), outside_checksum(mine)) if held else None  # read back: what landed is hashed
-    everyone: List[Any] = [None] * dist.get_world_size(group=group)
-    dist.all_gather_object(everyone, report, group=group)
-    if main:
-        files = dict(r for r in everyone if r is not None)
-        full = dict(record, layout=layout.kind, world_size=len(everyone), files=files,
+
+    def prepare() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+            os.makedirs(tmp)
+
+    def shard() -> Any:
+        mine = os.path.join(tmp, _shard_file(dist.get_rank(group=group)))
+        if not any(part.size for part in layout.parts):
+            return None
+        if not os.path.isfile(mine):
+            raise RuntimeError(f"torch.distributed.checkpoint wrote no {os.path.basename(mine)!r} in {tmp!r}; this "
+                               "torch names its shard files otherwise: store post-hoc EMAs with one process")
+        return os.path.basename(mine), outside_checksum(mine)  # read back: what landed is hashed
+
+    def finish() -> None:
+        if not main:
+            return
+        files = dict(r for r in reports if r is not None)
+        full = dict(record, layout=layout.kind, world_size=len(reports), files=files,
                     tensors=[[n, list(p.shape)] for n, p in zip(layout.names, layout.parts)])
         atomic_write_json(os.path.join(tmp, SHARDED_SNAPSHOT_RECORD), full)
-        for file in files:
-            os.chmod(os.path.join(tmp, file), user_mode())
         os.chmod(tmp, user_mode(directory=True))
         fsync_dir(tmp)
         if os.path.lexists(path):  # the same step stored again after a resume from an earlier checkpoint
             shutil.rmtree(path)
         os.replace(tmp, path)
         fsync_dir(parent)
-    dist.barrier(group=group)
+
+    _together(group, prepare)
+    save_parts(tmp, parts, layout, group)  # DCP raises on every process when one fails
+    reports = _together(group, shard)
+    _together(group, finish)
     return path
