@@ -195,15 +195,15 @@ class PosthocSnapshots:
             self._decide(params)
         if self.idle:
             return []
-        if self.layout is not None:
-            parts, trainable = self.layout.views(params), [p.requires_grad for p in params]
-            for ema in self.own.values():
-                ema.step_parts(parts, trainable)
-            return self.after_step()
+        parts = self.layout.views(params) if self.layout is not None else params  # this process's part of each
+        trainable = [p.requires_grad for p in params]
         for ema in self.own.values():
-            if ema.shadow_params and params and ema.shadow_params[0].device != params[0].device:
-                ema.to(params[0].device)
-            ema.step(params)
+            if ema.shadow_params and parts and ema.shadow_params[0].device != parts[0].device:
+                ema.to(parts[0].device)  # made before the model moved (e.g. by accelerator.prepare)
+            if self.layout is not None:
+                ema.step_parts(parts, trainable)
+            else:
+                ema.step(params)
         return self.after_step()
 
     def _decide(self, params: list) -> None:
