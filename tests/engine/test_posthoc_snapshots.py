@@ -287,3 +287,47 @@ def test_snapshots_of_cuda_emas_are_the_weights_of_their_step(tmp_path):
     for step, tensor in want.items():
         got, _ = read_snapshot(runfolder.snapshot_path(str(tmp_path), step, TRACKS[1]))
         assert torch.equal(got["conv_in.weight"], tensor.cpu()), step
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_one_process_fsdp2_keeps_parts_made_before_the_model_was_sharded_and_moved(tmp_path, device):
+    """``PosthocSnapshots`` made from the whole model, which is then sharded (``fully_shard``, one process) and, on
+    CUDA, moved: at the first update its EMAs are cut to this process's part and follow the parameters' device; the
+    sharded store it writes (read on this process) equals an unsharded store fed the gathered weights."""
+    import torch.distributed as dist
+    from diffusers import UNet2DModel
+    from torch.distributed.fsdp import fully_shard
+
+    from lawa_diffusion.posthoc.snapshot_reader import load_tensors
+
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        unet = tiny_unet(0, channels=3)
+        names = [n for n, _ in unet.named_parameters()]
+        whole = PosthocSnapshots([p.detach().clone() for p in unet.parameters()], tmp_path / "whole",
+                                 sigma_rels=[0.05, 0.1], every_n_steps=2, names=names, model_config=dict(unet.config),
+                                 model_cls=UNet2DModel)
+        store = PosthocSnapshots(unet, tmp_path / "sharded", sigma_rels=[0.05, 0.1], every_n_steps=2)
+        unet.to(device)
+        fully_shard(unet)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            x = torch.randn(2, 3, 8, 8, generator=generator).to(device)
+            unet(x, torch.tensor([1, 2], device=device)).sample.pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            store.update(unet.parameters())
+            whole.update([p.full_tensor().detach().cpu().requires_grad_(p.requires_grad) for p in unet.parameters()])
+        assert store.layout.kind == "dtensor" and store.own[TRACKS[0]].shadow_params[0].device.type == device
+        store.close()
+        whole.close()
+        for track in TRACKS:
+            for step in (2, 4):
+                mine = load_tensors(runfolder.snapshot_path(str(tmp_path / "sharded"), step, track, sharded=True))
+                theirs, _ = read_snapshot(runfolder.snapshot_path(str(tmp_path / "whole"), step, track))
+                assert mine.keys() == theirs.keys()
+                for key, value in theirs.items():
+                    torch.testing.assert_close(mine[key], value, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
