@@ -50,7 +50,8 @@ def engine_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def launch_server(tmp_path_factory):
     """One fork server of ``python -m lawa_diffusion.launch`` (tests/scripts/launch_server.py) for the session."""
-    server = LaunchServer(tmp_path_factory.mktemp("launch-server"))
+    cache = os.environ.get("LAWA_TEST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lawa-cache"))
+    server = LaunchServer(tmp_path_factory.mktemp("launch-server"), {"LAWA_CACHE_DIR": cache})  # as _isolated_cache
     yield server
     server.close()
 

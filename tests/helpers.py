@@ -286,8 +286,8 @@ class ForkServer:
         """The child's exit code (negative: the signal that ended it)."""
         return self._next(timeout)["returncode"]
 
-    def run(self, argv: list[str], env: dict | None = None) -> int:
-        self.start(argv, env)
+    def run(self, argv: list[str], env: dict | None = None, stdout: Path | None = None) -> int:
+        self.start(argv, env, stdout)
         return self.wait()
 
     def close(self) -> None:
@@ -311,8 +311,12 @@ class LaunchServer(ForkServer):
 
     command = [str(LAUNCH_SERVER_SCRIPT)]
 
-    def __init__(self, log_dir: Path):
-        super().__init__(log_dir, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    def __init__(self, log_dir: Path, env: dict | None = None):
+        super().__init__(log_dir, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
+
+    def stderr_of(self, count: int | None = None) -> str:
+        """The stderr of the latest child (or of child ``count``), given no ``stdout`` of its own: its log."""
+        return (self.log_dir / f"run{count or self.count}.log").read_text(errors="replace")
 
 
 def log_text(server: ForkServer) -> str:

@@ -4,8 +4,8 @@ It imports torch, diffusers, accelerate and the launch plugin once, then for eac
 ({"argv": [...], "env": {...}, "log": path, "stdout": path (optional)}) forks a fresh child that runs
 ``lawa_diffusion.launch.main(argv)`` as ``python -m lawa_diffusion.launch ARGV`` would (its exit code is the
 process's), and answers {"pid": ...} and then {"pid": ..., "returncode": ...} (negative: killed by that signal).
-The child's stdout goes to ``stdout`` when given (a FIFO the test reads line by line, say), else to ``log`` with
-its stderr. The parent never runs a script, so each child starts from the state a fresh process has after the
+The child's stderr goes to ``log``, its stdout to ``stdout`` when given (a file, or a FIFO the test reads line by
+line), else to ``log`` too. The parent never runs a script, so each child starts from the state a fresh process has after the
 imports. Start it with the environment the runs need before torch is imported (OMP_NUM_THREADS).
 
 The protocol is that of ``engine_train.py --serve`` (tests.helpers.ForkServer is the client).
@@ -24,7 +24,7 @@ def _child(request: dict) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        out = os.open(request["stdout"], os.O_WRONLY) if request.get("stdout") else log
+        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if request.get("stdout") else log
         os.dup2(out, 1)
         os.dup2(log, 2)
         os.environ.update(request.get("env", {}))
