@@ -21,10 +21,12 @@ import traceback
 def _child(request: dict) -> None:
     rc = 1
     try:
+        # stdout first: a reader waiting on a FIFO is let go before anything else can fail
+        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if request.get("stdout") else None
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if request.get("stdout") else log
+        out = log if out is None else out
         os.dup2(out, 1)
         os.dup2(log, 2)
         os.environ.update(request.get("env", {}))
