@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import DiskFolder, EngineServer
+from tests.helpers import DiskFolder, EngineServer, LaunchServer
 
 
 def pytest_addoption(parser):
@@ -43,6 +43,15 @@ def one_thread():
 def engine_server(tmp_path_factory):
     """One engine server (tests/scripts/engine_train.py kept running) for the whole session."""
     server = EngineServer(tmp_path_factory.mktemp("engine-server"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def launch_server(tmp_path_factory):
+    """One fork server of ``python -m lawa_diffusion.launch`` (tests/scripts/launch_server.py) for the session."""
+    cache = os.environ.get("LAWA_TEST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "lawa-cache"))
+    server = LaunchServer(tmp_path_factory.mktemp("launch-server"), {"LAWA_CACHE_DIR": cache})  # as _isolated_cache
     yield server
     server.close()
 

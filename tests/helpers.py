@@ -242,17 +242,20 @@ BASE_ARGS = ["--steps", "40", "--checkpoint_every", "8", "--k", "3", "--every", 
 RUN_TIMEOUT_S = 300
 
 
-class EngineServer:
-    """Client of ``engine_train.py --serve``: start one training child at a time, kill it, wait for it."""
+class ForkServer:
+    """Client of a fork server (``engine_train.py --serve``, ``launch_server.py``): start one child at a time,
+    kill it, wait for it. The server imports the heavy modules once; each child is a fresh process after that."""
 
-    def __init__(self, log_dir: Path):
+    command: list[str] = []
+
+    def __init__(self, log_dir: Path, env: dict | None = None):
         self.log_dir = log_dir
         self.stderr = open(log_dir / "server.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, str(ENGINE_SCRIPT), "--serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+        self.proc = subprocess.Popen([sys.executable, *self.command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, bufsize=1, env=env)
         self.lines: "queue.Queue[dict]" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        assert self._next(RUN_TIMEOUT_S).get("ready"), "engine server did not start"
+        assert self._next(RUN_TIMEOUT_S).get("ready"), f"fork server did not start; see {self.log_dir}"
         self.count = 0
 
     def _read(self) -> None:
@@ -264,15 +267,19 @@ class EngineServer:
         try:
             msg = self.lines.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"engine server gave no answer in {timeout} s; see {self.log_dir}") from None
-        assert "eof" not in msg, f"engine server ended; see {self.log_dir / 'server.log'}"
+            raise AssertionError(f"fork server gave no answer in {timeout} s; see {self.log_dir}") from None
+        assert "eof" not in msg, f"fork server ended; see {self.log_dir / 'server.log'}"
         return msg
 
-    def start(self, argv: list[str], env: dict | None = None) -> tuple[int, Path]:
-        """Fork a training child; returns (pid, its log file)."""
+    def start(self, argv: list[str], env: dict | None = None, stdout: Path | None = None) -> tuple[int, Path]:
+        """Fork a child; returns (pid, its log file). ``stdout``: where its stdout goes instead of the log (a FIFO
+        to read it line by line as it comes), where the server supports it (launch_server.py)."""
         self.count += 1
         log = self.log_dir / f"run{self.count}.log"
-        self.proc.stdin.write(json.dumps({"argv": argv, "env": env or {}, "log": str(log)}) + "\n")
+        request = {"argv": argv, "env": env or {}, "log": str(log)}
+        if stdout is not None:
+            request["stdout"] = str(stdout)
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._next(RUN_TIMEOUT_S)["pid"], log
 
@@ -280,8 +287,8 @@ class EngineServer:
         """The child's exit code (negative: the signal that ended it)."""
         return self._next(timeout)["returncode"]
 
-    def run(self, argv: list[str], env: dict | None = None) -> int:
-        self.start(argv, env)
+    def run(self, argv: list[str], env: dict | None = None, stdout: Path | None = None) -> int:
+        self.start(argv, env, stdout)
         return self.wait()
 
     def close(self) -> None:
@@ -291,13 +298,33 @@ class EngineServer:
         self.stderr.close()
 
 
+class EngineServer(ForkServer):
+    """``engine_train.py --serve``: each child is one training process of that script."""
+
+    command = [str(ENGINE_SCRIPT), "--serve"]
 
 
-def log_text(server: EngineServer) -> str:
+LAUNCH_SERVER_SCRIPT = SCRIPTS / "launch_server.py"
+
+
+class LaunchServer(ForkServer):
+    """``launch_server.py``: each child is ``python -m lawa_diffusion.launch ARGV`` (on one intra-op thread)."""
+
+    command = [str(LAUNCH_SERVER_SCRIPT)]
+
+    def __init__(self, log_dir: Path, env: dict | None = None):
+        super().__init__(log_dir, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
+
+    def stderr_of(self, count: int | None = None) -> str:
+        """The stderr of the latest child (or of child ``count``), given no ``stdout`` of its own: its log."""
+        return (self.log_dir / f"run{count or self.count}.log").read_text(errors="replace")
+
+
+def log_text(server: ForkServer) -> str:
     return (server.log_dir / f"run{server.count}.log").read_text(errors="replace")[-4000:]
 
 
-def run_ok(server: EngineServer, argv: list[str], env: dict | None = None) -> None:
+def run_ok(server: ForkServer, argv: list[str], env: dict | None = None) -> None:
     rc = server.run(argv, env)
     assert rc == 0, f"training run failed with exit code {rc}:\n{log_text(server)}"
 

@@ -182,20 +182,19 @@ def test_every_ema_pattern_gets_its_lawa_folders(pattern, way, reference, tmp_pa
         assert_weights_close(weights(out / f"{name}_ema"), weights(ref / f"{name}_ema"), atol=0)
 
 
-def _killed(out: Path, *extra: str, crash_at: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "lawa_diffusion.launch", *LAWA_ARGS, str(EMA_PATTERNS_SCRIPT), "--output_dir", str(out),
-                           "--max_train_steps", str(STEPS), "--crash_after_step", str(crash_at), *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 3, done.stderr[-2000:]
+def _killed(server, out: Path, *extra: str, crash_at: int) -> None:
+    """A plugin run (``python -m lawa_diffusion.launch``, forked from the launch server) that ends abruptly."""
+    code = server.run([*LAWA_ARGS, str(EMA_PATTERNS_SCRIPT), "--output_dir", str(out), "--max_train_steps", str(STEPS),
+                       "--crash_after_step", str(crash_at), *extra])
+    assert code == 3, server.stderr_of()[-2000:]
 
 
-def test_resume_through_from_pretrained_and_load_state_dict_continues_every_window(tmp_path):
+def test_resume_through_from_pretrained_and_load_state_dict_continues_every_window(launch_server, tmp_path):
     extra = ["--checkpointing_steps", str(CKPT), "--num_emas", "2", "--offload_ema", "--foreach_ema"]
     full = tmp_path / "full"
     assert run(EMA_PATTERNS_SCRIPT, full, *extra, plugin=True) == 0
     resumed = tmp_path / "resumed"
-    _killed(resumed, *extra, crash_at=CKPT + 2)
+    _killed(launch_server, resumed, *extra, crash_at=CKPT + 2)
     assert not (resumed / f"checkpoint-{STEPS}").exists()
     assert run(EMA_PATTERNS_SCRIPT, resumed, *extra, "--resume_from_checkpoint", "latest", plugin=True) == 0
     for name in ("unet_lawa", "prior_lawa", f"checkpoint-{STEPS}/unet_lawa", f"checkpoint-{STEPS}/prior_lawa"):
@@ -232,10 +231,10 @@ def test_module_that_cannot_be_imported_is_one_line(capsys):
 
 
 @pytest.fixture()
-def checkpointed(tmp_path) -> Path:
+def checkpointed(launch_server, tmp_path) -> Path:
     """A plugin run killed after its first checkpoint (k=2, nu=2)."""
     out = tmp_path / "run"
-    _killed(out, "--checkpointing_steps", str(CKPT), crash_at=CKPT + 1)
+    _killed(launch_server, out, "--checkpointing_steps", str(CKPT), crash_at=CKPT + 1)
     return out
 
 
@@ -257,9 +256,9 @@ def test_resume_with_another_world_size_is_refused(checkpointed, capsys):
     assert "written by 2 process(es) but this run has 1" in err and "--num_processes 2" in err
 
 
-def test_ema_that_no_longer_matches_the_window_is_refused(checkpointed, tmp_path, capsys):
+def test_ema_that_no_longer_matches_the_window_is_refused(checkpointed, launch_server, tmp_path, capsys):
     wider = tmp_path / "wider"
-    _killed(wider, "--checkpointing_steps", str(CKPT), "--width", "12", crash_at=CKPT + 1)
+    _killed(launch_server, wider, "--checkpointing_steps", str(CKPT), "--width", "12", crash_at=CKPT + 1)
     state = "lawa_state_lawa.safetensors"  # the window of a wider model in this run's checkpoint
     (checkpointed / f"checkpoint-{CKPT}" / state).write_bytes((wider / f"checkpoint-{CKPT}" / state).read_bytes())
     args = ["--output_dir", str(checkpointed), "--max_train_steps", str(STEPS), "--resume_from_checkpoint", "latest"]

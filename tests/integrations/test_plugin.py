@@ -178,18 +178,19 @@ def test_checkpoints_carry_lawa_state_and_reference_has_none(reference, plugin_r
 
 
 @pytest.mark.parametrize("storage", ["cpu", pytest.param("disk", marks=pytest.mark.slow)])
-def test_killed_run_resumed_from_latest_matches_uninterrupted(data, plugin_run, tmp_path, storage):
+def test_killed_run_resumed_from_latest_matches_uninterrupted(data, plugin_run, launch_server, tmp_path, storage):
     out, snapshots = tmp_path / "run", tmp_path / "snapshots"
     crash_at = 2 * CKPT + 2  # after checkpoint-8, before checkpoint-12: steps 9-10 are lost
-    env = {**os.environ, "LAWA_K": str(K), "LAWA_EVERY_N_STEPS": str(NU), "LAWA_STORAGE": storage,
-           "LAWA_SNAPSHOT_DIR": str(snapshots), "OMP_NUM_THREADS": "1",
+    env = {"LAWA_K": str(K), "LAWA_EVERY_N_STEPS": str(NU), "LAWA_STORAGE": storage,
+           "LAWA_SNAPSHOT_DIR": str(snapshots),
            "LAWA_POSTHOC_SIGMA_RELS": "0.05,0.10", "LAWA_POSTHOC_EVERY_N_STEPS": str(POSTHOC_EVERY)}
-    killed = subprocess.run(
-        [sys.executable, "-m", "lawa_diffusion.launch", str(SCRIPT),
-         *script_args(data, out, "--checkpointing_steps", str(CKPT), "--crash_after_step", str(crash_at))],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == 3, killed.stderr[-2000:]
-    assert f"lawa_diffusion.launch: LAWA k={K} every_n_steps={NU} start_step=0 storage={storage}" in killed.stderr
+    # python -m lawa_diffusion.launch SCRIPT ..., forked from the launch server, options from the environment only
+    code = launch_server.run(
+        [str(SCRIPT), *script_args(data, out, "--checkpointing_steps", str(CKPT), "--crash_after_step", str(crash_at))],
+        env=env)
+    stderr = launch_server.stderr_of()
+    assert code == 3, stderr[-2000:]
+    assert f"lawa_diffusion.launch: LAWA k={K} every_n_steps={NU} start_step=0 storage={storage}" in stderr
     assert (out / f"checkpoint-{2 * CKPT}").is_dir() and not (out / f"checkpoint-{STEPS}").exists()
 
     config = tmp_path / "lawa.yaml"  # the resumed run takes the same options from a YAML file

@@ -12,7 +12,6 @@ import errno
 import functools
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ from lawa_diffusion.utils.checksums import verified_metadata
 from lawa_diffusion.utils.files import MARKER_NAME
 from tests.helpers import (
     EMA_PATTERNS_SCRIPT,
-    ROOT,
     make_run,
     simulate_full_disk,
     tiny_config,
@@ -235,18 +233,18 @@ def test_a_full_disk_at_a_checkpoint_names_the_last_good_one(small_disk, tmp_pat
 
 
 @pytest.mark.slow
-def test_the_launch_plugin_on_a_full_disk_is_one_sentence(small_disk, tmp_path):
+def test_the_launch_plugin_on_a_full_disk_is_one_sentence(small_disk, launch_server, tmp_path):
     disk = small_disk("300k")
     if not disk.mounted:
         pytest.skip("needs a small tmpfs (mount as root): the script runs in another process")
-    done = subprocess.run(
-        [sys.executable, "-m", "lawa_diffusion.launch", "--lawa_k", "2", "--lawa_every_n_steps", "2",
-         "--lawa_posthoc_every_n_steps", "2", str(EMA_PATTERNS_SCRIPT), "--output_dir", str(disk / "out"),
-         "--max_train_steps", "8", "--checkpointing_steps", "100"],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=600)
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    # python -m lawa_diffusion.launch ..., forked from the launch server; its stdout apart, its stderr in the log
+    code = launch_server.run(
+        ["--lawa_k", "2", "--lawa_every_n_steps", "2", "--lawa_posthoc_every_n_steps", "2", str(EMA_PATTERNS_SCRIPT),
+         "--output_dir", str(disk / "out"), "--max_train_steps", "8", "--checkpointing_steps", "100"],
+        stdout=tmp_path / "stdout.txt")
+    stderr = launch_server.stderr_of()
+    last = stderr.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in stderr
     assert last.startswith("lawa_diffusion.launch: error: no space is left on the disk to write")
     assert "(from --output_dir of the script)" in last and ".tmp" not in last
 

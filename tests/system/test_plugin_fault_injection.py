@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import EMA_PATTERNS_SCRIPT as SCRIPT
-from tests.helpers import LAWA_ARGS, ROOT, assert_weights_close, weights
+from tests.helpers import LAWA_ARGS, ROOT, LaunchServer, assert_weights_close, log_text, weights
 
 STEPS, CKPT, KILLS = 24, 2, 20
 CHECKPOINT_FILES = {"optimizer.bin", "random_states_0.pkl", "unet", "unet_ema", "unet_lawa",
@@ -25,9 +25,15 @@ LAWA_FOLDERS = ("unet_lawa", f"checkpoint-{STEPS}/unet_lawa")
 
 
 def command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lawa_diffusion.launch", *LAWA_ARGS, str(SCRIPT), "--output_dir", str(out),
-            "--max_train_steps", str(STEPS), "--checkpointing_steps", str(CKPT), "--resume_from_checkpoint", "latest",
-            *extra]
+    """The arguments of ``python -m lawa_diffusion.launch``."""
+    return [*LAWA_ARGS, str(SCRIPT), "--output_dir", str(out), "--max_train_steps", str(STEPS),
+            "--checkpointing_steps", str(CKPT), "--resume_from_checkpoint", "latest", *extra]
+
+
+def launch_subprocess(out: Path) -> None:
+    """An uninterrupted run as its own ``python -m lawa_diffusion.launch`` process."""
+    subprocess.run([sys.executable, "-m", "lawa_diffusion.launch", *command(out)], env=environment(), check=True,
+                   capture_output=True, timeout=600)
 
 
 def environment() -> dict:
@@ -40,33 +46,38 @@ def assert_checkpoints_whole(out: Path) -> None:
         assert (folder / "unet_lawa" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def killed_run(out: Path, rng: random.Random, in_save: bool) -> str:
+def killed_run(server: LaunchServer, out: Path, rng: random.Random, in_save: bool) -> str:
     """One run from the latest checkpoint, killed inside the m-th save_state it makes (m random) or a
     random moment after its n-th step (n random); "finished" when it ended before that."""
-    proc = subprocess.Popen(command(out, "--print_steps", "--sleep_in_save", "0.5"), env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    stdout = out.parent / f"stdout-{server.count + 1}"  # a FIFO: the run's lines as they come
+    os.mkfifo(stdout)
+    pid, _ = server.start(command(out, "--print_steps", "--sleep_in_save", "0.5"), stdout=stdout)
     wanted, count = ("saving", rng.randint(1, 3)) if in_save else ("step", rng.randint(1, 8))
-    for line in proc.stdout:
-        count -= line.startswith(wanted)
-        if count == 0:
-            if not in_save:  # anywhere: inside the step, the LAWA snapshot, a save or between them
-                time.sleep(rng.uniform(0.0, 0.6))
-            proc.send_signal(signal.SIGKILL)
-            break
-    code = proc.wait(timeout=300)
-    proc.stdout.close()
+    with open(stdout) as lines:
+        for line in lines:
+            count -= line.startswith(wanted)
+            if count == 0:
+                if not in_save:  # anywhere: inside the step, the LAWA snapshot, a save or between them
+                    time.sleep(rng.uniform(0.0, 0.6))
+                os.kill(pid, signal.SIGKILL)
+                break
+    code = server.wait(timeout=300)
+    os.unlink(stdout)
+    assert code in (0, -signal.SIGKILL), f"exit code {code}:\n{log_text(server)}"
     return "finished" if code == 0 else "killed"
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_lawa(tmp_path):
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_lawa(launch_server, tmp_path):
+    # The reference is a run of its own process; the killed runs are forked from a server that imported torch,
+    # diffusers and the plugin once (each is still a fresh process, killed with SIGKILL, resumed by the next one).
     full = tmp_path / "full"
-    subprocess.run(command(full), env=environment(), check=True, capture_output=True, timeout=600)
+    launch_subprocess(full)
     rng, out, kills, chains, reached, in_save = random.Random(0), tmp_path / "chain-0", 0, 0, [], 0
     for trial in range(2 * KILLS):
         if kills == KILLS:
             break
-        what = killed_run(out, rng, in_save=trial % 3 == 0)
+        what = killed_run(launch_server, out, rng, in_save=trial % 3 == 0)
         in_save += what == "killed" and trial % 3 == 0
         assert_checkpoints_whole(out)
         reached.append(max((int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")), default=0))
@@ -76,7 +87,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_lawa(tmp_path):
                 assert_weights_close(weights(out / name), weights(full / name), atol=0)
             chains += 1
             out = tmp_path / f"chain-{chains}"
-    subprocess.run(command(out), env=environment(), check=True, capture_output=True, timeout=600)
+    assert launch_server.run(command(out)) == 0, log_text(launch_server)
     assert_checkpoints_whole(out)
     for name in LAWA_FOLDERS:
         assert_weights_close(weights(out / name), weights(full / name), atol=0)
