@@ -33,7 +33,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -293,27 +292,6 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------------------- fork server
-def _child(request: dict) -> None:
-    rc = 1
-    try:
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.environ.update(request.get("env", {}))
-        rc = main(request["argv"])
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-        rc = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-
-
 def serve() -> int:
     import accelerate  # noqa: F401  (imported once here, inherited by every child)
     import safetensors.torch  # noqa: F401
@@ -321,21 +299,9 @@ def serve() -> int:
 
     import lawa_diffusion.engine.accelerate_hooks  # noqa: F401
     import lawa_diffusion.engine.ema  # noqa: F401
+    from fork_server import serve as fork_server  # beside this script (its folder leads sys.path)
 
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
-    return 0
+    return fork_server(main)
 
 
 if __name__ == "__main__":

@@ -8,40 +8,11 @@ The child's stderr goes to ``log``, its stdout to ``stdout`` when given (a file,
 line), else to ``log`` too. The parent never runs a script, so each child starts from the state a fresh process has after the
 imports. Start it with the environment the runs need before torch is imported (OMP_NUM_THREADS).
 
-The protocol is that of ``engine_train.py --serve`` (tests.helpers.ForkServer is the client).
+The protocol is tests/scripts/fork_server.py's (tests.helpers.ForkServer is the client).
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import traceback
-
-
-def _child(request: dict) -> None:
-    rc = 1
-    try:
-        # stdout first: a reader waiting on a FIFO is let go before anything else can fail
-        out = os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if request.get("stdout") else None
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        out = log if out is None else out
-        os.dup2(out, 1)
-        os.dup2(log, 2)
-        os.environ.update(request.get("env", {}))
-        from lawa_diffusion.launch import main
-
-        rc = main(request["argv"])
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        rc = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc or 0)
 
 
 def serve() -> int:
@@ -53,21 +24,10 @@ def serve() -> int:
     from diffusers.training_utils import EMAModel  # noqa: F401
 
     import lawa_diffusion.launch  # noqa: F401
+    from lawa_diffusion.launch import main
+    from fork_server import serve as fork_server  # beside this script (its folder leads sys.path)
 
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        print(json.dumps({"pid": pid}), flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
-    return 0
+    return fork_server(main)
 
 
 if __name__ == "__main__":
