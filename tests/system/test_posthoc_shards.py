@@ -3,10 +3,11 @@ torch.distributed.checkpoint) and by the storing process alone under DDP; tests/
 torchrun, 2 or 4 CPU processes on gloo.
 
 The reference is an unsharded store of the same run: post-hoc EMAs fed the full weights gathered after every
-step, stored whole by the main process. The FSDP2 and ZeRO-3 runs are killed (SIGKILL) after step 4 with a
-checkpoint at step 3 and resumed, the reference replaying the training from step 1 (it never resumes): every
-snapshot of the sharded store, read on this one process, must equal the reference's, and so must a target
-synthesised from each store. 4 processes leave one process without a row of the 3-row ``conv_out``.
+step, stored whole by the main process. The ZeRO-3 run is killed (SIGKILL) after step 4 with a checkpoint at step 3
+and resumed, the reference replaying the training from step 1 (it never resumes); an FSDP2 run killed and resumed
+through the launch plugin is tests/integrations/test_plugin_fsdp.py's. Every snapshot of a sharded store, read on
+this one process, must equal the reference's, and so must a target synthesised from each store. 4 processes leave
+one process without a row of the 3-row ``conv_out``.
 """
 from __future__ import annotations
 
@@ -59,13 +60,11 @@ def killed_and_resumed(out: Path, mode: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("posthoc_shards")
-    done = {"fsdp2": killed_and_resumed(tmp / "fsdp2", "fsdp2")}
-    four = launch(tmp / "fsdp2_4", "fsdp2", 4)
-    assert four.returncode == 0, four.stderr[-3000:]
-    done["fsdp2_4"] = tmp / "fsdp2_4"
-    ddp = launch(tmp / "ddp", "ddp", 2)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    done["ddp"] = tmp / "ddp"
+    done = {}
+    for name, mode, processes in (("fsdp2", "fsdp2", 2), ("fsdp2_4", "fsdp2", 4), ("ddp", "ddp", 2)):
+        run = launch(tmp / name, mode, processes)
+        assert run.returncode == 0, run.stderr[-3000:]
+        done[name] = tmp / name
     if _has_deepspeed():
         done["zero3"] = killed_and_resumed(tmp / "zero3", "zero3")
     return done
