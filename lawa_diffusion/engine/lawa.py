@@ -15,7 +15,7 @@ from lawa_diffusion.config.base import check
 from lawa_diffusion.config.lawa import LAWAConfig
 from lawa_diffusion.engine import accelerate_hooks, collectives
 from lawa_diffusion.engine.rings import FiniteCheck, Ring, make_ring
-from lawa_diffusion.engine.sources import TensorSource, as_source, is_sharded, iter_whole, local_shard
+from lawa_diffusion.engine.sources import TensorSource, as_source, copy_whole, is_sharded, iter_whole, local_shard
 from lawa_diffusion.maths.averaging import (
     DTYPE_NAMES,
     accumulation_dtype,
@@ -370,8 +370,7 @@ class LAWA:
         check(len(targets) == len(self.source.raw_tensors()),
               f"lawa got {len(targets)} tensors to fill but the source has {len(self.source.raw_tensors())}; pass the "
               "parameters of the model the EMA tracks")
-        for target, avg in zip(targets, self._gathered_average()):
-            target.copy_(avg)
+        copy_whole(self.source.raw_tensors(), targets, flat_views(self.average_flat(), self.source.tensors()))
 
     def snapshot_flat(self, step: int, sync_ranks: bool = False) -> torch.Tensor:
         """The held snapshot of ``step`` (the source's tensors then, in the storage dtype) as one flat tensor

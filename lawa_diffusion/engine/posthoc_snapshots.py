@@ -40,7 +40,7 @@ from lawa_diffusion.maths import lag
 from lawa_diffusion.runs import folder as runfolder
 from lawa_diffusion.utils.checksums import verified_metadata
 from lawa_diffusion.utils.files import BackgroundWriter, atomic_save_safetensors
-from lawa_diffusion.utils.output import is_main_process
+from lawa_diffusion.utils.output import is_main_process, process_count, process_rank
 
 DTYPES = {name: getattr(torch, name) for name in POSTHOC_DTYPES}
 STATE_FILE = "posthoc_state.safetensors"
@@ -97,8 +97,9 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP / DataParallel, DeepSpeed and ``torch.compile`` wrappers (whose parameter names are
     prefixed)."""
     while True:
+        deepspeed = type(model).__name__ == "DeepSpeedEngine"
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or (
-                type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), torch.nn.Module)):
+                deepspeed and isinstance(getattr(model, "module", None), torch.nn.Module)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
@@ -209,15 +210,12 @@ class PosthocSnapshots:
     def _decide(self, params: list) -> None:
         """At the first update: keep the own EMAs in parts over a sharded model (made before it was sharded, they
         are cut now), or, on a process of a replicated run that does not store them, drop them."""
-        import torch.distributed as dist
-
         self._decided = True
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if self.layout is None and kind_of(params) is not None:
             self.layout = PartLayout.of(params, self.names)
             for ema in self.own.values():
                 ema.shadow_params = self.layout.cut(ema.shadow_params)
-        elif self.layout is None and world > 1 and not self.main_process and self.own:
+        elif self.layout is None and process_count() > 1 and not self.main_process and self.own:
             self.idle = True
             for ema in self.own.values():
                 ema.shadow_params = []
@@ -294,7 +292,7 @@ class PosthocSnapshots:
                     torch.cuda.set_device(device)
                     event.synchronize()
                 if sharded:
-                    record = snapshot_metadata(step, name, config, definition)
+                    record = snapshot_fields(step, name, config, definition)
                     write_sharded_snapshot(path, dict(zip(names, buffers)), layout, record, group, main)
                 else:
                     save_ema_snapshot(output_dir, step, types.SimpleNamespace(shadow_params=buffers), names, config,
@@ -380,8 +378,7 @@ class PosthocSnapshots:
         saved = {"every_n_steps": self.every_n_steps, "tracks": meta}
         path = os.path.join(folder, STATE_FILE)
         if parts:
-            rank, world = _rank_and_world()
-            path = os.path.join(folder, RANK_STATE_FILE.format(rank=rank, world=world))
+            path = os.path.join(folder, RANK_STATE_FILE.format(rank=process_rank(), world=process_count()))
             saved["parts"] = [[p.lo, p.hi] for p in self.layout.parts]
         atomic_save_safetensors(path, tensors, metadata={"posthoc_state": json.dumps(saved)})
         return path
@@ -392,7 +389,7 @@ class PosthocSnapshots:
         self._resumed = True
         if not self.own:
             return False
-        rank, world = _rank_and_world()
+        rank, world = process_rank(), process_count()
         mine = os.path.join(folder, RANK_STATE_FILE.format(rank=rank, world=world))
         path = mine if os.path.isfile(mine) else os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
@@ -429,14 +426,6 @@ class PosthocSnapshots:
         return self
 
 
-def _rank_and_world() -> tuple:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _read_state(path: str) -> dict:
     """The own EMAs' state as :meth:`PosthocSnapshots.save_state` wrote it (checksum verified)."""
     from safetensors import safe_open
@@ -451,7 +440,7 @@ def _read_state(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- EMA snapshot files
-def snapshot_metadata(step: int, track: str, model_config: dict, track_def: Optional[dict] = None) -> Dict[str, str]:
+def snapshot_fields(step: int, track: str, model_config: dict, track_def: Optional[dict] = None) -> Dict[str, str]:
     """What every stored snapshot says of itself (a file's safetensors metadata, a sharded folder's record)."""
     metadata = {"step": str(step), "track": track, "model_config": json.dumps(model_config)}
     if track_def is not None:
@@ -469,5 +458,5 @@ def save_ema_snapshot(run_dir: str, step: int, ema, names: list[str], model_conf
         raise RuntimeError(f"EMA holds {len(ema.shadow_params)} tensors for {len(names)} UNet parameters")
     tensors = {n: p.detach().to("cpu", dtype) for n, p in zip(names, ema.shadow_params)}
     path = runfolder.snapshot_path(run_dir, step, track)
-    atomic_save_safetensors(path, tensors, metadata=snapshot_metadata(step, track, model_config, track_def))
+    atomic_save_safetensors(path, tensors, metadata=snapshot_fields(step, track, model_config, track_def))
     return path

@@ -101,10 +101,6 @@ class PartLayout:
             parts = [_zero3_part(p) for p in parameters]
         return cls(kind, names, parts)
 
-    @property
-    def part_numel(self) -> int:
-        return sum(p.size for p in self.parts)
-
     def views(self, parameters: Sequence[Any]) -> List[torch.Tensor]:
         """This process's part of each parameter, flat (views where the storage allows; read-only use)."""
         check(len(parameters) == len(self.parts),
@@ -127,9 +123,6 @@ class PartLayout:
                                               f"elements, its parameter's {part.size}")
             out.append(local.clone())
         return out
-
-    def describe(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "part_numel": self.part_numel}
 
 
 def save_parts(folder: str, parts: Dict[str, torch.Tensor], layout: PartLayout, group: Any = None) -> None:

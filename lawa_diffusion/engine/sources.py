@@ -74,19 +74,12 @@ def needs_sharding(tensors: Sequence[torch.Tensor], like: Sequence[torch.Tensor]
     return any(is_sharded(t) and not is_sharded(s) for s, t in zip(tensors, like))
 
 
-def whole_of(local: torch.Tensor, like: torch.Tensor, device: Any) -> torch.Tensor:
-    """The whole tensor whose local shard here is ``local``, sharded as the DTensor ``like`` is, gathered over its
-    mesh on ``device`` (a collective: every process of the mesh must call it)."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local.to(device), like.device_mesh, like.placements, run_check=False,
-                              shape=like.shape, stride=like.stride()).full_tensor()
-
-
 def iter_whole(tensors: Sequence[torch.Tensor],
                locals_: Optional[Sequence[torch.Tensor]] = None) -> Iterator[torch.Tensor]:
     """Each of ``tensors`` whole, one at a time: DTensors gathered over their mesh, the rest as they are;
     ``locals_``: other local shards to gather in their place (e.g. an average of the shards). A collective."""
+    from torch.distributed.tensor import DTensor
+
     from lawa_diffusion.engine import collectives
 
     groups = collectives.mesh_groups(tensors)
@@ -94,7 +87,8 @@ def iter_whole(tensors: Sequence[torch.Tensor],
         local = locals_[i] if locals_ is not None else (t.to_local() if is_sharded(t) else t)
         if is_sharded(t):
             device = collectives.comm_device(groups[0], local.device)  # (shards offloaded to the CPU under NCCL)
-            yield whole_of(local, t, device)
+            yield DTensor.from_local(local.to(device), t.device_mesh, t.placements, run_check=False,
+                                     shape=t.shape, stride=t.stride()).full_tensor()
         else:
             yield local
 
@@ -110,11 +104,12 @@ def gather_full(tensors: Sequence[torch.Tensor], keep: bool) -> Optional[List[to
 
 
 @torch.no_grad()
-def copy_whole(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
+def copy_whole(sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+               locals_: Optional[Sequence[torch.Tensor]] = None) -> None:
     """Copy each source into the unsharded target of the same shape; a sharded (DTensor) source is gathered first
-    (a collective: every process of its mesh must call this)."""
+    (a collective: every process of its mesh must call this). ``locals_``: as for :func:`iter_whole`."""
     check(len(sources) == len(targets), f"copy_whole got {len(sources)} sources for {len(targets)} targets")
-    for target, whole in zip(targets, iter_whole(sources)):
+    for target, whole in zip(targets, iter_whole(sources, locals_)):
         target.copy_(whole)
 
 

@@ -3,13 +3,14 @@
 The synthesis sees each stored snapshot as one flat vector: its float tensors in one shared order, each flattened.
 It asks every snapshot for the same element range at a time (a block: pieces of one or more tensors, ``spans``),
 and a reader puts those elements' stored bytes into a buffer and says where each dtype's run of them lies
-(:class:`Piece`). A reader has three members: ``tensors()`` (name -> dtype and shape, in storage order),
-``read(spans, buffer)`` and ``close()``.
+(:class:`Piece`). A reader has ``tensors()`` (name -> dtype and shape, in storage order), ``read(spans, buffer)``,
+``finish()`` (after the pass: checks what was read) and ``close()``.
 
-:class:`SafetensorsSnapshot` reads one ``step-<step>.safetensors`` file with positioned reads (``os.preadv`` into the
-buffer, no other copy; neighbouring spans stored one after the other in one dtype are read in one call).
-:class:`ShardedSnapshot` reads the folder of a snapshot stored in shards by several processes (FSDP2, ZeRO-3) on
-one process: each span's elements come from the shard files holding them. :func:`open_snapshot` chooses the reader
+Both readers see a snapshot as chunks of its tensors in files and read them the same way (positioned reads with
+``os.preadv`` into the buffer, no other copy; pieces stored one after the other are read in one call):
+:class:`SafetensorsSnapshot` one ``step-<step>.safetensors`` file, one chunk per tensor; :class:`ShardedSnapshot`
+the folder of a snapshot stored in shards by several processes (FSDP2, ZeRO-3), read on one process, each tensor's
+chunks in the shard files holding them. :func:`open_snapshot` chooses the reader
 of a stored snapshot; :func:`snapshot_metadata` and :func:`load_tensors` serve both kinds.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import struct
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -64,18 +64,9 @@ class Piece:
     numel: int
 
 
-def tensor_layout(path: str) -> Dict[str, TensorEntry]:
-    """name -> :class:`TensorEntry` of a safetensors file's float tensors, in file order, from its header alone
-    (8-byte little-endian header size, then the JSON header, then the data)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        try:
-            header = json.loads(f.read(size)) if 0 < size < 1 << 27 else None
-        except ValueError:
-            header = None
-    check(isinstance(header, dict), f"snapshot {path!r} is not a safetensors file; remove it from the run")
-    header.pop("__metadata__", None)
+def tensor_layout(path: str, fix: str = SNAPSHOT_FIX) -> Dict[str, TensorEntry]:
+    """name -> :class:`TensorEntry` of a safetensors file's float tensors, in file order, from its header alone."""
+    header, _, data = read_header(path, fix)
     layout = {}
     for name, info in header.items():
         kind = DTYPES.get(info.get("dtype"))
@@ -85,130 +76,32 @@ def tensor_layout(path: str) -> Dict[str, TensorEntry]:
         shape = tuple(int(d) for d in info["shape"])
         check(end - begin == math.prod(shape) * kind.itemsize,
               f"snapshot {path!r} tensor {name!r} has {end - begin} bytes for shape {shape}; the file is damaged")
-        layout[name] = TensorEntry(kind, shape, 8 + size + begin, end - begin)
+        layout[name] = TensorEntry(kind, shape, data + begin, end - begin)
     return dict(sorted(layout.items(), key=lambda item: item[1].offset))
 
 
-class SafetensorsSnapshot:
-    """A snapshot stored as one safetensors file. ``bytes_read``: the tensor bytes read so far. ``verify``: its
-    checksum is summed from the bytes the pass reads (:meth:`finish` says whether they are what was written)."""
-
-    def __init__(self, path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
-        self.path = os.fspath(path)
-        self.layout = tensor_layout(self.path)
-        self.bytes_read = 0
-        self._fd: Optional[int] = None
-        self._checksum = StreamedChecksum(self.path, fix) if verify else None
-
-    def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
-        return {name: (e.dtype, e.shape) for name, e in self.layout.items()}
-
-    def read(self, spans: Sequence[Span], buffer: torch.Tensor) -> List[Piece]:
-        """Read the elements of ``spans`` (consecutive in the block, from block element 0) into the uint8 tensor
-        ``buffer``, one positioned read per run of spans stored one after the other in one dtype."""
-        runs: List[list] = []  # [file offset, byte count, dtype, block start, numel, [(name, byte offset, bytes)]]
-        start = 0
-        for name, lo, hi in spans:
-            entry = self.layout[name]
-            size = entry.dtype.itemsize
-            offset, count = entry.offset + lo * size, (hi - lo) * size
-            last = runs[-1] if runs else None
-            if last is not None and last[2] == entry.dtype and last[0] + last[1] == offset:
-                last[1] += count
-                last[4] += hi - lo
-                last[5].append((name, lo * size, count))
-            else:
-                runs.append([offset, count, entry.dtype, start, hi - lo, [(name, lo * size, count)]])
-            start += hi - lo
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        pieces, cursor = [], 0
-        view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
-        for offset, count, dtype, first, numel, parts in runs:
-            cursor = -(-cursor // 8) * 8  # every run starts 8-byte aligned in the buffer
-            check(cursor + count <= len(view), f"snapshot {self.path!r}: a block needs {cursor + count} bytes, the "
-                                               f"buffer holds {len(view)}")
-            _read_exactly(self._fd, view[cursor:cursor + count], offset, self.path)
-            _feed(self._checksum, parts, view, cursor)
-            pieces.append(Piece(cursor, dtype, first, numel))
-            cursor += count
-        self.bytes_read += sum(run[1] for run in runs)
-        return pieces
-
-    def finish(self) -> None:
-        """After the pass: ``DamagedFileError`` unless the file is what was written (when ``verify``)."""
-        if self._checksum is not None:
-            self._checksum.finish()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+Chunk = Tuple[int, int, int, int, torch.dtype]  # first element, element count, file index, byte offset, dtype
 
 
-def _feed(checksum: Optional[StreamedChecksum], parts: Sequence[tuple], view: memoryview, at: int) -> None:
-    """Hand the bytes of each tensor piece read at ``at`` of ``view`` to the file's running checksum."""
-    if checksum is None:
-        return
-    for name, offset, count in parts:
-        checksum.feed(name, offset, view[at:at + count])
-        at += count
+class _FileChunks:
+    """Reading shared by both kinds of stored snapshot: each tensor is one or more chunks (a range of its flattened
+    elements stored at a byte offset of one of ``files``), read with positioned reads (``os.preadv`` into the
+    buffer, no other copy; pieces stored one after the other in one file and dtype are read in one call), each
+    file's bytes handed to its running checksum when the snapshot is read with ``verify``."""
 
+    path: str
+    files: List[str]
+    chunks: Dict[str, List[Chunk]]
+    _checksums: Optional[List[StreamedChecksum]]
 
-def _read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        check(got > 0, f"snapshot {path!r} ends before its tensors do; the file is truncated")
-        done += got
-
-
-class ShardedSnapshot:
-    """A snapshot stored in shards by several processes (``engine.sharded_snapshots``), read on one process with no
-    process group: the folder's record (names, shapes) and DCP's shard files (each tensor's part, a flat range at the
-    offset DCP's sharding metadata gives). Every file's checksum is checked first, or, with ``verify``, summed from
-    the bytes the pass reads (:meth:`finish`). ``bytes_read``: as for files."""
-
-    def __init__(self, path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
-        self.path = os.fspath(path)
-        self.record = read_sharded_record(self.path, fix, hash_files=not verify)
-        self.shapes = {name: tuple(shape) for name, shape in self.record["tensors"]}
-        self.chunks: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {n: [] for n in self.shapes}
-        self.files = sorted(self.record["files"])
-        self._checksums = [StreamedChecksum(os.path.join(self.path, f), fix, outside=self.record["files"][f])
-                           for f in self.files] if verify else None
-        for index, file in enumerate(self.files):
-            full = os.path.join(self.path, file)
-            header, metadata, data = read_header(full, fix)
-            offsets = json.loads(metadata.get(DCP_SHARDING_KEY, "{}"))
-            for name, info in header.items():
-                kind = DTYPES.get(info.get("dtype"))
-                check(name in self.chunks and kind is not None and name in offsets,
-                      f"sharded snapshot {self.path!r}: {file} holds {name!r} that its record does not list; {fix}")
-                begin, end = (int(v) for v in info["data_offsets"])
-                lo = int(offsets[name]["saved_offsets"][0])
-                self.chunks[name].append((lo, (end - begin) // kind.itemsize, index, data + begin, kind))
-        for name, shape in self.shapes.items():
-            pieces = sorted(self.chunks[name])
-            covered = 0
-            for lo, count, *_ in pieces:
-                check(lo == covered, f"sharded snapshot {self.path!r} is missing elements {covered}..{lo} of {name!r} "
-                                     f"(a shard file is absent or damaged); {fix}")
-                covered += count
-            check(covered == math.prod(shape), f"sharded snapshot {self.path!r} holds {covered} of the "
-                                               f"{math.prod(shape)} elements of {name!r}; {fix}")
-            self.chunks[name] = pieces
+    def _open_files(self) -> None:
         self.bytes_read = 0
         self._fds: Dict[int, int] = {}
 
-    def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
-        """In name order, as the shard files store them (so that a pass reads each file from its start to its end)."""
-        return {name: (self.chunks[name][0][4] if self.chunks[name] else torch.float32, self.shapes[name])
-                for name in sorted(self.shapes)}
-
     def read(self, spans: Sequence[Span], buffer: torch.Tensor) -> List[Piece]:
-        """As :meth:`SafetensorsSnapshot.read`, each span's elements gathered from the files holding them."""
-        runs: List[list] = []  # [file index, file offset, byte count, dtype, block start, numel, [pieces]]
+        """Read the elements of ``spans`` (consecutive in the block, from block element 0) into the uint8 tensor
+        ``buffer``; returns where each dtype's run of them lies."""
+        runs: List[list] = []  # [file index, file offset, byte count, dtype, block start, numel, [checksum parts]]
         start = 0
         for name, lo, hi in spans:
             for first, count, index, offset, dtype in self.chunks[name]:
@@ -230,16 +123,20 @@ class ShardedSnapshot:
         pieces, cursor = [], 0
         view = memoryview(buffer.numpy()) if buffer.numel() else memoryview(b"")
         for index, offset, count, dtype, first, numel, parts in runs:
-            cursor = -(-cursor // dtype.itemsize) * dtype.itemsize  # one dtype per snapshot: no gap in practice
+            cursor = -(-cursor // dtype.itemsize) * dtype.itemsize  # each run aligned for its dtype's view
             check(cursor + count <= len(view), f"snapshot {self.path!r}: a block needs {cursor + count} bytes, the "
                                                f"buffer holds {len(view)}")
             if index not in self._fds:
-                self._fds[index] = os.open(os.path.join(self.path, self.files[index]), os.O_RDONLY)
+                self._fds[index] = os.open(self.files[index], os.O_RDONLY)
             _read_exactly(self._fds[index], view[cursor:cursor + count], offset, self.path)
-            _feed(self._checksums[index] if self._checksums else None, parts, view, cursor)
+            if self._checksums is not None:
+                at = cursor
+                for name, part_offset, part_count in parts:
+                    self._checksums[index].feed(name, part_offset, view[at:at + part_count])
+                    at += part_count
             last = pieces[-1] if pieces else None
             if (last is not None and last.dtype == dtype and last.byte_offset + last.numel * dtype.itemsize == cursor
-                    and last.start + last.numel == first):  # read from two files, one run in the buffer
+                    and last.start + last.numel == first):  # read in two calls, one run in the buffer
                 pieces[-1] = Piece(last.byte_offset, dtype, last.start, last.numel + numel)
             else:
                 pieces.append(Piece(cursor, dtype, first, numel))
@@ -248,6 +145,7 @@ class ShardedSnapshot:
         return pieces
 
     def finish(self) -> None:
+        """After the pass: ``DamagedFileError`` unless every file is what was written (when read with ``verify``)."""
         for checksum in self._checksums or ():
             checksum.finish()
 
@@ -255,6 +153,73 @@ class ShardedSnapshot:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+
+class SafetensorsSnapshot(_FileChunks):
+    """A snapshot stored as one safetensors file. ``bytes_read``: the tensor bytes read so far. ``verify``: its
+    checksum is summed from the bytes the pass reads (:meth:`finish` says whether they are what was written)."""
+
+    def __init__(self, path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
+        self.path = os.fspath(path)
+        self.layout = tensor_layout(self.path, fix)
+        self.files = [self.path]
+        self.chunks = {name: [(0, e.numel, 0, e.offset, e.dtype)] for name, e in self.layout.items()}
+        self._checksums = [StreamedChecksum(self.path, fix)] if verify else None
+        self._open_files()
+
+    def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+        return {name: (e.dtype, e.shape) for name, e in self.layout.items()}
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        check(got > 0, f"snapshot {path!r} ends before its tensors do; the file is truncated")
+        done += got
+
+
+class ShardedSnapshot(_FileChunks):
+    """A snapshot stored in shards by several processes (``engine.sharded_snapshots``), read on one process with no
+    process group: the folder's record (names, shapes) and DCP's shard files (each tensor's part, a flat range at the
+    offset DCP's sharding metadata gives). Every file's checksum is checked first, or, with ``verify``, summed from
+    the bytes the pass reads (:meth:`finish`). ``bytes_read``: as for files."""
+
+    def __init__(self, path: str, verify: bool = False, fix: str = SNAPSHOT_FIX):
+        self.path = os.fspath(path)
+        self.record = read_sharded_record(self.path, fix, hash_files=not verify)
+        self.shapes = {name: tuple(shape) for name, shape in self.record["tensors"]}
+        self.chunks = {n: [] for n in self.shapes}
+        names = sorted(self.record["files"])
+        self.files = [os.path.join(self.path, f) for f in names]
+        self._checksums = [StreamedChecksum(full, fix, outside=self.record["files"][f])
+                           for f, full in zip(names, self.files)] if verify else None
+        for index, (file, full) in enumerate(zip(names, self.files)):
+            header, metadata, data = read_header(full, fix)
+            offsets = json.loads(metadata.get(DCP_SHARDING_KEY, "{}"))
+            for name, info in header.items():
+                kind = DTYPES.get(info.get("dtype"))
+                check(name in self.chunks and kind is not None and name in offsets,
+                      f"sharded snapshot {self.path!r}: {file} holds {name!r} that its record does not list; {fix}")
+                begin, end = (int(v) for v in info["data_offsets"])
+                lo = int(offsets[name]["saved_offsets"][0])
+                self.chunks[name].append((lo, (end - begin) // kind.itemsize, index, data + begin, kind))
+        for name, shape in self.shapes.items():
+            pieces = sorted(self.chunks[name])
+            covered = 0
+            for lo, count, *_ in pieces:
+                check(lo == covered, f"sharded snapshot {self.path!r} is missing elements {covered}..{lo} of {name!r} "
+                                     f"(a shard file is absent or damaged); {fix}")
+                covered += count
+            check(covered == math.prod(shape), f"sharded snapshot {self.path!r} holds {covered} of the "
+                                               f"{math.prod(shape)} elements of {name!r}; {fix}")
+            self.chunks[name] = pieces
+        self._open_files()
+
+    def tensors(self) -> Dict[str, Tuple[torch.dtype, Tuple[int, ...]]]:
+        """In name order, as the shard files store them (so that a pass reads each file from its start to its end)."""
+        return {name: (self.chunks[name][0][4] if self.chunks[name] else torch.float32, self.shapes[name])
+                for name in sorted(self.shapes)}
 
 
 def read_sharded_record(path: str, fix: str, hash_files: bool = True) -> dict:
