@@ -104,14 +104,24 @@ def _file_checksum(path: str, header: dict, metadata: dict, data: int) -> str:
     return digest.hexdigest()
 
 
+def _file_key(path: str) -> Tuple[int, int, int]:
+    """What says a file is unchanged since it was found intact: (inode, size, mtime_ns)."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _changed(path: str, fix: str) -> DamagedFileError:
+    return DamagedFileError(f"{path!r} does not match the checksum written with it: its bytes changed after it was "
+                            f"written; {fix}")
+
+
 def verified_metadata(path: str | os.PathLike, fix: str = DEFAULT_FIX, note_unchecked: bool = True) -> dict:
     """The metadata of a safetensors file, once its header, size and checksum are found intact (each file is
     checked once per process while it is unchanged); ``DamagedFileError`` (a ``ValueError``) naming the file and
     ending with ``fix`` otherwise. A file without a checksum is read unverified (``note_unchecked``: say so once)."""
     path = os.fspath(path)
     header, metadata, data = read_header(path, fix)
-    stat = os.stat(path)
-    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = _file_key(path)
     if _verified.get(path) == key:
         return metadata
     expected = metadata.get(CHECKSUM_KEY)
@@ -123,8 +133,7 @@ def verified_metadata(path: str | os.PathLike, fix: str = DEFAULT_FIX, note_unch
             say(f"{path} carries no checksum (written before checksums were stored); it and any other such file "
                 "are read without verification", "note")
     elif _file_checksum(path, header, metadata, data) != expected:
-        raise DamagedFileError(f"{path!r} does not match the checksum written with it: its bytes changed after it "
-                               f"was written; {fix}")
+        raise _changed(path, fix)
     _verified[path] = key
     return metadata
 
@@ -142,13 +151,11 @@ def verify_outside_checksum(path: str | os.PathLike, expected: str, fix: str = D
     tensor bytes are not what was written (checked once per process while the file is unchanged)."""
     path = os.fspath(path)
     header, _, data = read_header(path, fix)
-    stat = os.stat(path)
-    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    key = _file_key(path)
     if _verified.get(path) == key:
         return
     if _file_checksum(path, header, {}, data) != expected:
-        raise DamagedFileError(f"{path!r} does not match the checksum written with it: its bytes changed after it "
-                               f"was written; {fix}")
+        raise _changed(path, fix)
     _verified[path] = key
 
 
@@ -163,8 +170,7 @@ class StreamedChecksum:
     def __init__(self, path: str | os.PathLike, fix: str = DEFAULT_FIX, outside: Optional[str] = None):
         self.path, self.fix, self.outside = os.fspath(path), fix, outside
         header, metadata, _ = read_header(self.path, fix)
-        stat = os.stat(self.path)
-        self.key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        self.key = _file_key(self.path)
         self.expected = outside if outside is not None else metadata.get(CHECKSUM_KEY)
         if _verified.get(self.path) == self.key:
             self.expected = None
@@ -217,10 +223,8 @@ class StreamedChecksum:
             else:
                 verified_metadata(self.path, self.fix)
             return
-        stat = os.stat(self.path)
-        if self.digest.hexdigest() != self.expected or (stat.st_ino, stat.st_size, stat.st_mtime_ns) != self.key:
-            raise DamagedFileError(f"{self.path!r} does not match the checksum written with it: its bytes changed "
-                                   f"after it was written; {self.fix}")
+        if self.digest.hexdigest() != self.expected or _file_key(self.path) != self.key:
+            raise _changed(self.path, self.fix)
         _verified[self.path] = self.key
 
 
